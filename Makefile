@@ -1,0 +1,28 @@
+# The two commands: `make train` (demo pre-training on local Ray) and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A plain `torch` from PyPI is a multi-GB CUDA build: machines without an NVIDIA driver take the CPU build instead
+# (found in pip's --find-links here; elsewhere point pip at a CPU wheel index). Override with `make TORCH=...`.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: train test data bench-data clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+train: $(VENV)/.installed
+	$(BIN)/python -m raypt.train --config configs/demo.yaml
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-data: $(VENV)/.installed
+	$(BIN)/python bench/data.py
+
+clean:
+	rm -rf $(VENV) runs out .pytest_cache

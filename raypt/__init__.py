@@ -1,0 +1,1 @@
+"""raypt: Ray-distributed LLM pre-training."""

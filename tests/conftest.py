@@ -1,0 +1,66 @@
+"""Shared fixtures: one real local Ray per test session, a corpus and a tokenizer the tests make themselves."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEPT_CLUSTER_TOKEN_AUTH", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tests fork Ray workers; keep the driver single-threaded
+
+EN_WORDS = (
+    "the model reads a corpus of text and learns to predict the next token from the tokens before it while the "
+    "cluster streams shards through tokenizers into fixed blocks for every worker in the ring of data parallel ranks"
+).split()
+ZH_CHARS = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面而方后多定行学法所民得经"
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    """`n` documents, English and Chinese mixed, of varied length (some longer than a block)."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        if i % 3 == 2:
+            docs.append("".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(5, 200))) + "。")
+        else:
+            words = [rng.choice(EN_WORDS) for _ in range(rng.randint(3, 120))]
+            docs.append(" ".join(words).capitalize() + ".")
+    return docs
+
+
+def write_shards(root: Path, docs: list[str], shards: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        (root / f"shard_{s:02d}.txt").write_text("\n".join(docs[s::shards]) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small train/eval corpus in the classic layout: TXT shards, one document per line."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_shards(root / "train", make_docs(300, seed=1))
+    write_shards(root / "eval", make_docs(40, seed=2), shards=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus) -> str:
+    from raypt.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([str(corpus / "train")], vocab_size=400, out=str(out))
+    return str(out)

@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+
+from raypt.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert CONFIGS, "configs/ has no YAML file"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.data.train_paths
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    p = write(tmp_path, "data:\n  train_paths: [a]\n")
+    cfg = load_config(p, ["data.seq_len=128", "data.eval_paths=[x, y]", "tokenizer.add_bos=false", "run.name=r1"])
+    assert cfg.data.seq_len == 128
+    assert cfg.data.eval_paths == ["x", "y"]
+    assert cfg.tokenizer.add_bos is False
+    assert cfg.run.name == "r1"
+
+
+def test_a_single_path_is_a_list_of_one(tmp_path):
+    assert load_config(None, ["data.train_paths=corpus/"]).data.train_paths == ["corpus/"]
+
+
+def test_unknown_keys_list_the_valid_ones(tmp_path):
+    p = write(tmp_path, "data:\n  train_paths: [a]\n  seqlen: 5\nmodle: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "unknown key data.seqlen" in msg and "seq_len" in msg
+    assert "unknown key modle" in msg and "model" in msg
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    p = write(tmp_path, "data:\n  train_paths: [a]\n  seq_len: many\n  format: csv\nscaling:\n  use_gpu: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["train.max_steps=x"])
+    assert len(e.value.problems) == 4
+    msg = str(e.value)
+    for key in ("data.seq_len", "data.format", "scaling.use_gpu", "train.max_steps"):
+        assert key in msg
+
+
+@pytest.mark.parametrize("seq_len", [1, 0, -3])
+def test_seq_len_below_two_is_a_config_error(seq_len):
+    with pytest.raises(ConfigError, match="seq_len must be at least 2"):
+        load_config(None, ["data.train_paths=[a]", f"data.seq_len={seq_len}"])
+
+
+def test_missing_train_paths_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["nonsense"])
+    assert "section.key=value" in str(e.value)
+    assert "train_paths is empty" in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["data.train_paths=[a, b]", "data.seq_len=64"])
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg

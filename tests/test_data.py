@@ -1,0 +1,173 @@
+"""The Ray Data pipeline on a real local Ray: conservation, order, bad input through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from transformers import AutoTokenizer
+
+from raypt import data
+from raypt.config import load_config
+from raypt.corpus import iter_documents, list_files
+from raypt.tokenizer import DocumentEncoder
+
+from conftest import make_docs, write_shards
+
+ROOT = Path(__file__).parent.parent
+
+
+def reference_stream(paths, tokenizer_dir, fmt="text"):
+    """The whole corpus as one BOS/EOS-wrapped token stream, computed in this process without Ray."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    enc = DocumentEncoder(tok, tok.bos_token_id, tok.eos_token_id)
+    docs = [d for f in list_files(paths).files for d in iter_documents(f, fmt, Counter())]
+    return enc(docs), tok
+
+
+def run_cli(tmp_path, *sets, name="out"):
+    out = tmp_path / name
+    rc = data.main(["--out", str(out), *[a for s in sets for a in ("--set", s)]])
+    summary = json.loads((out / "summary.json").read_text()) if rc == 0 else None
+    return rc, summary, out
+
+
+def blocks_of(out, split="train"):
+    rows = pq.read_table(out / split).column("input_ids").to_pylist()
+    return np.array([np.asarray(r).reshape(-1) for r in rows])
+
+
+def test_one_actor_in_order_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    try:
+        cfg = load_config(None, [f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}",
+                                 "data.seq_len=32", "data.num_tokenize_workers=1", "data.docs_per_batch=7"])
+        split = data.build_dataset(cfg)
+        got = np.concatenate([b["input_ids"] for b in split.dataset.iter_batches(batch_size=None)])
+    finally:
+        ctx.execution_options.preserve_order = False
+    stream, tok = reference_stream([str(corpus / "train")], tokenizer_dir)
+    assert got.shape[1] == 32 and got.dtype == np.int32
+    n = got.size
+    assert len(stream) - n < 32  # only the final tail is dropped
+    assert np.array_equal(got.reshape(-1), stream[:n])
+    s = data.summarize(split, 32, 1.0)
+    assert s["tokens"] == len(stream) and s["blocks"] == len(got) and s["dropped_tokens"] == len(stream) - n
+    assert s["documents"] == 300
+    # documents start with BOS and end with EOS
+    flat = got.reshape(-1)
+    assert flat[0] == tok.bos_token_id
+    bos_at, eos_at = np.flatnonzero(flat == tok.bos_token_id), np.flatnonzero(flat == tok.eos_token_id)
+    assert len(bos_at) >= 290 and (flat[bos_at[1:] - 1] == tok.eos_token_id).all()
+    assert (flat[eos_at[eos_at < len(flat) - 1] + 1] == tok.bos_token_id).all()
+
+
+def test_cli_two_actors_conserves_tokens(ray_local, corpus, tokenizer_dir, tmp_path):
+    rc, s, out = run_cli(tmp_path, f"data.train_paths=[{corpus / 'train'}]", f"data.eval_paths=[{corpus / 'eval'}]",
+                         f"tokenizer.path={tokenizer_dir}", "data.seq_len=16", "data.num_tokenize_workers=2")
+    assert rc == 0
+    stream, _ = reference_stream([str(corpus / "train")], tokenizer_dir)
+    train = s["train"]
+    assert train["tokens"] == len(stream) and train["documents"] == 300 and train["files"] == 3
+    assert train["tokenize_actors"] == 2
+    assert train["dropped_tokens"] == train["tokens"] - 16 * train["blocks"]
+    assert 0 <= train["dropped_tokens"] < 2 * 16  # one tail per actor at most
+    blocks = blocks_of(out)
+    assert blocks.shape == (train["blocks"], 16)
+    # the blocks are the stream's tokens: same multiset, except at most the dropped tails
+    assert sum((Counter(stream.tolist()) - Counter(blocks.reshape(-1).tolist())).values()) == train["dropped_tokens"]
+    assert s["eval"]["documents"] == 40 and len(blocks_of(out, "eval")) == s["eval"]["blocks"]
+    assert (out / "config.yaml").exists()
+
+
+def test_cli_end_to_end_in_a_fresh_process(corpus, tokenizer_dir, tmp_path):
+    """`python -m raypt.data` as a user runs it: its own local Ray, a config file, a summary at the end."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  train_paths: [{corpus / 'train'}]\n  seq_len: 64\ntokenizer:\n  path: {tokenizer_dir}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "raypt.data", "--config", str(cfg), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train: 3 files, 300 documents" in r.stdout
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["train"]["blocks"] > 0
+
+
+# ---- bad input: a clear error naming the problem, or a counted skip ---------------------------------------------------
+
+
+def test_missing_path(ray_local, tokenizer_dir, tmp_path, capsys):
+    rc, _, _ = run_cli(tmp_path, f"data.train_paths=[{tmp_path / 'nope'}]", f"tokenizer.path={tokenizer_dir}")
+    assert rc == 2 and "nope' does not exist" in capsys.readouterr().err
+
+
+def test_non_utf8_strict_fails_naming_file_and_line(ray_local, tokenizer_dir, tmp_path, capsys):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_bytes(b"good line\nbad \xff\xfe line\n")
+    rc, _, _ = run_cli(tmp_path, f"data.train_paths=[{tmp_path / 'c'}]", f"tokenizer.path={tokenizer_dir}")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "a.txt:2: not valid UTF-8" in err and "decode_errors" in err
+    assert "Traceback" not in err
+
+
+def test_skips_are_counted_in_the_summary(ray_local, tokenizer_dir, tmp_path, capsys):
+    c = tmp_path / "c"
+    write_shards(c, make_docs(60, seed=3), shards=2)
+    (c / "bad.txt").write_bytes(b"bad \xff line\nfine line here\n")
+    (c / "crlf.txt").write_bytes(b"windows line one\r\n\r\n   \r\nwindows line two\r\n")
+    (c / "empty.txt").write_bytes(b"")
+    (c / "nul.txt").write_bytes(b"\x00\x01\x02\x03 binary\n")
+    (c / ".hidden.txt").write_text("never read\n")
+    (c / "_SUCCESS").write_text("")
+    rc, s, out = run_cli(tmp_path, f"data.train_paths=[{c}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=8",
+                         "data.decode_errors=skip")
+    assert rc == 0
+    t = s["train"]
+    assert t["skipped"] == {"skipped_blank_lines": 2, "skipped_binary_nul": 1, "skipped_empty_files": 1,
+                            "skipped_not_utf8": 1}
+    assert t["documents"] == 60 + 1 + 2
+    assert sorted(Path(p).name for p in t["hidden_files_skipped"]) == [".hidden.txt", "_SUCCESS"]
+    printed = capsys.readouterr().out
+    assert "skipped_not_utf8=1" in printed and "hidden files not read (2)" in printed
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cr = set(tok("\r", add_special_tokens=False)["input_ids"])
+    assert not cr & set(blocks_of(out).reshape(-1).tolist())  # CRLF leaves no stray \r
+
+
+def test_replace_counts_documents(ray_local, tokenizer_dir, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_bytes(b"bad \xff line\n" + " ".join(["word"] * 100).encode() + b"\n")
+    rc, s, _ = run_cli(tmp_path, f"data.train_paths=[{tmp_path / 'c'}]", f"tokenizer.path={tokenizer_dir}",
+                       "data.seq_len=8", "data.decode_errors=replace")
+    assert rc == 0 and s["train"]["skipped"] == {"documents_with_replaced_bytes": 1} and s["train"]["documents"] == 2
+
+
+def test_corpus_with_no_block_left(ray_local, tokenizer_dir, tmp_path, capsys):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("tiny\n\n   \n")
+    rc, _, _ = run_cli(tmp_path, f"data.train_paths=[{tmp_path / 'c'}]", f"tokenizer.path={tokenizer_dir}",
+                       "data.seq_len=512")
+    err = capsys.readouterr().err
+    assert rc == 2 and "yields no block of data.seq_len=512" in err and "lower data.seq_len" in err
+
+
+def test_ten_megabyte_line(ray_local, tokenizer_dir, tmp_path):
+    """One 10 MB document: tokenized in pieces (bounded memory), many blocks out, no token lost but the tail."""
+    (tmp_path / "c").mkdir()
+    words = " ".join(make_docs(4000, seed=6)).replace("\n", " ")
+    line = (words * (10_000_000 // len(words) + 1))[:10_000_000]
+    (tmp_path / "c" / "huge.txt").write_text(line + "\n")
+    rc, s, _ = run_cli(tmp_path, f"data.train_paths=[{tmp_path / 'c'}]", f"tokenizer.path={tokenizer_dir}",
+                       "data.seq_len=1024", "data.max_doc_chars=200000")
+    assert rc == 0
+    t = s["train"]
+    assert t["documents"] == 1 and t["blocks"] > 1000
+    assert t["dropped_tokens"] == t["tokens"] - 1024 * t["blocks"] < 1024
+    assert t["peak_actor_rss_mb"] < 1500, t  # ~10x the line's size would mean it was held whole several times
