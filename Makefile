@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # (found in pip's --find-links here; elsewhere point pip at a CPU wheel index). Override with `make TORCH=...`.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
+TRAIN_ARGS ?=
 
 .PHONY: train test data bench-data clean
 
@@ -16,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: $(VENV)/.installed
-	$(BIN)/python -m raypt.train --config configs/demo.yaml
+	$(BIN)/python -m raypt.demo --out out/demo
+	$(BIN)/python -m raypt.train --config configs/demo.yaml $(TRAIN_ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

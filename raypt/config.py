@@ -45,12 +45,20 @@ class DataConfig:
     """Documents handed to a tokenize actor at once."""
     max_doc_chars: int = 1_000_000
     """Longer documents are tokenized in pieces cut at whitespace, which bounds memory for huge lines."""
+    cpus_per_tokenize_worker: float = 1
+    """CPUs each tokenize actor reserves (lower it to share a small machine with training workers)."""
+    pretokenized: Optional[str] = None
+    """A directory written by `python -m raypt.data --out`: train on its Parquet blocks instead of the text paths."""
+    materialize: bool = False
+    """Tokenize the whole corpus before training starts (small corpora, several epochs) instead of streaming."""
 
 
 @dataclass
 class TokenizerConfig:
     path: Optional[str] = None
     """Directory loadable by AutoTokenizer; default: the model's directory."""
+    vocab_size: Optional[int] = None
+    """If set and `path` does not exist yet, train a byte-level BPE of this size on data.train_paths into `path`."""
     add_bos: bool = True
     """Start every document with the BOS token."""
     add_eos: bool = True
@@ -64,13 +72,73 @@ class TokenizerConfig:
 @dataclass
 class ModelConfig:
     name_or_path: Optional[str] = None
-    """A pretrained model directory or URI to continue from; empty means build a Llama from scratch."""
+    """A pretrained model directory (or s3://, gs:// URI, downloaded once per node) to continue from; null builds
+    a Llama from scratch out of `preset` and the overrides below."""
+    preset: str = "tiny"
+    """Scratch architecture: tiny, small, llama-1b (see raypt/model.py PRESETS)."""
+    num_hidden_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    rope_theta: Optional[float] = None
+    tie_word_embeddings: Optional[bool] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype when loading a pretrained model (auto: as saved)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more compute."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside the checkpoint; off unless you trust its author."""
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    quantize: Optional[Literal["nf4"]] = None
+    """4-bit NF4 base weights (bitsandbytes, double quantisation, bf16 compute) under LoRA: QLoRA."""
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (the run also stops at max_tokens if that is set)."""
+    max_tokens: Optional[int] = None
+    """Stop after this many training tokens (all workers together)."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all workers; gradient accumulation makes up the rest."""
+    global_batch_tokens: Optional[int] = None
+    """Alternative to global_batch_size: tokens per optimizer step (a multiple of data.seq_len)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one worker."""
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of lr."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """cosine: warmup then cosine decay; wsd: warmup, stable, then linear decay over the last decay_ratio."""
+    warmup_steps: int = 10
+    decay_ratio: float = 0.2
+    """wsd only: fraction of max_steps spent decaying."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (never on norms, biases, embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    log_every: int = 10
+    eval_every: int = 50
+    """Evaluate every N steps and at the end (0: only at the end)."""
+    eval_batches: int = 20
+    """Micro-batches per worker per evaluation."""
+    checkpoint_every: int = 50
+    """Checkpoint every N steps and at the end (0: only at the end)."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for MFU; default: known for common GPUs, none on CPU."""
+    sample_prompt: str = ""
+    """Text to continue with the final model at the end of the run (empty: the first eval document's start)."""
 
 
 @dataclass
@@ -79,6 +147,10 @@ class ScalingConfig:
     """Ray Train workers (one per GPU when use_gpu)."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    cpus_per_worker: float = 1
+    """CPUs reserved per worker."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: a full replica per worker; fsdp: shard parameters, gradients and optimizer state."""
 
 
 @dataclass
@@ -89,6 +161,9 @@ class RunConfig:
     """Where checkpoints, metrics and the final model go (a shared path or s3:// on multi-node clusters)."""
     seed: int = 0
     """Seeds model init and data order."""
+    checkpoints_to_keep: int = 3
+    max_failures: int = 0
+    """Worker-group restarts (from the latest checkpoint) before the run fails."""
 
 
 @dataclass
@@ -153,12 +228,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """Local relative paths made absolute against the working directory, because Ray workers run elsewhere.
+    A relative model.name_or_path that is not a local directory is left alone (it is a hub name)."""
+    import os
+
+    def fix(p: str | None) -> str | None:
+        return p if p is None or "://" in p else os.path.abspath(p)
+
+    d, t, m, r = cfg.data, cfg.tokenizer, cfg.model, cfg.run
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(d, train_paths=[fix(p) for p in d.train_paths],
+                                 eval_paths=[fix(p) for p in d.eval_paths], pretokenized=fix(d.pretokenized)),
+        tokenizer=dataclasses.replace(t, path=fix(t.path)),
+        model=dataclasses.replace(m, name_or_path=fix(m.name_or_path) if m.name_or_path and os.path.exists(
+            m.name_or_path) else m.name_or_path),
+        run=dataclasses.replace(r, storage_path=fix(r.storage_path)),
+    )
+
+
+def config_from_dict(raw: dict) -> Config:
+    """A Config from `Config.to_dict()` output (how the launcher hands it to workers)."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
 def validate(cfg: Config) -> list[str]:
     """Cross-field checks; returns the problems (empty when the config is usable)."""
     p = []
     d = cfg.data
-    if not d.train_paths:
-        p.append("data.train_paths is empty: give at least one file, directory or glob of training text")
+    if not d.train_paths and not d.pretokenized:
+        p.append("data.train_paths is empty: give at least one file, directory or glob of training text "
+                 "(or data.pretokenized)")
     if d.seq_len < 2:
         p.append(f"data.seq_len must be at least 2 (a block needs an input and a next token), got {d.seq_len}")
     if d.num_tokenize_workers is not None and d.num_tokenize_workers < 1:
@@ -167,11 +272,47 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"data.docs_per_batch must be >= 1, got {d.docs_per_batch}")
     if d.max_doc_chars < 1024:
         p.append(f"data.max_doc_chars must be >= 1024, got {d.max_doc_chars}")
-    if cfg.scaling.num_workers < 0:
-        p.append(f"scaling.num_workers must be >= 0, got {cfg.scaling.num_workers}")
-    if cfg.train.max_steps < 1:
-        p.append(f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
+    t, m, sc = cfg.train, cfg.model, cfg.scaling
+    if sc.num_workers < 1:
+        p.append(f"scaling.num_workers must be >= 1, got {sc.num_workers}")
+    if t.max_steps < 1:
+        p.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if t.micro_batch_size < 1:
+        p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    if t.global_batch_tokens is not None and t.global_batch_tokens % d.seq_len:
+        p.append(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.seq_len ({d.seq_len})")
+    per_step = t.micro_batch_size * max(1, sc.num_workers)
+    if global_batch_size(cfg) % per_step:
+        p.append(
+            f"the global batch ({global_batch_size(cfg)} sequences) must be a multiple of train.micro_batch_size x "
+            f"scaling.num_workers = {per_step}; change one of them"
+        )
+    if not 0 <= t.min_lr_ratio <= 1:
+        p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps < 0 or t.warmup_steps >= t.max_steps:
+        p.append(f"train.warmup_steps must be in [0, max_steps), got {t.warmup_steps}")
+    if not 0 < t.decay_ratio <= 1:
+        p.append(f"train.decay_ratio must be in (0, 1], got {t.decay_ratio}")
+    if m.quantize and not m.lora:
+        p.append("model.quantize: nf4 trains LoRA adapters on a frozen 4-bit base: set model.lora: true as well")
+    if m.quantize and not m.name_or_path:
+        p.append("model.quantize needs a pretrained model.name_or_path (a scratch model has nothing to quantize)")
+    if m.quantize and sc.strategy == "fsdp":
+        p.append("scaling.strategy fsdp is not supported with model.quantize; use ddp")
+    if m.lora and m.lora_r < 1:
+        p.append(f"model.lora_r must be >= 1, got {m.lora_r}")
     return p
+
+
+def global_batch_size(cfg: Config) -> int:
+    """Sequences per optimizer step over all workers."""
+    t = cfg.train
+    return t.global_batch_tokens // cfg.data.seq_len if t.global_batch_tokens else t.global_batch_size
+
+
+def grad_accum_steps(cfg: Config) -> int:
+    """Micro-batches each worker accumulates per optimizer step."""
+    return max(1, global_batch_size(cfg) // (cfg.train.micro_batch_size * cfg.scaling.num_workers))
 
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]):

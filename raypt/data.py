@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from raypt.config import Config, add_config_args, config_from_args
+from raypt.config import Config, absolute_paths, add_config_args, config_from_args
 from raypt.corpus import CorpusError, Listing, Segment, iter_documents, list_files, plan_units
 from raypt.packing import BlockPacker
 
@@ -114,15 +114,23 @@ def tokenizer_path(cfg: Config) -> str:
     return path
 
 
-def pool_plan(cfg: Config, listing: Listing) -> tuple[list, int, int]:
-    """(work units, tokenize actors, tokenizer threads per actor). By default one single-threaded actor per CPU,
-    which measured faster than fewer actors with more tokenizer threads (the per-token Python work then also runs in
-    parallel), and never more actors than units."""
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors = cfg.data.num_tokenize_workers or cpus
-    units = plan_units(listing, cfg.data.format, UNIT_BYTES, min_units=2 * actors)
+def pool_plan(cfg: Config, listing: Listing, reserved_cpus: float = 0.0) -> tuple[list, int, int]:
+    """(work units, tokenize actors, tokenizer threads per actor). By default one single-threaded actor per free CPU,
+    which measured faster than fewer actors with more tokenizer threads (the per-token Python work then also runs
+    in parallel), and never more actors than units. `reserved_cpus` are held by training workers."""
+    d = cfg.data
+    total = ray.cluster_resources().get("CPU", 1)
+    free = total - reserved_cpus
+    if free < d.cpus_per_tokenize_worker:
+        raise CorpusError(
+            f"no CPU left for tokenize actors: training workers reserve {reserved_cpus:g} of the cluster's {total:g} "
+            "CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker or "
+            "data.cpus_per_tokenize_worker, or add CPU nodes"
+        )
+    actors = d.num_tokenize_workers or max(1, int(free // d.cpus_per_tokenize_worker))
+    units = plan_units(listing, d.format, UNIT_BYTES, min_units=2 * actors)
     actors = min(actors, len(units))
-    return units, actors, max(1, cpus // actors)
+    return units, actors, max(1, int(free // actors))
 
 
 @dataclass
@@ -135,7 +143,7 @@ class SplitData:
     units: int
 
 
-def build_dataset(cfg: Config, split: str = "train") -> SplitData:
+def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0) -> SplitData:
     """The streaming Ray Dataset of packed blocks for a split ("train" or "eval"); nothing runs until consumed."""
     d = cfg.data
     paths = d.train_paths if split == "train" else d.eval_paths
@@ -148,10 +156,11 @@ def build_dataset(cfg: Config, split: str = "train") -> SplitData:
     bos, eos = special_ids(load_tokenizer(tok_path), t.add_bos, t.add_eos, t.bos_id, t.eos_id)
 
     stats = PipelineStats.remote()
-    units, actors, threads = pool_plan(cfg, listing)
+    units, actors, threads = pool_plan(cfg, listing, reserved_cpus)
     items = [{"unit": [dataclasses.asdict(seg) for seg in unit]} for unit in units]
     blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        TokenizePack, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        TokenizePack, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=d.cpus_per_tokenize_worker,
         fn_constructor_kwargs=dict(cfg=cfg, tokenizer_path=tok_path, bos_id=bos, eos_id=eos, threads=threads,
                                    stats=stats),
     )
@@ -228,17 +237,19 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def user_error(exc: BaseException) -> CorpusError | None:
-    """The CorpusError behind an exception that came back through Ray (task errors wrap it), if there is one."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the worker's exception here
-        if isinstance(cause, CorpusError):
-            return cause
-        if isinstance(exc, CorpusError) and not isinstance(exc, ray.exceptions.RayError):
-            return exc
-        exc = cause or exc.__cause__ or exc.__context__
+def user_error(exc: BaseException, types: tuple = (CorpusError,)) -> BaseException | None:
+    """The user-input error (of `types`) behind an exception that came back through Ray: task errors keep it in
+    `.cause`, Ray Train's WorkerGroupError in `.worker_failures`."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, types) and not isinstance(e, ray.exceptions.RayError):
+            return e
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+        todo.extend(getattr(e, "worker_failures", {}).values())
     return None
 
 
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(ap)
     ap.add_argument("--out", required=True, help="directory for Parquet blocks (train/, eval/) and summary.json")
     args = ap.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = absolute_paths(config_from_args(args))
     print("resolved config:\n" + cfg.to_yaml(), flush=True)
     init_ray()
     try:
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if (err := user_error(e)) is None:
             raise
-        print(f"error: {err.message}", file=sys.stderr)
+        print(f"error: {err.message}", file=sys.stderr)  # type: ignore[union-attr]
         return 2
     print(format_summary(summary))
     print(f"wrote {args.out}/summary.json")

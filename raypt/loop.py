@@ -1,0 +1,253 @@
+"""The per-worker causal-LM loop: setup -> train steps -> eval -> checkpoint -> export.
+
+Everything Ray-specific sits behind `Context` (rank, device, data, report, restore), so the same `train` runs in one
+plain process in a unit test (`LocalContext`) and on every Ray Train worker (`raypt.train.RayContext`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raypt import checkpoint
+from raypt.checkpoint import TrainState
+from raypt.config import Config, global_batch_size, grad_accum_steps
+from raypt.data import tokenizer_path
+from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
+from raypt.model import build_model, unwrap
+from raypt.optim import build_optimizer
+
+
+
+class Context(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: Path
+    """Local directory for metrics and the final model (rank 0 writes)."""
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap for data parallelism (DDP/FSDP); identity in one process."""
+
+    def train_batches(self, micro_batch_size: int, epoch: int) -> Iterator[torch.Tensor]:
+        """This worker's share of one pass over the training blocks: (micro_batch_size, seq_len) int64 tensors."""
+
+    def eval_blocks(self) -> np.ndarray | None:
+        """This worker's share of the fixed eval set, (n, seq_len), or None."""
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Hand a finished checkpoint directory (rank 0; None elsewhere) to the checkpoint store; every rank calls."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The checkpoint to resume from, as a local directory, or None."""
+
+
+def _all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def _all_have(flag: bool, group) -> bool:
+    """True when every rank has `flag` set. Runs on a CPU (gloo) group, so it never syncs the GPU."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def _take(it: Iterator, n: int) -> list:
+    return list(itertools.islice(it, n))
+
+
+def train(cfg: Config, ctx: Context) -> dict:
+    from raypt.tokenizer import load_tokenizer
+
+    t = cfg.train
+    rank0 = ctx.rank == 0
+    tok = load_tokenizer(tokenizer_path(cfg))
+    model, info = build_model(cfg.model, vocab_size=len(tok), seq_len=cfg.data.seq_len, device=ctx.device,
+                              tokenizer=tok, seed=cfg.run.seed)
+    if rank0:
+        emit(f"model: {info.total_params:,} parameters, {info.trainable_params:,} trainable "
+             f"({100 * info.trainable_params / info.total_params:.2f}%), {info.flops_per_token / 1e6:,.1f} MFLOPs/token")
+    model = ctx.prepare(model)
+    optimizer, scheduler = build_optimizer(model, t, ctx.device)
+    state = TrainState()
+    with ctx.latest_checkpoint() as ckpt:
+        if ckpt is not None:
+            state = checkpoint.load(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+            if rank0:
+                emit(f"resuming from {ckpt.name}: step {state.step}, {state.tokens_seen:,} tokens seen, "
+                     f"epoch {state.epoch} at micro-batch {state.batches_in_epoch}, lr {scheduler.get_last_lr()[0]:.3e}")
+
+    accum = grad_accum_steps(cfg)
+    tokens_per_step = global_batch_size(cfg) * cfg.data.seq_len
+    gloo = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
+                else contextlib.nullcontext())  # fp32 on CPU
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak = peak_flops(ctx.device, t.peak_flops)
+    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0)
+    config_yaml = cfg.to_yaml()
+
+    def done() -> bool:
+        return state.step >= t.max_steps or (t.max_tokens is not None and state.tokens_seen >= t.max_tokens)
+
+    batches = ctx.train_batches(t.micro_batch_size, state.epoch)
+    _take(batches, state.batches_in_epoch)  # the data position: skip what this epoch already fed
+    model.train()
+    loss_sum = torch.zeros((), device=ctx.device)  # stays on the device until a log step
+    steps_since_log, t_log = 0, time.perf_counter()
+    last_eval, loss_avg = None, None
+    while not done():
+        micro = _take(batches, accum)
+        if not _all_have(len(micro) == accum, gloo):  # some rank ran dry: every rank starts the next pass together
+            if state.batches_in_epoch == 0:
+                raise RuntimeError("the training data yields no full micro-batch on some worker; add data or lower "
+                                   "train.micro_batch_size / scaling.num_workers")
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            batches = ctx.train_batches(t.micro_batch_size, state.epoch)
+            continue
+        for i, x in enumerate(micro):
+            sync = i == accum - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss = model(input_ids=x, labels=x).loss / accum  # the model shifts labels itself
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batches_in_epoch += accum
+        state.tokens_seen += tokens_per_step
+        steps_since_log += 1
+
+        if state.step % t.log_every == 0 or done():
+            loss_avg = _all_reduce(loss_sum.clone()).item() / (ctx.world_size * steps_since_log)
+            elapsed = time.perf_counter() - t_log
+            tps = steps_since_log * tokens_per_step / elapsed
+            metrics.log(state.step, {
+                "loss": loss_avg, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                "tokens_seen": state.tokens_seen, "tokens_per_s": tps,
+                "mfu": mfu(info.flops_per_token, tps / ctx.world_size, peak),
+            })
+            loss_sum.zero_()
+            steps_since_log, t_log = 0, time.perf_counter()
+        t_pause = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
+        if (t.eval_every and state.step % t.eval_every == 0) or done():
+            last_eval = evaluate(model, ctx, t.micro_batch_size, t.eval_batches, autocast)
+            if last_eval is not None:
+                metrics.log(state.step, last_eval)
+        if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or done():
+            save_checkpoint(ctx, model, optimizer, scheduler, state, config_yaml, tok, last_eval)
+        t_log += time.perf_counter() - t_pause
+
+    metrics.close()
+    export(cfg, ctx, model, tok)
+    return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
+
+
+@torch.no_grad()
+def evaluate(model, ctx: Context, micro_batch_size: int, max_batches: int, autocast) -> dict | None:
+    """Mean loss and perplexity over this worker's eval blocks, averaged over all ranks by token count."""
+    blocks = ctx.eval_blocks()
+    if blocks is None:
+        return None
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss x tokens, tokens)
+    for i in range(0, min(len(blocks), micro_batch_size * max_batches), micro_batch_size):
+        x = torch.as_tensor(blocks[i : i + micro_batch_size], dtype=torch.long, device=ctx.device)
+        with autocast:
+            loss = unwrap(model)(input_ids=x, labels=x).loss
+        n = x.shape[0] * (x.shape[1] - 1)  # predicted positions
+        total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=ctx.device)])
+    model.train()
+    loss_sum, n = _all_reduce(total).tolist()
+    if n == 0:
+        return None
+    return {"eval_loss": loss_sum / n, "eval_ppl": math.exp(min(loss_sum / n, 50))}
+
+
+def save_checkpoint(ctx, model, optimizer, scheduler, state, config_yaml, tok, eval_metrics) -> None:
+    with tempfile.TemporaryDirectory(prefix="raypt-ckpt-") as tmp:
+        d = Path(tmp) / "ckpt"
+        checkpoint.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                        config_yaml=config_yaml, tokenizer=tok, is_rank0=ctx.rank == 0)
+        ctx.report({"step": state.step, "tokens_seen": state.tokens_seen, **(eval_metrics or {})},
+                   d if ctx.rank == 0 else None)
+
+
+def export(cfg: Config, ctx: Context, model, tok) -> None:
+    """`run_dir/final`: a model AutoModelForCausalLM loads, plus the tokenizer; LoRA also leaves `final/adapter`
+    (PeftModel loads it). QLoRA merges into the base reloaded unquantized in bf16."""
+    sd, _ = checkpoint.gather(model)
+    if ctx.rank != 0:
+        return
+    final = ctx.run_dir / "final"
+    inner = unwrap(model)
+    if not cfg.model.lora:
+        checkpoint.save_weights(inner, final, sd)
+    else:
+        inner.save_pretrained(final / "adapter", state_dict=sd, safe_serialization=True)
+        if cfg.model.quantize:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            from raypt.model import local_model_dir
+
+            base = AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.model.name_or_path), dtype=torch.bfloat16,
+                                                        trust_remote_code=cfg.model.trust_remote_code)
+            merged = PeftModel.from_pretrained(base, final / "adapter").merge_and_unload()
+        else:
+            merged = inner.merge_and_unload()
+        merged.save_pretrained(final, safe_serialization=True)
+    tok.save_pretrained(final)
+    (final / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+
+class LocalContext:
+    """One process, no Ray: blocks from memory, checkpoints in `run_dir/checkpoints`. For tests and debugging."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, run_dir: Path, train_blocks: np.ndarray, eval_blocks: np.ndarray | None = None,
+                 device: str = "cpu"):
+        self.run_dir, self.device = Path(run_dir), torch.device(device)
+        self._train, self._eval = train_blocks, eval_blocks
+        self.reports: list[dict] = []
+
+    def prepare(self, model):
+        return model
+
+    def train_batches(self, micro_batch_size: int, epoch: int):
+        for i in range(0, len(self._train) - micro_batch_size + 1, micro_batch_size):
+            yield torch.as_tensor(self._train[i : i + micro_batch_size], dtype=torch.long, device=self.device)
+
+    def eval_blocks(self):
+        return self._eval
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import shutil
+
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.run_dir / "checkpoints" / f"checkpoint_{metrics['step']:06d}")
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        found = sorted((self.run_dir / "checkpoints").glob("checkpoint_*"))
+        yield found[-1] if found else None

@@ -1,0 +1,161 @@
+"""Models: a Llama from scratch, a pretrained causal LM, LoRA and 4-bit QLoRA on top; FLOPs per token; export."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raypt.config import ModelConfig
+
+log = logging.getLogger("raypt")
+
+# Scratch architectures; model.* keys override any field.
+PRESETS = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=172, num_attention_heads=4,
+                 num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True),
+    "small": dict(num_hidden_layers=4, hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                  num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=True),
+    # The classic 1B-class example: 12 layers, hidden 1024, intermediate 4096, 8 KV heads.
+    "llama-1b": dict(num_hidden_layers=12, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                     num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False),
+}
+OVERRIDABLE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "rope_theta", "tie_word_embeddings")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model setting that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelInfo:
+    total_params: int
+    trainable_params: int
+    flops_per_token: float
+    """Training FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq_len (PaLM appendix B)."""
+    max_positions: int
+
+
+def scratch_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer=None):
+    from transformers import LlamaConfig
+
+    if cfg.preset not in PRESETS:
+        raise ModelError(f"model.preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
+    arch = dict(PRESETS[cfg.preset])
+    arch.update({k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k) is not None})
+    if arch["hidden_size"] % arch["num_attention_heads"] or arch["num_attention_heads"] % arch["num_key_value_heads"]:
+        raise ModelError(
+            f"hidden_size {arch['hidden_size']}, num_attention_heads {arch['num_attention_heads']} and "
+            f"num_key_value_heads {arch['num_key_value_heads']} must divide each other in that order"
+        )
+    specials = {}
+    if tokenizer is not None:
+        specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(seq_len, 2048), **arch, **specials)
+
+
+def local_model_dir(name_or_path: str) -> str:
+    """A local directory holding the model: `name_or_path` itself, or a node-wide cached copy of an s3://, gs://
+    URI (downloaded once per node; concurrent workers wait on a file lock)."""
+    if "://" not in name_or_path:
+        if not Path(name_or_path).is_dir():
+            raise ModelError(f"model.name_or_path {name_or_path!r} is not a directory; give a saved model's directory")
+        return name_or_path
+    import pyarrow.fs as pafs
+    from filelock import FileLock
+
+    cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / "models"
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / hashlib.sha256(name_or_path.encode()).hexdigest()[:16]
+    with FileLock(str(dest) + ".lock"):
+        if not (dest / ".complete").exists():
+            src_fs, src = pafs.FileSystem.from_uri(name_or_path)
+            pafs.copy_files(src, str(dest), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+            (dest / ".complete").touch()
+    return str(dest)
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torch.device, tokenizer=None,
+                seed: int = 0):
+    """The model to train, on `device` (QLoRA: loaded there directly), and its `ModelInfo`."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    torch.manual_seed(seed)  # identical scratch init on every worker and every run
+    if cfg.name_or_path is None:
+        model = LlamaForCausalLM(scratch_config(cfg, vocab_size, seq_len, tokenizer))
+        model.config._attn_implementation = cfg.attn_implementation
+        model.to(device)
+    else:
+        kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+        if cfg.trust_remote_code:
+            log.warning("WARNING: model.trust_remote_code is on: code inside %s runs on every worker", cfg.name_or_path)
+        if cfg.quantize:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+            kwargs["device_map"] = {"": device}  # a 4-bit model is placed at load time; it cannot be .to()-moved
+            kwargs["dtype"] = torch.bfloat16
+        elif cfg.dtype != "auto":
+            kwargs["dtype"] = DTYPES[cfg.dtype]
+        model = AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), **kwargs)
+        if not cfg.quantize:
+            model.to(device)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or seq_len
+    if seq_len > max_pos:
+        raise ModelError(
+            f"data.seq_len {seq_len} is above the model's max_position_embeddings {max_pos}; lower data.seq_len"
+        )
+    if cfg.gradient_checkpointing and not cfg.quantize:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    return model, model_info(model, seq_len)
+
+
+def apply_lora(model, cfg: ModelConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantize:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.lora_target_modules if m not in present]
+    if missing:
+        raise ModelError(f"model.lora_target_modules {missing} are not modules of this model")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def model_info(model, seq_len: int) -> ModelInfo:
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    c = model.config
+    embed = c.vocab_size * c.hidden_size
+    matmul = total - embed * (1 if getattr(c, "tie_word_embeddings", False) else 2) + embed  # + the LM head
+    attn = 12 * c.num_hidden_layers * c.hidden_size * seq_len  # scores and weighted sum, forward and backward
+    return ModelInfo(total, trainable, 6 * matmul + attn, getattr(c, "max_position_embeddings", seq_len))
+
+
+def _numel(p) -> int:
+    """Parameters as the model has them (a 4-bit weight packs two values per byte)."""
+    quant = getattr(p, "quant_state", None)
+    return int(torch.Size(quant.shape).numel()) if quant is not None else p.numel()
+
+
+def unwrap(model):
+    """The model inside DDP/FSDP wrappers."""
+    return model.module if hasattr(model, "module") else model
