@@ -1,5 +1,6 @@
-"""Self-describing checkpoints: weights (only the adapter for LoRA) in safetensors, optimizer and scheduler state,
-train state (step, tokens, data position, RNG), the resolved config and the tokenizer; a marker written last.
+"""Self-describing checkpoints: weights (only the adapter for LoRA) in safetensors, optimizer state, train state
+(step, tokens, data position, RNG), the resolved config and the tokenizer; a marker written last. The LR schedule
+is a pure function of the step (`raypt.optim.set_lr`), so it needs no state.
 
 State dicts go through `torch.distributed.checkpoint.state_dict`, which speaks plain, DDP and FSDP models alike and
 gathers full tensors on rank 0 (every rank calls it: it is a collective under FSDP).
@@ -57,7 +58,7 @@ def save_weights(model, directory: Path, state_dict: dict) -> None:
     unwrap(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
 
 
-def save(directory: Path, *, model, optimizer, scheduler, state: TrainState, config_yaml: str, tokenizer,
+def save(directory: Path, *, model, optimizer, state: TrainState, config_yaml: str, tokenizer,
          is_rank0: bool) -> None:
     """Write a checkpoint into `directory` (rank 0 writes; every rank must call)."""
     model_sd, optim_sd = gather(model, optimizer)
@@ -68,8 +69,7 @@ def save(directory: Path, *, model, optimizer, scheduler, state: TrainState, con
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state),
-                "rng": rng}, directory / TRAIN_STATE)
+    torch.save({"optimizer": optim_sd, "state": dataclasses.asdict(state), "rng": rng}, directory / TRAIN_STATE)
     (directory / "config.yaml").write_text(config_yaml, encoding="utf-8")
     tokenizer.save_pretrained(directory)
     (directory / MARKER).write_text(json.dumps(dataclasses.asdict(state)) + "\n")  # last: the checkpoint is whole
@@ -88,8 +88,8 @@ def check(directory: Path) -> None:
         raise CheckpointError(f"{directory} has no {TRAIN_STATE}; it is not a raypt checkpoint")
 
 
-def load(directory: Path, *, model, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG from `directory` (every rank reads it); return the train state."""
+def load(directory: Path, *, model, optimizer) -> TrainState:
+    """Restore weights, optimizer and RNG from `directory` (every rank reads it); return the train state."""
     from safetensors.torch import load_file
 
     check(directory)
@@ -113,7 +113,6 @@ def load(directory: Path, *, model, optimizer, scheduler) -> TrainState:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
-    scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(_as_tuple(blob["rng"]["python"]))
     if "cuda" in blob["rng"] and torch.cuda.is_available():

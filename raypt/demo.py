@@ -26,11 +26,34 @@ def write_demo_corpus(out: str | Path) -> Path:
     return out
 
 
+def write_tiny_model(corpus: Path, out: str | Path, vocab_size: int = 2048) -> Path:
+    """A small Llama (random weights) with a tokenizer trained on the demo corpus, saved like a downloaded open
+    model: a stand-in base for continued pre-training (LoRA/QLoRA) when no real checkpoint is at hand."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from raypt.tokenizer import train_tokenizer
+
+    out = Path(out)
+    train_tokenizer([str(corpus / "train")], vocab_size, str(out), fmt="jsonl")
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raypt.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/demo")
+    ap.add_argument("--tiny-model", metavar="DIR", help="also save a small Llama + tokenizer there (for cpt-qlora-tiny)")
     args = ap.parse_args(argv)
-    print(f"demo corpus -> {write_demo_corpus(args.out)}")
+    corpus = write_demo_corpus(args.out)
+    print(f"demo corpus -> {corpus}")
+    if args.tiny_model:
+        print(f"tiny base model -> {write_tiny_model(corpus, args.tiny_model)}")
     return 0
 
 

@@ -25,7 +25,7 @@ from raypt.config import Config, global_batch_size, grad_accum_steps
 from raypt.data import tokenizer_path
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, unwrap
-from raypt.optim import build_optimizer
+from raypt.optim import build_optimizer, set_lr
 
 
 
@@ -83,14 +83,14 @@ def train(cfg: Config, ctx: Context) -> dict:
         emit(f"model: {info.total_params:,} parameters, {info.trainable_params:,} trainable "
              f"({100 * info.trainable_params / info.total_params:.2f}%), {info.flops_per_token / 1e6:,.1f} MFLOPs/token")
     model = ctx.prepare(model)
-    optimizer, scheduler = build_optimizer(model, t, ctx.device)
+    optimizer = build_optimizer(model, t, ctx.device)
     state = TrainState()
     with ctx.latest_checkpoint() as ckpt:
         if ckpt is not None:
-            state = checkpoint.load(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+            state = checkpoint.load(ckpt, model=model, optimizer=optimizer)
             if rank0:
                 emit(f"resuming from {ckpt.name}: step {state.step}, {state.tokens_seen:,} tokens seen, "
-                     f"epoch {state.epoch} at micro-batch {state.batches_in_epoch}, lr {scheduler.get_last_lr()[0]:.3e}")
+                     f"epoch {state.epoch} at micro-batch {state.batches_in_epoch}")
 
     accum = grad_accum_steps(cfg)
     tokens_per_step = global_batch_size(cfg) * cfg.data.seq_len
@@ -127,8 +127,8 @@ def train(cfg: Config, ctx: Context) -> dict:
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+        lr = set_lr(optimizer, state.step, t)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batches_in_epoch += accum
@@ -140,7 +140,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             elapsed = time.perf_counter() - t_log
             tps = steps_since_log * tokens_per_step / elapsed
             metrics.log(state.step, {
-                "loss": loss_avg, "lr": scheduler.get_last_lr()[0],
+                "loss": loss_avg, "lr": lr,
                 "grad_norm": grad_norm.item() if grad_norm is not None else None,
                 "tokens_seen": state.tokens_seen, "tokens_per_s": tps,
                 "mfu": mfu(info.flops_per_token, tps / ctx.world_size, peak),
@@ -153,7 +153,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             if last_eval is not None:
                 metrics.log(state.step, last_eval)
         if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or done():
-            save_checkpoint(ctx, model, optimizer, scheduler, state, config_yaml, tok, last_eval)
+            save_checkpoint(ctx, model, optimizer, state, config_yaml, tok, last_eval)
         t_log += time.perf_counter() - t_pause
 
     metrics.close()
@@ -182,10 +182,10 @@ def evaluate(model, ctx: Context, micro_batch_size: int, max_batches: int, autoc
     return {"eval_loss": loss_sum / n, "eval_ppl": math.exp(min(loss_sum / n, 50))}
 
 
-def save_checkpoint(ctx, model, optimizer, scheduler, state, config_yaml, tok, eval_metrics) -> None:
+def save_checkpoint(ctx, model, optimizer, state, config_yaml, tok, eval_metrics) -> None:
     with tempfile.TemporaryDirectory(prefix="raypt-ckpt-") as tmp:
         d = Path(tmp) / "ckpt"
-        checkpoint.save(d, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+        checkpoint.save(d, model=model, optimizer=optimizer, state=state,
                         config_yaml=config_yaml, tokenizer=tok, is_rank0=ctx.rank == 0)
         ctx.report({"step": state.step, "tokens_seen": state.tokens_seen, **(eval_metrics or {})},
                    d if ctx.rank == 0 else None)

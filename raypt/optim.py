@@ -43,13 +43,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda",
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-                                    schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, decay_ratio=cfg.decay_ratio),
-    )
-    return opt, sched
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Set the LR for optimizer step `step` (0-based) from the schedule and return it. The schedule is a pure
+    function of the step, so a resumed run needs no scheduler state and follows the current config."""
+    lr = cfg.lr * lr_factor(step, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                            min_lr_ratio=cfg.min_lr_ratio, decay_ratio=cfg.decay_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

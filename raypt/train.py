@@ -106,18 +106,39 @@ def ensure_tokenizer(cfg: Config) -> None:
                         text_field=cfg.data.text_field, decode_errors=cfg.data.decode_errors)
 
 
+def _as_blocks(batch: dict, seq_len: int, where: str) -> dict:
+    """Parquet rows (a list or tensor column) -> an (n, seq_len) int32 array; a wrong length is a clear error."""
+    col = batch["input_ids"]
+    blocks = np.stack(col) if col.dtype == object else np.asarray(col)
+    if blocks.ndim != 2 or blocks.shape[1] != seq_len:
+        raise CorpusError(f"data.pretokenized {where} holds blocks of {blocks.shape[-1]} tokens, but data.seq_len is "
+                          f"{seq_len}; set data.seq_len to match, or re-run `python -m raypt.data` with this seq_len")
+    return {"input_ids": blocks.astype(np.int32, copy=False)}
+
+
+def read_blocks(path: Path, seq_len: int) -> ray.data.Dataset:
+    """A directory of Parquet blocks written by `python -m raypt.data --out`."""
+    return ray.data.read_parquet(str(path.resolve()), columns=["input_ids"]).map_batches(
+        _as_blocks, batch_format="numpy", fn_kwargs={"seq_len": seq_len, "where": str(path)})
+
+
 def datasets(cfg: Config) -> tuple[ray.data.Dataset, np.ndarray | None]:
     """The training Dataset (streaming, materialized, or pre-tokenized Parquet) and the fixed eval blocks."""
     d, t, sc = cfg.data, cfg.train, cfg.scaling
     n_eval = t.eval_batches * t.micro_batch_size * sc.num_workers
+    total = ray.cluster_resources().get("CPU", 0)
+    if not d.materialize and total - sc.num_workers * sc.cpus_per_worker < 0.25:
+        raise CorpusError(
+            f"the {sc.num_workers} training workers reserve {sc.num_workers * sc.cpus_per_worker:g} of the cluster's "
+            f"{total:g} CPUs, leaving none to stream data to them; set data.materialize: true (prepare all data "
+            "first), lower scaling.cpus_per_worker, or add CPUs")
     if d.pretokenized:
         root = Path(d.pretokenized)
         if not (root / "train").is_dir():
             raise CorpusError(f"data.pretokenized {root} has no train/ directory; write it with "
                               f"`python -m raypt.data --config ... --out {root}`")
-        train_ds = ray.data.read_parquet(str((root / "train").resolve()), columns=["input_ids"])
-        eval_ds = ray.data.read_parquet(str((root / "eval").resolve()), columns=["input_ids"]) \
-            if (root / "eval").is_dir() else None
+        train_ds = read_blocks(root / "train", d.seq_len)
+        eval_ds = read_blocks(root / "eval", d.seq_len) if (root / "eval").is_dir() else None
     else:
         reserved = 0.0 if d.materialize else sc.num_workers * sc.cpus_per_worker
         train_ds = build_dataset(cfg, "train", reserved_cpus=reserved).dataset
@@ -126,7 +147,7 @@ def datasets(cfg: Config) -> tuple[ray.data.Dataset, np.ndarray | None]:
     if eval_ds is not None:
         parts, have = [], 0
         for b in eval_ds.iter_batches(batch_size=None, batch_format="numpy"):
-            parts.append(np.asarray(b["input_ids"]))
+            parts.append(b["input_ids"])
             have += len(parts[-1])
             if have >= n_eval:
                 break

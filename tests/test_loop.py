@@ -1,0 +1,160 @@
+"""The training loop in one process (LocalContext): no Ray, real tiny models, real tokenizer."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raypt.config import load_config
+from raypt.loop import LocalContext, train
+from raypt.model import build_model, model_info
+from raypt.optim import lr_factor, param_groups
+
+
+def blocks(tokenizer_dir, n, seq_len, seed=0):
+    """Learnable blocks: a few repeated token patterns, so the loss has somewhere to go."""
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(3, vocab, size=(4, seq_len))
+    return patterns[rng.integers(0, 4, size=n)].astype(np.int32)
+
+
+def cfg_for(tokenizer_dir, *sets):
+    return load_config(None, ["data.train_paths=[unused]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=32",
+                              "scaling.num_workers=1", "train.global_batch_size=8", "train.micro_batch_size=4",
+                              "train.max_steps=40", "train.warmup_steps=4", "train.lr=3e-3", "train.log_every=1",
+                              "train.eval_every=20", "train.checkpoint_every=20", *sets])
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def test_scratch_loss_decreases_and_exports(tokenizer_dir, tmp_path):
+    cfg = cfg_for(tokenizer_dir)
+    out = train(cfg, LocalContext(tmp_path, blocks(tokenizer_dir, 64, 32), blocks(tokenizer_dir, 16, 32, seed=0)))
+    train_rows, eval_rows = metrics(tmp_path)
+    assert out["step"] == 40 and len(train_rows) == 40 and len(eval_rows) == 2
+    assert train_rows[-1]["loss"] < 0.5 * train_rows[0]["loss"]
+    assert eval_rows[-1]["eval_ppl"] == pytest.approx(math.exp(eval_rows[-1]["eval_loss"]))
+    assert train_rows[-1]["tokens_seen"] == 40 * 8 * 32
+    # the export is a plain HF model directory
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    ids = model.generate(tok("the", return_tensors="pt").input_ids, max_new_tokens=5, do_sample=False)
+    assert ids.shape[1] > 1
+    assert (tmp_path / "tensorboard").is_dir()
+    ckpts = sorted((tmp_path / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["checkpoint_000020", "checkpoint_000040"]
+    assert (ckpts[0] / "COMPLETE").exists() and (ckpts[0] / "model.safetensors").exists()
+
+
+def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tmp_path):
+    data = blocks(tokenizer_dir, 64, 32)
+    full = tmp_path / "full"
+    train(cfg_for(tokenizer_dir), LocalContext(full, data))
+    part = tmp_path / "part"
+    train(cfg_for(tokenizer_dir, "train.max_steps=40"), LocalContext(part, data))
+    # drop the last checkpoint: the re-run resumes from step 20
+    import shutil
+
+    shutil.rmtree(part / "checkpoints" / "checkpoint_000040")
+    (part / "metrics.jsonl").unlink()
+    train(cfg_for(tokenizer_dir), LocalContext(part, data))
+    resumed, _ = metrics(part)
+    reference, _ = metrics(full)
+    assert resumed[0]["step"] == 21
+    for a, b in zip(resumed, reference[20:]):
+        assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["tokens_seen"] == b["tokens_seen"]
+
+
+def test_labels_are_shifted_once(tokenizer_dir):
+    """labels = input_ids; the HF model shifts. The loss must equal next-token cross-entropy computed by hand."""
+    cfg = cfg_for(tokenizer_dir)
+    model, _ = build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))
+    x = torch.as_tensor(blocks(tokenizer_dir, 2, 32), dtype=torch.long)
+    out = model(input_ids=x, labels=x)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
+                                               x[:, 1:].reshape(-1))
+    unshifted = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), x.reshape(-1))
+    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    assert out.loss.item() != pytest.approx(unshifted.item(), rel=1e-3)
+
+
+def test_lora_trains_only_adapters(tokenizer_dir, tmp_path):
+    base_dir = tmp_path / "base"
+    cfg = cfg_for(tokenizer_dir)
+    base, _ = build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))
+    base.save_pretrained(base_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(base_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    run = tmp_path / "run"
+    cfg = cfg_for(tokenizer_dir, f"model.name_or_path={base_dir}", "model.lora=true", "train.max_steps=10",
+                  "train.lr=1e-2")
+    out = train(cfg, LocalContext(run, blocks(tokenizer_dir, 32, 32)))
+    assert out["step"] == 10
+    adapter = AutoModelForCausalLM.from_pretrained(base_dir)
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(adapter, run / "final" / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(run / "final")
+    # frozen weights are untouched in the adapter model; the merged model differs exactly where LoRA applies
+    for name, p in peft_model.base_model.model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        assert torch.equal(p, before[key]), name
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(any(m in k for m in cfg.model.lora_target_modules) for k in changed)
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+
+
+def test_param_groups_skip_norms_biases_embeddings(tokenizer_dir):
+    cfg = cfg_for(tokenizer_dir)
+    model, _ = build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" not in names[id(p)] and "embed" not in names[id(p)] for p in decay["params"])
+    assert any("embed" in names[id(p)] for p in no_decay["params"])
+    assert all(p.ndim == 2 for p in decay["params"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_lr_schedules(schedule):
+    f = [lr_factor(s, max_steps=100, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1, decay_ratio=0.2)
+         for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup
+    assert all(a >= b - 1e-12 for a, b in zip(f[9:], f[10:]))  # then never increasing
+    assert f[-1] == pytest.approx(0.1 + 0.9 * (0.5 * (1 + math.cos(math.pi * 89 / 90))) if schedule == "cosine"
+                                  else 1 - 0.9 * 19 / 20)
+    if schedule == "wsd":
+        assert f[10:80] == [1.0] * 70  # stable phase, then linear decay over the last 20%
+
+
+def test_flops_per_token_formula(tokenizer_dir):
+    cfg = cfg_for(tokenizer_dir)
+    model, info = build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())  # tied: the embedding doubles as the LM head matmul
+    assert info.flops_per_token == 6 * n + 12 * c.num_hidden_layers * c.hidden_size * 32
+    assert info.total_params == info.trainable_params == n
+
+
+def test_seq_len_above_max_positions_is_refused(tokenizer_dir, tmp_path):
+    from raypt.model import ModelError
+
+    base_dir = tmp_path / "base"
+    cfg = cfg_for(tokenizer_dir)
+    base, _ = build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))
+    base.config.max_position_embeddings = 16
+    base.save_pretrained(base_dir)
+    cfg = cfg_for(tokenizer_dir, f"model.name_or_path={base_dir}")
+    with pytest.raises(ModelError, match="above the model's max_position_embeddings 16; lower data.seq_len"):
+        build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))

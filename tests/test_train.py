@@ -1,0 +1,113 @@
+"""Ray Train end to end on a real local Ray (gloo, CPU workers): DDP equivalence, export, resume, QLoRA."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from raypt import train
+from raypt.optim import lr_factor
+
+pytestmark = pytest.mark.slow
+SEQ = 32
+
+
+def write_blocks(path: Path, arr: np.ndarray) -> None:
+    path.mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": pa.array(list(arr), pa.list_(pa.int32()))}), path / "part-0.parquet")
+
+
+@pytest.fixture(scope="module")
+def pretokenized(tmp_path_factory, tokenizer_dir):
+    """Exactly one global batch (16 blocks) of learnable token patterns, as `raypt.data --out` lays it out."""
+    root = tmp_path_factory.mktemp("pretok")
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(3, vocab, size=(4, SEQ))
+    write_blocks(root / "train", patterns[rng.integers(0, 4, size=16)].astype(np.int32))
+    write_blocks(root / "eval", patterns[rng.integers(0, 4, size=16)].astype(np.int32))
+    return root
+
+
+def run(tmp_path, tokenizer_dir, pretokenized, name, *sets):
+    argv = ["--set", f"data.pretokenized={pretokenized}", "--set", f"tokenizer.path={tokenizer_dir}",
+            "--set", f"data.seq_len={SEQ}", "--set", f"run.storage_path={tmp_path}", "--set", f"run.name={name}",
+            "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=4", "--set", "train.lr=3e-3",
+            "--set", "train.warmup_steps=1", "--set", "train.log_every=1", "--set", "train.eval_batches=2",
+            "--set", "scaling.cpus_per_worker=0.5"]  # 2 CPUs here: leave one to stream the blocks
+    for s in sets:
+        argv += ["--set", s]
+    assert train.main(argv) == 0
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def test_two_workers_match_one_worker_then_export_and_resume(ray_local, tmp_path, tokenizer_dir, pretokenized, capsys):
+    one, _ = run(tmp_path, tokenizer_dir, pretokenized, "one", "scaling.num_workers=1", "train.max_steps=2")
+    two, evals = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=4",
+                     "train.checkpoint_every=2", "train.eval_every=2")
+    # Same global batch, same init: DDP over 2 workers (2 micro-batches each) == 1 worker (4 micro-batches)
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
+    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
+    assert [r["step"] for r in two] == [1, 2, 3, 4] and len(evals) == 2
+    assert two[-1]["loss"] < two[0]["loss"]
+    out = capsys.readouterr().out
+    assert "done: 4 steps" in out and "sample:" in out
+
+    final = tmp_path / "two" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert model.generate(tok("x", return_tensors="pt").input_ids, max_new_tokens=4, do_sample=False).shape[1] > 1
+    ckpts = sorted(p.name for p in (tmp_path / "two").glob("checkpoint_0*"))
+    assert ckpts == ["checkpoint_000002", "checkpoint_000004"]
+
+    # Submitting the same run name again resumes from the latest checkpoint, at the right step and LR.
+    resumed, _ = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=6",
+                     "train.checkpoint_every=2", "train.eval_every=2")
+    out = capsys.readouterr().out
+    assert "resuming from the latest" in out and "resuming from checkpoint_000004: step 4" in out
+    new = resumed[4:]
+    assert [r["step"] for r in new] == [5, 6]
+    for r in new:
+        assert r["lr"] == pytest.approx(3e-3 * lr_factor(r["step"] - 1, max_steps=6, warmup_steps=1,
+                                                         schedule="cosine", min_lr_ratio=0.1))
+        assert r["tokens_seen"] == r["step"] * 16 * SEQ
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory, tokenizer_dir):
+    """A small 'open model' saved locally, standing in for a downloaded checkpoint."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_qlora_on_two_workers(ray_local, tmp_path, tokenizer_dir, pretokenized, tiny_pretrained):
+    rows, evals = run(tmp_path, tokenizer_dir, pretokenized, "qlora", "scaling.num_workers=2", "train.max_steps=3",
+                      f"model.name_or_path={tiny_pretrained}", "model.lora=true", "model.quantize=nf4",
+                      "train.lr=1e-2", "train.eval_every=3")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows) and evals
+    final = tmp_path / "qlora" / "final"
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok("x", return_tensors="pt").input_ids
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pretrained), final / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    assert merged.dtype == torch.bfloat16
+    for m in (adapter, merged):
+        assert m.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > 1
+    ckpt = sorted((tmp_path / "qlora").glob("checkpoint_0*"))[-1]
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
