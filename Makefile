@@ -8,7 +8,7 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: train test data bench-data clean
+.PHONY: train test bench bench-data clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/train.py
 
 bench-data: $(VENV)/.installed
 	$(BIN)/python bench/data.py

@@ -289,14 +289,16 @@ def validate(cfg: Config) -> list[str]:
         )
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    if t.warmup_steps < 0 or t.warmup_steps >= t.max_steps:
-        p.append(f"train.warmup_steps must be in [0, max_steps), got {t.warmup_steps}")
+    if t.warmup_steps < 0:
+        p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if not 0 < t.decay_ratio <= 1:
         p.append(f"train.decay_ratio must be in (0, 1], got {t.decay_ratio}")
     if m.quantize and not m.lora:
         p.append("model.quantize: nf4 trains LoRA adapters on a frozen 4-bit base: set model.lora: true as well")
     if m.quantize and not m.name_or_path:
         p.append("model.quantize needs a pretrained model.name_or_path (a scratch model has nothing to quantize)")
+    if sc.strategy == "fsdp" and not sc.use_gpu:
+        p.append("scaling.strategy fsdp needs GPUs (Ray Train's FSDP runs on NCCL); set scaling.use_gpu: true or use ddp")
     if m.quantize and sc.strategy == "fsdp":
         p.append("scaling.strategy fsdp is not supported with model.quantize; use ddp")
     if m.lora and m.lora_r < 1:

@@ -51,9 +51,10 @@ class RayContext:
 
     def train_batches(self, micro_batch_size: int, epoch: int):
         shard = ray.train.get_dataset_shard("train")
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, dtypes=torch.long, device=self.device,
-                                              drop_last=True):
-            yield batch["input_ids"]
+        for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=True):
+            # int32 blocks -> int64 ids; a pinned copy lets the host-to-GPU transfer overlap compute
+            x = torch.from_numpy(batch["input_ids"]).long()
+            yield x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
 
     def eval_blocks(self):
         if self._eval_ref is None:

@@ -80,3 +80,20 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(None, ["data.train_paths=[a, b]", "data.seq_len=64"])
     again = load_config(write(tmp_path, cfg.to_yaml()))
     assert again == cfg
+
+
+def test_fsdp_needs_gpus_and_qlora_needs_lora():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train_paths=[a]", "scaling.strategy=fsdp", "model.quantize=nf4"])
+    msg = str(e.value)
+    assert "fsdp needs GPUs" in msg and "set model.lora: true" in msg and "pretrained model.name_or_path" in msg
+
+
+def test_global_batch_must_split_into_micro_batches():
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size x scaling.num_workers = 8"):
+        load_config(None, ["data.train_paths=[a]", "train.global_batch_size=12", "train.micro_batch_size=4"])
+    cfg = load_config(None, ["data.train_paths=[a]", "data.seq_len=128", "train.global_batch_tokens=4096",
+                             "train.micro_batch_size=4"])
+    from raypt.config import global_batch_size, grad_accum_steps
+
+    assert global_batch_size(cfg) == 32 and grad_accum_steps(cfg) == 4

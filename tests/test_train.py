@@ -111,3 +111,14 @@ def test_qlora_on_two_workers(ray_local, tmp_path, tokenizer_dir, pretokenized, 
         assert m.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > 1
     ckpt = sorted((tmp_path / "qlora").glob("checkpoint_0*"))[-1]
     assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp_on_gpus(ray_local, tmp_path, tokenizer_dir, pretokenized):
+    n = torch.cuda.device_count()
+    rows, _ = run(tmp_path, tokenizer_dir, pretokenized, "fsdp", f"scaling.num_workers={n}", "scaling.use_gpu=true",
+                  "scaling.strategy=fsdp", "train.max_steps=2", "train.micro_batch_size=2",
+                  "train.global_batch_size=16")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final") is not None
