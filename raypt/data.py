@@ -68,7 +68,8 @@ class TokenizePack:
     """Ray Data actor: a unit of files -> documents -> ``BOS doc EOS`` stream -> full blocks of seq_len tokens.
 
     The stream's tail (< seq_len) stays in the actor and continues in the next unit, so only each actor's last tail
-    is lost. The tokenizer is loaded once per actor.
+    is lost. The tokenizer is loaded once per actor. An actor runs one unit at a time (the pool is built with
+    max_concurrent_calls_per_actor=1): two interleaved unit generators would mix their documents in the stream.
     """
 
     def __init__(self, cfg: Config, tokenizer_path: str, bos_id, eos_id, threads: int, stats):
@@ -159,7 +160,7 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0)
     units, actors, threads = pool_plan(cfg, listing, reserved_cpus)
     items = [{"unit": [dataclasses.asdict(seg) for seg in unit]} for unit in units]
     blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        TokenizePack, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        TokenizePack, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=1),
         num_cpus=d.cpus_per_tokenize_worker,
         fn_constructor_kwargs=dict(cfg=cfg, tokenizer_path=tok_path, bos_id=bos, eos_id=eos, threads=threads,
                                    stats=stats),
