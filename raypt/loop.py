@@ -51,6 +51,9 @@ class Context(Protocol):
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """The checkpoint to resume from, as a local directory, or None."""
 
+    def sync(self) -> None:
+        """Mirror run_dir to the run's storage when that is not a local path."""
+
 
 def _all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
@@ -154,10 +157,12 @@ def train(cfg: Config, ctx: Context) -> dict:
                 metrics.log(state.step, last_eval)
         if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or done():
             save_checkpoint(ctx, model, optimizer, state, config_yaml, tok, last_eval)
+            ctx.sync()
         t_log += time.perf_counter() - t_pause
 
     metrics.close()
     export(cfg, ctx, model, tok)
+    ctx.sync()
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
 
 
@@ -232,6 +237,9 @@ class LocalContext:
 
     def prepare(self, model):
         return model
+
+    def sync(self) -> None:
+        pass
 
     def train_batches(self, micro_batch_size: int, epoch: int):
         for i in range(0, len(self._train) - micro_batch_size + 1, micro_batch_size):

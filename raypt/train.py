@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +42,19 @@ class RayContext:
         c = ray.train.get_context()
         self.cfg, self.rank, self.world_size = cfg, c.get_world_rank(), c.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_dir = Path(run_dir)
         self._eval_ref = eval_ref
+        self._remote = run_dir if "://" in run_dir else None
+        # With s3:// or gs:// storage, rank 0 writes metrics and final/ locally and mirrors them after each checkpoint.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="raypt-run-")) / cfg.run.name if self._remote else Path(run_dir)
+        if self._remote and self.rank == 0:
+            _copy(f"{self._remote}/metrics.jsonl", self.run_dir / "metrics.jsonl")  # a resumed run appends to it
+
+    def sync(self) -> None:
+        if self._remote and self.rank == 0:
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(self._remote)
+            pafs.copy_files(str(self.run_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     def prepare(self, model):
         if self.world_size == 1:
@@ -74,6 +86,25 @@ class RayContext:
             return
         with ckpt.as_directory() as d:
             yield Path(d)
+
+
+def _copy(uri: str, local: Path) -> None:
+    """Download `uri` to `local` if it exists."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def _checkpoints(run_dir: str) -> list[str]:
+    """Names of the checkpoint directories of a run (local path or URI)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -164,9 +195,8 @@ def run(cfg: Config) -> dict:
     init_ray()
     ensure_tokenizer(cfg)
     storage = cfg.run.storage_path
-    run_dir = Path(storage) / cfg.run.name
-    previous = sorted(run_dir.glob("checkpoint_*")) if "://" not in storage else []
-    if previous:
+    run_dir = f"{storage.rstrip('/')}/{cfg.run.name}"
+    if _checkpoints(run_dir):
         print(f"run {cfg.run.name!r} already has checkpoints in {run_dir}: resuming from the latest "
               "(use another run.name to start over)", flush=True)
     print(f"global batch {global_batch_size(cfg)} sequences x {cfg.data.seq_len} tokens = "
@@ -176,7 +206,7 @@ def run(cfg: Config) -> dict:
     sc = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir),
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir,
                            "eval": ray.put(eval_blocks) if eval_blocks is not None else None},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker={"CPU": sc.cpus_per_worker}),
@@ -190,7 +220,7 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     result = trainer.fit()
     out = dict(result.return_value or {})
-    out.update(seconds=time.perf_counter() - t0, final=str(run_dir / "final"), run_dir=str(run_dir))
+    out.update(seconds=time.perf_counter() - t0, final=f"{run_dir}/final", run_dir=run_dir)
     return out
 
 

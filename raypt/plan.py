@@ -1,0 +1,174 @@
+"""Plan a run before paying for a cluster: parameters, memory per GPU, steps, wall-clock time and GPU-hours.
+
+    python -m raypt.plan --config CFG [--gpus N] [--gpu-mem GB] [--tokens-per-s-per-gpu X | --mfu 0.4 --peak-tflops 989]
+
+The model is built on PyTorch's meta device (no weights, no memory), so parameter counts are exact. Memory is an
+estimate: weights, gradients and AdamW state by dtype (a 4-bit base counted as 4-bit; FSDP divides them by the GPU
+count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention, bf16),
+with and without gradient checkpointing, plus the fp32 logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raypt.config import Config, add_config_args, config_from_args, global_batch_size, grad_accum_steps
+
+GB = 1024**3
+# Architectures of common open models, for planning from a remote path without downloading it.
+KNOWN = {
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+                         max_position_embeddings=131072),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                         max_position_embeddings=131072),
+}
+
+
+@dataclass
+class Plan:
+    params: int
+    trainable: int
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    activations_no_ckpt_gb: float
+    activations_ckpt_gb: float
+    total_gb: float
+    tokens_per_step: int
+    steps: int
+    tokens: int
+    flops_per_token: float
+    tokens_per_s_per_gpu: float
+    hours: float
+    gpu_hours: float
+    gpus: int
+    fits: bool | None
+
+
+def model_config(cfg: Config, vocab_size: int | None):
+    """The HF config of the run's model, without loading weights."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from raypt.model import scratch_config
+
+    m, t = cfg.model, cfg.tokenizer
+    if m.name_or_path is None:
+        if vocab_size is None and t.path and Path(t.path).is_dir():
+            from raypt.tokenizer import load_tokenizer
+
+            vocab_size = len(load_tokenizer(t.path))
+        return scratch_config(m, vocab_size or t.vocab_size or 32000, cfg.data.seq_len)
+    if Path(m.name_or_path).is_dir():
+        return AutoConfig.from_pretrained(m.name_or_path)
+    name = m.name_or_path.rstrip("/").rsplit("/", 1)[-1].lower().replace("meta-", "")
+    for key, arch in KNOWN.items():
+        if key in name:
+            return LlamaConfig(**arch)
+    raise SystemExit(f"error: cannot plan for {m.name_or_path!r} without its config: use a local model directory "
+                     f"or one of the known architectures ({', '.join(KNOWN)})")
+
+
+def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = None, vocab_size: int | None = None,
+         tokens_per_s_per_gpu: float | None = None, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
+    from transformers import AutoModelForCausalLM
+
+    from raypt.model import model_info
+
+    m, t, d = cfg.model, cfg.train, cfg.data
+    hf = model_config(cfg, vocab_size)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    params = sum(p.numel() for p in model.parameters())
+    gpus = gpus or cfg.scaling.num_workers
+    shard = gpus if cfg.scaling.strategy == "fsdp" else 1
+
+    linear = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+    if m.lora:
+        targets = [mod for n, mod in linear.items() if n.rsplit(".", 1)[-1] in m.lora_target_modules]
+        trainable = sum(m.lora_r * (mod.in_features + mod.out_features) for mod in targets)
+    else:
+        trainable = params
+    weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(m.dtype, 4 if m.name_or_path is None else 2)
+    if m.quantize:  # NF4: 4 bits per linear weight + double-quantised scales (~0.127 bits); the rest bf16
+        quantized = sum(mod.weight.numel() for mod in linear.values())
+        weights = quantized * (4 + 0.127) / 8 + (params - quantized) * 2 + trainable * 4
+    else:
+        weights = params * weight_bytes
+    grads = trainable * (4 if m.lora else weight_bytes)
+    optimizer = trainable * 8  # AdamW: two fp32 moments
+
+    # Activations of one micro-batch (bf16): per layer and token a Llama saves ~6d + 2 kv_dim + 4I values.
+    b, s, L, dh = t.micro_batch_size, d.seq_len, hf.num_hidden_layers, hf.hidden_size
+    kv = hf.num_key_value_heads * (dh // hf.num_attention_heads)
+    per_layer = b * s * (6 * dh + 2 * kv + 4 * hf.intermediate_size) * 2
+    logits = b * s * hf.vocab_size * 4 * 2  # fp32 logits and their gradient
+    act_full = L * per_layer + logits
+    act_ckpt = L * b * s * dh * 2 + per_layer + logits  # layer inputs + one layer recomputed
+    activations = act_ckpt if m.gradient_checkpointing else act_full
+    total = (weights + grads + optimizer) / shard + activations
+
+    tokens_per_step = global_batch_size(cfg) * d.seq_len
+    steps = t.max_steps
+    if t.max_tokens:
+        steps = min(steps, -(-t.max_tokens // tokens_per_step))
+    tokens = steps * tokens_per_step
+    fpt = model_info(model, d.seq_len).flops_per_token
+    tps = tokens_per_s_per_gpu or mfu * peak_tflops * 1e12 / fpt
+    hours = tokens / (tps * gpus) / 3600
+    return Plan(params, trainable, weights / shard / GB, grads / shard / GB, optimizer / shard / GB,
+                activations / GB, act_full / GB, act_ckpt / GB, total / GB, tokens_per_step, steps, tokens, fpt, tps,
+                hours, hours * gpus, gpus, None if gpu_mem_gb is None else total / GB <= gpu_mem_gb)
+
+
+def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
+    m = cfg.model
+    kind = "QLoRA" if m.quantize else "LoRA" if m.lora else "full"
+    lines = [
+        f"model: {p.params / 1e9:.3f} B parameters, {p.trainable / 1e6:,.2f} M trainable ({kind}"
+        f"{', FSDP over ' + str(p.gpus) + ' GPUs' if cfg.scaling.strategy == 'fsdp' else ''})",
+        f"memory per GPU: weights {p.weights_gb:.2f} GB + gradients {p.grads_gb:.2f} GB + AdamW {p.optimizer_gb:.2f} GB"
+        f" + activations {p.activations_gb:.2f} GB (micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}; "
+        f"{p.activations_ckpt_gb:.2f} GB with gradient checkpointing, {p.activations_no_ckpt_gb:.2f} GB without)"
+        f" = {p.total_gb:.2f} GB",
+        f"batch: {p.tokens_per_step:,} tokens per optimizer step ({global_batch_size(cfg)} sequences, "
+        f"{grad_accum_steps(cfg)} accumulation steps on {cfg.scaling.num_workers} workers)",
+        f"budget: {p.steps:,} steps = {p.tokens / 1e9:.3f} B tokens",
+        f"speed: {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({p.flops_per_token / 1e9:.2f} GFLOPs/token) -> "
+        f"{p.hours:.1f} h on {p.gpus} GPUs = {p.gpu_hours:,.0f} GPU-hours",
+    ]
+    if p.fits is not None:
+        lines.append(f"fits in {gpu_mem_gb:g} GB: yes" if p.fits else
+                     f"DOES NOT FIT in {gpu_mem_gb:g} GB per GPU ({p.total_gb:.1f} GB needed): try "
+                     "model.gradient_checkpointing, a smaller train.micro_batch_size, scaling.strategy fsdp, or "
+                     "LoRA/QLoRA")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raypt.plan", description=__doc__.split("\n\n")[0])
+    add_config_args(ap)
+    ap.add_argument("--gpus", type=int, help="GPUs (default: scaling.num_workers)")
+    ap.add_argument("--gpu-mem", type=float, help="GB of memory per GPU, to check the fit")
+    ap.add_argument("--vocab-size", type=int,
+                    help="tokenizer size for a scratch model (default: tokenizer.path's, else tokenizer.vocab_size)")
+    ap.add_argument("--tokens-per-s-per-gpu", type=float, help="measured throughput (metrics.jsonl tokens_per_s / GPUs)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU when no throughput is given (default 0.4)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU (default H100: 989)")
+    a = ap.parse_args(argv)
+    cfg = config_from_args(a)
+    p = plan(cfg, gpus=a.gpus, gpu_mem_gb=a.gpu_mem, vocab_size=a.vocab_size,
+             tokens_per_s_per_gpu=a.tokens_per_s_per_gpu, mfu=a.mfu, peak_tflops=a.peak_tflops)
+    print(describe(p, cfg, a.gpu_mem))
+    return 0 if p.fits is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

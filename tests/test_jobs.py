@@ -1,0 +1,75 @@
+"""`ray job submit` for real: a Ray head started on loopback, the demo submitted through the Jobs CLI, then resubmitted."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A real head node (`ray start --head`) with the dashboard and Jobs API on 127.0.0.1 only; stopped at the end.
+    Its own temp dir and ports keep it apart from the tests' in-process cluster, and only its processes are ended."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dash = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp, "--include-dashboard",
+                    "true", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    yield env
+    for p in psutil.process_iter(["cmdline"]):
+        if temp in " ".join(p.info["cmdline"] or []):
+            p.send_signal(signal.SIGTERM)
+    time.sleep(3)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(env, storage, steps: int) -> subprocess.CompletedProcess:
+    """The README's command: `ray job submit --working-dir . -- bash -c "python -m raypt.demo && python -m
+    raypt.train --config configs/demo.yaml"` (the demo corpus is written in the job's own working directory)."""
+    entry = ["bash", "-c", f"python -m raypt.demo && python -m raypt.train --config configs/demo.yaml "
+             f"--set train.max_steps={steps} --set train.log_every=5 --set train.eval_every=10 "
+             f"--set train.checkpoint_every=10 --set run.storage_path={storage}"]
+    for attempt in range(10):  # the job agent can take a few seconds to come up after `ray start`
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", *entry], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in r.stdout + r.stderr:
+            return r
+        time.sleep(3)
+    return r
+
+
+def test_job_submit_runs_the_demo_and_a_resubmission_resumes(head, tmp_path):
+    storage = tmp_path / "runs"
+    r = submit(head, storage, steps=10)
+    assert r.returncode == 0 and "succeeded" in r.stdout.lower(), r.stdout[-3000:] + r.stderr[-3000:]
+    run = storage / "demo"
+    assert (run / "final" / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
+    assert (run / "checkpoint_000010" / "COMPLETE").exists()
+    assert "done: 10 steps" in r.stdout and "sample:" in r.stdout
+
+    r = submit(head, storage, steps=20)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from the latest" in r.stdout and "resuming from checkpoint_000010: step 10" in r.stdout
+    assert (run / "checkpoint_000020" / "COMPLETE").exists()

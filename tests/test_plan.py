@@ -1,0 +1,54 @@
+"""The planner against numbers computed by hand for a tiny Llama, and on the shipped recipes."""
+
+from pathlib import Path
+
+import pytest
+
+from raypt.config import load_config
+from raypt.plan import GB, main, plan
+
+ROOT = Path(__file__).parent.parent
+TINY = ["data.train_paths=[x]", "data.seq_len=8", "model.preset=tiny", "model.hidden_size=16",
+        "model.intermediate_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=4",
+        "model.num_key_value_heads=2", "model.tie_word_embeddings=true", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.max_steps=10", "scaling.num_workers=2"]
+
+
+def test_tiny_model_by_hand():
+    p = plan(load_config(None, TINY), vocab_size=100, tokens_per_s_per_gpu=1000, gpu_mem_gb=1)
+    # embeddings 100x16; per layer q 16x16, k and v 16x8 (2 KV heads of 4), o 16x16, gate/up/down 16x32, 2 norms;
+    # final norm; tied LM head
+    per_layer = 256 + 128 + 128 + 256 + 3 * 512 + 2 * 16
+    assert p.params == p.trainable == 1600 + 2 * per_layer + 16 == 6288
+    assert p.weights_gb * GB == pytest.approx(6288 * 4)  # fp32 from scratch
+    assert p.grads_gb * GB == pytest.approx(6288 * 4)
+    assert p.optimizer_gb * GB == pytest.approx(6288 * 8)
+    layer_act = 2 * 8 * (6 * 16 + 2 * 8 + 4 * 32) * 2  # b x s x (6d + 2kv + 4I) bf16 values
+    logits = 2 * 8 * 100 * 4 * 2
+    assert p.activations_no_ckpt_gb * GB == pytest.approx(2 * layer_act + logits)
+    assert p.activations_ckpt_gb * GB == pytest.approx(2 * 2 * 8 * 16 * 2 + layer_act + logits)
+    assert p.total_gb * GB == pytest.approx(6288 * 16 + 2 * layer_act + logits)
+    assert p.tokens_per_step == 32 and p.steps == 10 and p.tokens == 320
+    assert p.flops_per_token == 6 * 6288 + 12 * 2 * 16 * 8
+    assert p.hours == pytest.approx(320 / 2000 / 3600) and p.gpu_hours == pytest.approx(2 * p.hours)
+    assert p.fits
+
+
+def test_fsdp_shards_weights_gradients_and_optimizer_state():
+    full = plan(load_config(None, TINY), vocab_size=100, tokens_per_s_per_gpu=1)
+    fsdp = plan(load_config(None, TINY + ["scaling.use_gpu=true", "scaling.strategy=fsdp"]), vocab_size=100,
+                tokens_per_s_per_gpu=1)
+    assert fsdp.weights_gb == pytest.approx(full.weights_gb / 2) and fsdp.optimizer_gb == pytest.approx(full.optimizer_gb / 2)
+
+
+def test_recipes_plan_and_a_misfit_is_flagged(capsys):
+    qlora = load_config(ROOT / "configs" / "llama3-8b-qlora-cpt.yaml")
+    p = plan(qlora, gpu_mem_gb=80)
+    assert 8.0e9 < p.params < 8.1e9
+    assert p.trainable == 32 * 8 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # r=8 on 7 modules
+    assert p.weights_gb < 6 and p.fits  # a 4-bit base
+    full = load_config(ROOT / "configs" / "llama3-8b-full-fsdp.yaml", ["scaling.strategy=ddp"])
+    assert main(["--config", str(ROOT / "configs" / "llama3-8b-full-fsdp.yaml"), "--set", "scaling.strategy=ddp",
+                 "--gpu-mem", "80"]) == 1
+    assert "DOES NOT FIT in 80 GB" in capsys.readouterr().out
+    assert not plan(full, gpu_mem_gb=80).fits
