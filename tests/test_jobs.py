@@ -38,10 +38,13 @@ def head():
                     "true", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     yield env
-    for p in psutil.process_iter(["cmdline"]):
-        if temp in " ".join(p.info["cmdline"] or []):
-            p.send_signal(signal.SIGTERM)
-    time.sleep(3)
+    procs = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
     shutil.rmtree(temp, ignore_errors=True)
 
 
