@@ -128,6 +128,11 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient norm: stop with an error naming the step and rank (no update is applied from that
+    step on), or skip that step's update and go on, counting skips up to max_skipped_steps."""
+    max_skipped_steps: int = 10
+    """With nonfinite: skip, stop once more steps than this were skipped."""
     log_every: int = 10
     eval_every: int = 50
     """Evaluate every N steps and at the end (0: only at the end)."""

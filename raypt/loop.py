@@ -29,6 +29,10 @@ from raypt.optim import build_optimizer, set_lr
 
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a NaN/inf loss or gradient norm."""
+
+
 class Context(Protocol):
     rank: int
     world_size: int
@@ -112,6 +116,12 @@ def train(cfg: Config, ctx: Context) -> dict:
     _take(batches, state.batches_in_epoch)  # the data position: skip what this epoch already fed
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)  # stays on the device until a log step
+    # Non-finite guard without a per-step host sync: fused AdamW skips its update when `found_inf` is set (the
+    # mechanism GradScaler uses); the flags are read at log steps.
+    bad_steps = torch.zeros((), dtype=torch.int64, device=ctx.device)  # steps whose update was skipped
+    first_bad = torch.full((), -1, dtype=torch.int64, device=ctx.device)
+    local_bad = torch.zeros((), dtype=torch.bool, device=ctx.device)  # this rank's own loss was non-finite
+    good_steps = torch.zeros((), dtype=torch.int64, device=ctx.device)  # finite steps since the last log
     steps_since_log, t_log = 0, time.perf_counter()
     last_eval, loss_avg = None, None
     while not done():
@@ -123,39 +133,58 @@ def train(cfg: Config, ctx: Context) -> dict:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             batches = ctx.train_batches(t.micro_batch_size, state.epoch)
             continue
+        step_loss = torch.zeros((), device=ctx.device)
         for i, x in enumerate(micro):
             sync = i == accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 loss = model(input_ids=x, labels=x).loss / accum  # the model shifts labels itself
             loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+            step_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+        bad = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+        local_bad |= ~torch.isfinite(step_loss)
+        first_bad = torch.where(bad & (first_bad < 0), state.step + 1, first_bad)
+        bad_steps += bad
+        # stop mode: no update at all once a bad step was seen; skip mode: only that step's update is dropped
+        skip = bad if t.nonfinite == "skip" else first_bad >= 0
         lr = set_lr(optimizer, state.step, t)
-        optimizer.step()
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = skip.float()
+            optimizer.step()
+        elif not skip.item():  # unfused optimizers cannot skip on the device
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss_sum += torch.where(bad, 0.0, step_loss)
+        good_steps += ~bad
         state.step += 1
         state.batches_in_epoch += accum
         state.tokens_seen += tokens_per_step
         steps_since_log += 1
 
-        if state.step % t.log_every == 0 or done():
-            loss_avg = _all_reduce(loss_sum.clone()).item() / (ctx.world_size * steps_since_log)
+        log_now = state.step % t.log_every == 0 or done()
+        eval_now = (t.eval_every and state.step % t.eval_every == 0) or done()
+        ckpt_now = (t.checkpoint_every and state.step % t.checkpoint_every == 0) or done()
+        if log_now or eval_now or ckpt_now:  # host syncs anyway: never evaluate or save past a non-finite step
+            check_finite(t, ctx.rank, int(bad_steps), int(first_bad), bool(local_bad))
+        if log_now:
+            loss_avg = _all_reduce(loss_sum.clone()).item() / (ctx.world_size * max(1, int(good_steps)))
             elapsed = time.perf_counter() - t_log
             tps = steps_since_log * tokens_per_step / elapsed
             metrics.log(state.step, {
-                "loss": loss_avg, "lr": lr,
-                "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(),
+                "skipped_steps": int(bad_steps) or None,
                 "tokens_seen": state.tokens_seen, "tokens_per_s": tps,
                 "mfu": mfu(info.flops_per_token, tps / ctx.world_size, peak),
             })
             loss_sum.zero_()
+            good_steps.zero_()
             steps_since_log, t_log = 0, time.perf_counter()
         t_pause = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
-        if (t.eval_every and state.step % t.eval_every == 0) or done():
+        if eval_now:
             last_eval = evaluate(model, ctx, t.micro_batch_size, t.eval_batches, autocast)
             if last_eval is not None:
                 metrics.log(state.step, last_eval)
-        if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or done():
+        if ckpt_now:
             save_checkpoint(ctx, model, optimizer, state, config_yaml, tok, last_eval)
             ctx.sync()
         t_log += time.perf_counter() - t_pause
@@ -164,6 +193,20 @@ def train(cfg: Config, ctx: Context) -> dict:
     export(cfg, ctx, model, tok)
     ctx.sync()
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
+
+
+def check_finite(t, rank: int, bad_steps: int, first_bad: int, local_bad: bool) -> None:
+    """Raise when the run met non-finite values it may not go on with (called at log steps: the only host sync)."""
+    if bad_steps == 0 or (t.nonfinite == "skip" and bad_steps <= t.max_skipped_steps):
+        return
+    what = "loss" if local_bad else "gradient norm (the loss of another rank was)"
+    if t.nonfinite == "skip":
+        raise NonFiniteError(f"rank {rank}: {bad_steps} steps with a non-finite {what}, more than "
+                             f"train.max_skipped_steps={t.max_skipped_steps}; the first at step {first_bad}. Lower "
+                             "train.lr, check the data, or raise the limit")
+    raise NonFiniteError(f"rank {rank}: non-finite {what} at step {first_bad}; training stopped with no update applied "
+                         "from that step on. Lower train.lr or check the data; train.nonfinite: skip drops such steps "
+                         "and goes on")
 
 
 @torch.no_grad()

@@ -158,3 +158,44 @@ def test_seq_len_above_max_positions_is_refused(tokenizer_dir, tmp_path):
     cfg = cfg_for(tokenizer_dir, f"model.name_or_path={base_dir}")
     with pytest.raises(ModelError, match="above the model's max_position_embeddings 16; lower data.seq_len"):
         build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))
+
+
+class NaNAt(LocalContext):
+    """Injects a NaN into the embeddings' output at chosen forward calls, through the Context seam."""
+
+    def __init__(self, *a, nan_calls=(), **kw):
+        super().__init__(*a, **kw)
+        self.nan_calls, self.calls = set(nan_calls), 0
+
+    def prepare(self, model):
+        def hook(module, args, out):
+            self.calls += 1
+            return out * float("nan") if self.calls in self.nan_calls else out
+
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model
+
+
+def test_nan_stops_before_the_update_naming_step_and_rank(tokenizer_dir, tmp_path):
+    from raypt.loop import NonFiniteError
+
+    # 2 micro-batches per step (global 8 / micro 4): forward call 13 is in step 7
+    ctx = NaNAt(tmp_path, blocks(tokenizer_dir, 64, 32), nan_calls={13})
+    cfg = cfg_for(tokenizer_dir, "train.log_every=5", "train.checkpoint_every=0", "train.eval_every=0")
+    with pytest.raises(NonFiniteError, match=r"rank 0: non-finite loss at step 7; training stopped"):
+        train(cfg, ctx)
+    rows, _ = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [5] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_nan_skip_mode_counts_and_gives_up_past_the_limit(tokenizer_dir, tmp_path):
+    from raypt.loop import NonFiniteError
+
+    cfg = cfg_for(tokenizer_dir, "train.nonfinite=skip", "train.max_skipped_steps=2", "train.max_steps=12",
+                  "train.checkpoint_every=0", "train.eval_every=0")
+    out = train(cfg, NaNAt(tmp_path / "a", blocks(tokenizer_dir, 64, 32), nan_calls={3, 9}))
+    rows, _ = metrics(tmp_path / "a")
+    assert out["step"] == 12 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["skipped_steps"] == 2  # steps 2 and 5 were dropped, training went on
+    with pytest.raises(NonFiniteError, match="3 steps with a non-finite loss, more than train.max_skipped_steps=2"):
+        train(cfg, NaNAt(tmp_path / "b", blocks(tokenizer_dir, 64, 32), nan_calls={3, 9, 15}))
