@@ -166,6 +166,8 @@ class RunConfig:
     """Where checkpoints, metrics and the final model go (a shared path or s3:// on multi-node clusters)."""
     seed: int = 0
     """Seeds model init and data order."""
+    resume_from: Optional[str] = None
+    """A checkpoint directory (of any run) to start from when this run has none of its own."""
     checkpoints_to_keep: int = 3
     max_failures: int = 0
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
@@ -249,7 +251,7 @@ def absolute_paths(cfg: Config) -> Config:
         tokenizer=dataclasses.replace(t, path=fix(t.path)),
         model=dataclasses.replace(m, name_or_path=fix(m.name_or_path) if m.name_or_path and os.path.exists(
             m.name_or_path) else m.name_or_path),
-        run=dataclasses.replace(r, storage_path=fix(r.storage_path)),
+        run=dataclasses.replace(r, storage_path=fix(r.storage_path), resume_from=fix(r.resume_from)),
     )
 
 

@@ -93,6 +93,8 @@ def train(cfg: Config, ctx: Context) -> dict:
     optimizer = build_optimizer(model, t, ctx.device)
     state = TrainState()
     with ctx.latest_checkpoint() as ckpt:
+        if ckpt is None and cfg.run.resume_from:  # the run's own checkpoints win over a given starting point
+            ckpt = Path(cfg.run.resume_from)
         if ckpt is not None:
             state = checkpoint.load(ckpt, model=model, optimizer=optimizer)
             if rank0:

@@ -199,3 +199,30 @@ def test_nan_skip_mode_counts_and_gives_up_past_the_limit(tokenizer_dir, tmp_pat
     assert rows[-1]["skipped_steps"] == 2  # steps 2 and 5 were dropped, training went on
     with pytest.raises(NonFiniteError, match="3 steps with a non-finite loss, more than train.max_skipped_steps=2"):
         train(cfg, NaNAt(tmp_path / "b", blocks(tokenizer_dir, 64, 32), nan_calls={3, 9, 15}))
+
+
+def test_resume_from_refuses_foreign_and_half_written_checkpoints(tokenizer_dir, tmp_path):
+    from raypt.checkpoint import CheckpointError
+
+    data = blocks(tokenizer_dir, 64, 32)
+    src = tmp_path / "src"
+    train(cfg_for(tokenizer_dir, "train.max_steps=20"), LocalContext(src, data))
+    good = src / "checkpoints" / "checkpoint_000020"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a complete raypt checkpoint"):
+        train(cfg_for(tokenizer_dir, f"run.resume_from={foreign}"), LocalContext(tmp_path / "a", data))
+
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(good, half)
+    (half / "COMPLETE").unlink()  # as if the writer died before the marker
+    with pytest.raises(CheckpointError, match="never finished"):
+        train(cfg_for(tokenizer_dir, f"run.resume_from={half}"), LocalContext(tmp_path / "b", data))
+
+    out = train(cfg_for(tokenizer_dir, f"run.resume_from={good}"), LocalContext(tmp_path / "c", data))
+    rows, _ = metrics(tmp_path / "c")
+    assert rows[0]["step"] == 21 and out["step"] == 40
