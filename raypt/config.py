@@ -7,6 +7,7 @@ valid keys, before any cluster time is spent.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -143,7 +144,7 @@ class TrainConfig:
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; default: known for common GPUs, none on CPU."""
     sample_prompt: str = ""
-    """Text to continue with the final model at the end of the run (empty: the first eval document's start)."""
+    """Text to continue with the final model at the end of the run (empty: "The ")."""
 
 
 @dataclass
@@ -238,8 +239,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def absolute_paths(cfg: Config) -> Config:
     """Local relative paths made absolute against the working directory, because Ray workers run elsewhere.
     A relative model.name_or_path that is not a local directory is left alone (it is a hub name)."""
-    import os
-
     def fix(p: str | None) -> str | None:
         return p if p is None or "://" in p else os.path.abspath(p)
 

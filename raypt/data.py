@@ -23,10 +23,9 @@ import resource
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from raypt.config import Config, absolute_paths, add_config_args, config_from_args
@@ -160,8 +159,8 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0)
     units, actors, threads = pool_plan(cfg, listing, reserved_cpus)
     items = [{"unit": [dataclasses.asdict(seg) for seg in unit]} for unit in units]
     blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        TokenizePack, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=1),
-        num_cpus=d.cpus_per_tokenize_worker,
+        TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=1),
         fn_constructor_kwargs=dict(cfg=cfg, tokenizer_path=tok_path, bos_id=bos, eos_id=eos, threads=threads,
                                    stats=stats),
     )
@@ -231,7 +230,7 @@ def format_summary(summary: dict) -> str:
             f"in {s['seconds']} s, {s['tokens_per_s']:,} tokens/s"
         )
         if s["skipped"]:
-            lines.append(f"  skipped: " + ", ".join(f"{k}={v}" for k, v in s["skipped"].items()))
+            lines.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in s["skipped"].items()))
         if s["hidden_files_skipped"]:
             lines.append(f"  hidden files not read ({len(s['hidden_files_skipped'])}): "
                          + ", ".join(s["hidden_files_skipped"][:5]) + (" ..." if len(s["hidden_files_skipped"]) > 5 else ""))
@@ -288,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if (err := user_error(e)) is None:
             raise
-        print(f"error: {err.message}", file=sys.stderr)  # type: ignore[union-attr]
+        print(f"error: {err.message}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     print(f"wrote {args.out}/summary.json")

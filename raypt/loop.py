@@ -167,7 +167,7 @@ def train(cfg: Config, ctx: Context) -> dict:
         eval_now = (t.eval_every and state.step % t.eval_every == 0) or done()
         ckpt_now = (t.checkpoint_every and state.step % t.checkpoint_every == 0) or done()
         if log_now or eval_now or ckpt_now:  # host syncs anyway: never evaluate or save past a non-finite step
-            check_finite(t, ctx.rank, int(bad_steps), int(first_bad), bool(local_bad))
+            check_finite(t, ctx.rank, *torch.stack([bad_steps, first_bad, local_bad.long()]).tolist())
         if log_now:
             loss_avg = _all_reduce(loss_sum.clone()).item() / (ctx.world_size * max(1, int(good_steps)))
             elapsed = time.perf_counter() - t_log

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger("raypt")
-
 
 def emit(line: str) -> None:
     """One line to the job log. Writes to stdout directly: Ray Train patches print() into its own logging."""

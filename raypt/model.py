@@ -71,12 +71,14 @@ def local_model_dir(name_or_path: str) -> str:
     import pyarrow.fs as pafs
     from filelock import FileLock
 
+    from raypt.corpus import filesystem
+
     cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / "models"
     cache.mkdir(parents=True, exist_ok=True)
     dest = cache / hashlib.sha256(name_or_path.encode()).hexdigest()[:16]
     with FileLock(str(dest) + ".lock"):
         if not (dest / ".complete").exists():
-            src_fs, src = pafs.FileSystem.from_uri(name_or_path)
+            src_fs, src = filesystem(name_or_path)
             pafs.copy_files(src, str(dest), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
             (dest / ".complete").touch()
     return str(dest)

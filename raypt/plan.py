@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from raypt.config import Config, add_config_args, config_from_args, global_batch_size, grad_accum_steps
+from raypt.model import ModelError
 
 GB = 1024**3
 # Architectures of common open models, for planning from a remote path without downloading it.
@@ -72,7 +73,7 @@ def model_config(cfg: Config, vocab_size: int | None):
     for key, arch in KNOWN.items():
         if key in name:
             return LlamaConfig(**arch)
-    raise SystemExit(f"error: cannot plan for {m.name_or_path!r} without its config: use a local model directory "
+    raise ModelError(f"cannot plan for {m.name_or_path!r} without its config: use a local model directory "
                      f"or one of the known architectures ({', '.join(KNOWN)})")
 
 
@@ -164,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU (default H100: 989)")
     a = ap.parse_args(argv)
     cfg = config_from_args(a)
-    p = plan(cfg, gpus=a.gpus, gpu_mem_gb=a.gpu_mem, vocab_size=a.vocab_size,
-             tokens_per_s_per_gpu=a.tokens_per_s_per_gpu, mfu=a.mfu, peak_tflops=a.peak_tflops)
+    try:
+        p = plan(cfg, gpus=a.gpus, gpu_mem_gb=a.gpu_mem, vocab_size=a.vocab_size,
+                 tokens_per_s_per_gpu=a.tokens_per_s_per_gpu, mfu=a.mfu, peak_tflops=a.peak_tflops)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(describe(p, cfg, a.gpu_mem))
     return 0 if p.fits is not False else 1
 

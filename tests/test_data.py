@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import ray
 from transformers import AutoTokenizer
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raypt.config import load_config
 from raypt.loop import LocalContext, train
-from raypt.model import build_model, model_info
+from raypt.model import build_model
 from raypt.optim import lr_factor, param_groups
 
 
