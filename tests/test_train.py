@@ -122,3 +122,17 @@ def test_fsdp_on_gpus(ray_local, tmp_path, tokenizer_dir, pretokenized):
                   "train.global_batch_size=16")
     assert [r["step"] for r in rows] == [1, 2]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final") is not None
+
+
+@pytest.mark.parametrize("source", ["text", "pretokenized"])
+def test_no_cpu_left_to_stream_data_is_refused_before_training(ray_local, tmp_path, tokenizer_dir, pretokenized,
+                                                                corpus, source, capsys):
+    data = (f"data.pretokenized={pretokenized}" if source == "pretokenized"
+            else f"data.train_paths=[{corpus / 'train'}]")
+    argv = ["--set", data, "--set", f"tokenizer.path={tokenizer_dir}", "--set", f"data.seq_len={SEQ}",
+            "--set", f"run.storage_path={tmp_path}", "--set", "scaling.num_workers=2",
+            "--set", "scaling.cpus_per_worker=1", "--set", "train.micro_batch_size=4"]
+    assert train.main(argv) == 2  # the cluster has 2 CPUs and the workers would hold both: a hang, not a run
+    err = capsys.readouterr().err
+    assert "set data.materialize: true" in err and "scaling.cpus_per_worker" in err
+    assert not (tmp_path / "raypt").exists()
