@@ -42,6 +42,8 @@ class DataConfig:
     """Non-UTF-8 bytes: fail naming file and line, replace with U+FFFD (counted), or skip the document (counted)."""
     num_tokenize_workers: Optional[int] = None
     """Tokenize/pack actors; default: one per CPU in the cluster."""
+    unit_bytes: int = 8 << 20
+    """Corpus bytes per work unit (one tokenize task); small corpora are cut finer so every actor gets work."""
     docs_per_batch: int = 512
     """Documents handed to a tokenize actor at once."""
     max_doc_chars: int = 1_000_000
@@ -274,6 +276,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"data.seq_len must be at least 2 (a block needs an input and a next token), got {d.seq_len}")
     if d.num_tokenize_workers is not None and d.num_tokenize_workers < 1:
         p.append(f"data.num_tokenize_workers must be >= 1 or null (auto), got {d.num_tokenize_workers}")
+    if d.unit_bytes < 1024:
+        p.append(f"data.unit_bytes must be >= 1024, got {d.unit_bytes}")
     if d.docs_per_batch < 1:
         p.append(f"data.docs_per_batch must be >= 1, got {d.docs_per_batch}")
     if d.max_doc_chars < 1024:
@@ -309,7 +313,30 @@ def validate(cfg: Config) -> list[str]:
         p.append("scaling.strategy fsdp is not supported with model.quantize; use ddp")
     if m.lora and m.lora_r < 1:
         p.append(f"model.lora_r must be >= 1, got {m.lora_r}")
+    if cfg.run.checkpoints_to_keep < 1:
+        p.append(f"run.checkpoints_to_keep must be >= 1 (the newest checkpoint is always kept), got "
+                 f"{cfg.run.checkpoints_to_keep}")
+    locations = {"data.train_paths": d.train_paths, "data.eval_paths": d.eval_paths,
+                 "data.pretokenized": [d.pretokenized], "tokenizer.path": [cfg.tokenizer.path],
+                 "model.name_or_path": [m.name_or_path], "run.storage_path": [cfg.run.storage_path],
+                 "run.resume_from": [cfg.run.resume_from]}
+    for key, values in locations.items():
+        if any(v and has_credentials(v) for v in values):
+            p.append(f"{key} carries credentials inside a URI; configs are printed and saved with every checkpoint, "
+                     "so give them to every node's environment instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+                     "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL for a non-AWS endpoint; GOOGLE_APPLICATION_CREDENTIALS)")
     return p
+
+
+def has_credentials(uri: str) -> bool:
+    """A URI with a user:secret@ part or a key/secret/token/password query parameter (pyarrow accepts both)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    if "://" not in uri:
+        return False
+    parts = urlsplit(uri)
+    secret = ("key", "secret", "token", "password", "credential")
+    return "@" in parts.netloc or any(s in name.lower() for name in parse_qs(parts.query) for s in secret)
 
 
 def global_batch_size(cfg: Config) -> int:

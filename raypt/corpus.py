@@ -35,13 +35,13 @@ def _is_hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def _is_uri(path: str) -> bool:
+def is_uri(path: str) -> bool:
     return "://" in path
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for `path` and the path inside it."""
-    if _is_uri(path):
+    if is_uri(path):
         try:
             return pafs.FileSystem.from_uri(path)
         except Exception as e:  # pyarrow raises several kinds for bad schemes / missing credentials
@@ -64,7 +64,7 @@ def list_files(paths: list[str], what: str = "data.train_paths") -> Listing:
     out = Listing()
     for spec in paths:
         fs, base = filesystem(spec)
-        scheme = spec.split("://", 1)[0] + "://" if _is_uri(spec) else ""
+        scheme = spec.split("://", 1)[0] + "://" if is_uri(spec) else ""
         root = base
         if glob.has_magic(base):
             root = _glob_root(base)
@@ -133,13 +133,14 @@ class Segment:
 
 
 def plan_units(listing: Listing, fmt: str, target_bytes: int, min_units: int = 1) -> list[list[Segment]]:
-    """Split the corpus into units of about `target_bytes` (fewer bytes if that gives fewer than `min_units` units).
+    """Split the corpus into units of about `target_bytes` (fewer bytes, down to 64 KB, if that gives fewer than
+    `min_units` units).
 
     Large uncompressed text/jsonl files are cut into byte ranges, so one huge shard still feeds every reader; small
     files are grouped, so per-task overhead stays small. Every byte belongs to exactly one unit, in file order.
     """
     total = sum(listing.sizes)
-    target = max(64 << 10, min(target_bytes, -(-total // max(1, min_units))))
+    target = max(1, min(target_bytes, max(64 << 10, -(-total // max(1, min_units)))))
     segments: list[tuple[Segment, int]] = []
     for path, size in zip(listing.files, listing.sizes):
         splittable = fmt in ("text", "jsonl") and not path.endswith(COMPRESSED) and size > target

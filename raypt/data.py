@@ -6,10 +6,12 @@
 directly; the CLI writes the same rows as Parquet under ``DIR/train`` and ``DIR/eval`` plus ``DIR/summary.json``.
 
 The corpus is planned into units of ~8 MB (`raypt.corpus.plan_units`: small files grouped, big ones cut into line
-ranges). An actor pool maps units to blocks: each actor loads the tokenizer once, reads its unit's documents
-(`raypt.corpus` decodes and counts skips), encodes them in batches with the fast tokenizer and cuts the stream into
-blocks, carrying its tail across batches (only each actor's last tail, < seq_len, is lost). Reading inside the
-tokenizing actor means document text never crosses processes; memory is bounded by a batch, not by the corpus.
+ranges); the plan depends on the data alone, not on the cluster. An actor pool maps units to blocks: each actor loads
+the tokenizer once, reads its unit's documents (`raypt.corpus` decodes and counts skips), encodes them in batches with
+the fast tokenizer and cuts the unit's stream into blocks (each unit's last tail, < seq_len, is dropped and counted).
+A unit's blocks are a pure function of the unit, and outputs keep unit order (`preserve_order`), so block i of the
+stream is the same in every run: `raypt.feed` builds exact resume on that. Every row carries its unit's index.
+Reading inside the tokenizing actor means document text never crosses processes; memory is bounded by a batch.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from raypt.config import Config, absolute_paths, add_config_args, config_from_args
 from raypt.corpus import CorpusError, Listing, Segment, iter_documents, list_files, plan_units
 from raypt.packing import BlockPacker
+from raypt.tokenizer import tokenizer_path
 
 SPLITS = ("train", "eval")
 TEXT_BATCH_CHARS = 8 << 20  # a tokenizer batch is closed at this many characters even if it has few documents
-UNIT_BYTES = 8 << 20  # corpus bytes per actor task; smaller when needed to give every actor several tasks
+MIN_UNITS = 16  # a small corpus is cut finer (down to 64 KB units) so that actors share it; each unit drops a tail
 
 
 @ray.remote(num_cpus=0)
@@ -66,9 +70,8 @@ def _peak_rss_mb() -> float:
 class TokenizePack:
     """Ray Data actor: a unit of files -> documents -> ``BOS doc EOS`` stream -> full blocks of seq_len tokens.
 
-    The stream's tail (< seq_len) stays in the actor and continues in the next unit, so only each actor's last tail
-    is lost. The tokenizer is loaded once per actor. An actor runs one unit at a time (the pool is built with
-    max_concurrent_calls_per_actor=1): two interleaved unit generators would mix their documents in the stream.
+    Each unit is packed on its own (its tail, < seq_len tokens, is dropped and counted), so its blocks do not depend
+    on which actor ran it or what it ran before. The tokenizer is loaded once per actor.
     """
 
     def __init__(self, cfg: Config, tokenizer_path: str, bos_id, eos_id, threads: int, stats):
@@ -77,12 +80,12 @@ class TokenizePack:
 
         self.d = cfg.data
         self.encode = DocumentEncoder(load_tokenizer(tokenizer_path), bos_id, eos_id, self.d.max_doc_chars)
-        self.packer = BlockPacker(self.d.seq_len)
         self.stats = stats
         stats.ready.remote(time.time())
 
     def __call__(self, batch: dict):
         counts: Counter = Counter()
+        unit, packer = int(batch["index"][0]), BlockPacker(self.d.seq_len)
         docs, chars = [], 0
         for seg in batch["unit"][0]:
             for doc in iter_documents(
@@ -91,31 +94,30 @@ class TokenizePack:
                 docs.append(doc)
                 chars += len(doc)
                 if len(docs) >= self.d.docs_per_batch or chars >= TEXT_BATCH_CHARS:
-                    yield self._blocks(docs, counts)
+                    yield self._blocks(docs, packer, unit, counts)
                     docs, chars = [], 0
         if docs:
-            yield self._blocks(docs, counts)
+            yield self._blocks(docs, packer, unit, counts)
         self.stats.add.remote(counts, time.time(), _peak_rss_mb())
 
-    def _blocks(self, docs: list[str], counts: Counter) -> dict:
+    def _blocks(self, docs: list[str], packer: BlockPacker, unit: int, counts: Counter) -> dict:
         tokens = self.encode(docs)
-        blocks = self.packer.add(tokens)
+        blocks = packer.add(tokens)
         counts["tokens"] += len(tokens)
         counts["blocks"] += len(blocks)
-        return {"input_ids": blocks}
+        return {"input_ids": blocks, "unit": np.full(len(blocks), unit, np.int64)}
 
 
-def tokenizer_path(cfg: Config) -> str:
-    path = cfg.tokenizer.path or cfg.model.name_or_path
-    if not path:
-        raise CorpusError(
-            "no tokenizer: set tokenizer.path (train one with `python -m raypt.tokenizer`) or model.name_or_path"
-        )
-    return path
+def plan(cfg: Config, split: str = "train") -> tuple[Listing, list[list[Segment]]]:
+    """The split's files and its work units, in stream order. A function of the data alone (never of the cluster),
+    so a data position recorded by one run means the same units in the next."""
+    paths = cfg.data.train_paths if split == "train" else cfg.data.eval_paths
+    listing = list_files(paths, f"data.{split}_paths")
+    return listing, plan_units(listing, cfg.data.format, cfg.data.unit_bytes, min_units=MIN_UNITS)
 
 
-def pool_plan(cfg: Config, listing: Listing, reserved_cpus: float = 0.0) -> tuple[list, int, int]:
-    """(work units, tokenize actors, tokenizer threads per actor). By default one single-threaded actor per free CPU,
+def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0) -> tuple[int, int]:
+    """(tokenize actors, tokenizer threads per actor). By default one single-threaded actor per free CPU,
     which measured faster than fewer actors with more tokenizer threads (the per-token Python work then also runs
     in parallel), and never more actors than units. `reserved_cpus` are held by training workers."""
     d = cfg.data
@@ -127,10 +129,8 @@ def pool_plan(cfg: Config, listing: Listing, reserved_cpus: float = 0.0) -> tupl
             "CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker or "
             "data.cpus_per_tokenize_worker, or add CPU nodes"
         )
-    actors = d.num_tokenize_workers or max(1, int(free // d.cpus_per_tokenize_worker))
-    units = plan_units(listing, d.format, UNIT_BYTES, min_units=2 * actors)
-    actors = min(actors, len(units))
-    return units, actors, max(1, int(free // actors))
+    actors = min(d.num_tokenize_workers or max(1, int(free // d.cpus_per_tokenize_worker)), units)
+    return actors, max(1, int(free // actors))
 
 
 @dataclass
@@ -143,11 +143,11 @@ class SplitData:
     units: int
 
 
-def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0) -> SplitData:
-    """The streaming Ray Dataset of packed blocks for a split ("train" or "eval"); nothing runs until consumed."""
+def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, first_unit: int = 0) -> SplitData:
+    """The streaming Ray Dataset of packed blocks for a split ("train" or "eval"), ``{"input_ids", "unit"}`` rows in
+    unit order, from unit `first_unit` on; nothing runs until consumed."""
     d = cfg.data
-    paths = d.train_paths if split == "train" else d.eval_paths
-    listing = list_files(paths, f"data.{split}_paths")
+    listing, units = plan(cfg, split)
     tok_path = tokenizer_path(cfg)
     # Fail here, in the driver, rather than inside every actor.
     from raypt.tokenizer import load_tokenizer, special_ids
@@ -156,8 +156,12 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0)
     bos, eos = special_ids(load_tokenizer(tok_path), t.add_bos, t.add_eos, t.bos_id, t.eos_id)
 
     stats = PipelineStats.remote()
-    units, actors, threads = pool_plan(cfg, listing, reserved_cpus)
-    items = [{"unit": [dataclasses.asdict(seg) for seg in unit]} for unit in units]
+    actors, threads = pool_plan(cfg, len(units), reserved_cpus)
+    items = [{"index": i, "unit": [dataclasses.asdict(seg) for seg in unit]} for i, unit in enumerate(units)]
+    items = items[first_unit:]
+    if not items:
+        raise CorpusError(f"data.{split}_paths has {len(units)} work units; a data position at unit {first_unit} is "
+                          "past its end (did the corpus change since the checkpoint?)")
     blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
         compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=1),
@@ -211,7 +215,7 @@ def write_pretokenized(cfg: Config, out: str) -> dict:
             continue
         t0 = time.perf_counter()
         sd = build_dataset(cfg, split)
-        sd.dataset.write_parquet(str((out_dir / split).resolve()))
+        sd.dataset.select_columns(["input_ids"]).write_parquet(str((out_dir / split).resolve()))
         summary[split] = summarize(sd, cfg.data.seq_len, time.perf_counter() - t0)
         check_not_empty(summary[split], split, cfg)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -270,6 +274,7 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.execution_options.preserve_order = True  # block i of a stream is the same in every run
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).addFilter(_QuietUserErrors())
 

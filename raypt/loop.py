@@ -7,9 +7,7 @@ plain process in a unit test (`LocalContext`) and on every Ray Train worker (`ra
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +17,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raypt import checkpoint
+from raypt import checkpoint, faults
 from raypt.checkpoint import TrainState
 from raypt.config import Config, global_batch_size, grad_accum_steps
-from raypt.data import tokenizer_path
+from raypt.feed import Position, global_batches, rank_slice, rows_from
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, unwrap
 from raypt.optim import build_optimizer, set_lr
@@ -39,21 +37,19 @@ class Context(Protocol):
     device: torch.device
     run_dir: Path
     """Local directory for metrics and the final model (rank 0 writes)."""
+    storage: str
+    """The run's directory on its storage (path or URI): checkpoints are written and looked for there."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wrap for data parallelism (DDP/FSDP); identity in one process."""
 
-    def train_batches(self, micro_batch_size: int, epoch: int) -> Iterator[torch.Tensor]:
-        """This worker's share of one pass over the training blocks: (micro_batch_size, seq_len) int64 tensors."""
+    def train_steps(self, position: Position, step: int, micro_batch_size: int,
+                    accum: int) -> Iterator[tuple[list[torch.Tensor], Position]]:
+        """From `position` on, endlessly: this worker's `accum` micro-batches ((micro_batch_size, seq_len) int64
+        tensors) of each next step (`step + 1`, ...), with the data position after that step's global batch."""
 
     def eval_blocks(self) -> np.ndarray | None:
         """This worker's share of the fixed eval set, (n, seq_len), or None."""
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        """Hand a finished checkpoint directory (rank 0; None elsewhere) to the checkpoint store; every rank calls."""
-
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
-        """The checkpoint to resume from, as a local directory, or None."""
 
     def sync(self) -> None:
         """Mirror run_dir to the run's storage when that is not a local path."""
@@ -65,21 +61,8 @@ def _all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
-def _all_have(flag: bool, group) -> bool:
-    """True when every rank has `flag` set. Runs on a CPU (gloo) group, so it never syncs the GPU."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
-
-
-def _take(it: Iterator, n: int) -> list:
-    return list(itertools.islice(it, n))
-
-
 def train(cfg: Config, ctx: Context) -> dict:
-    from raypt.tokenizer import load_tokenizer
+    from raypt.tokenizer import load_tokenizer, tokenizer_path
 
     t = cfg.train
     rank0 = ctx.rank == 0
@@ -91,31 +74,35 @@ def train(cfg: Config, ctx: Context) -> dict:
              f"({100 * info.trainable_params / info.total_params:.2f}%), {info.flops_per_token / 1e6:,.1f} MFLOPs/token")
     model = ctx.prepare(model)
     optimizer = build_optimizer(model, t, ctx.device)
+    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0)
     state = TrainState()
-    with ctx.latest_checkpoint() as ckpt:
-        if ckpt is None and cfg.run.resume_from:  # the run's own checkpoints win over a given starting point
-            ckpt = Path(cfg.run.resume_from)
-        if ckpt is not None:
-            state = checkpoint.load(ckpt, model=model, optimizer=optimizer)
-            if rank0:
-                emit(f"resuming from {ckpt.name}: step {state.step}, {state.tokens_seen:,} tokens seen, "
-                     f"epoch {state.epoch} at micro-batch {state.batches_in_epoch}")
+    skipped: list[str] = []
+    source = checkpoint.latest(ctx.storage, skipped) or cfg.run.resume_from  # the run's own checkpoints win
+    if source:
+        checkpoint.check(source)
+        with checkpoint.local_copy(source) as d:
+            state = checkpoint.load(d, model=model, optimizer=optimizer)
+        if rank0:
+            for why in skipped:
+                emit(f"skipping {why}")
+            name = source.rstrip("/").rsplit("/", 1)[-1]
+            metrics.event(state.step, f"resuming from {name}: step {state.step}, {state.tokens_seen:,} tokens "
+                          f"seen, data at epoch {state.epoch}, unit {state.unit}, block {state.offset}",
+                          resumed_from=source)
 
     accum = grad_accum_steps(cfg)
     tokens_per_step = global_batch_size(cfg) * cfg.data.seq_len
-    gloo = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
                 else contextlib.nullcontext())  # fp32 on CPU
     params = [p for p in model.parameters() if p.requires_grad]
     peak = peak_flops(ctx.device, t.peak_flops)
-    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0)
     config_yaml = cfg.to_yaml()
 
     def done() -> bool:
         return state.step >= t.max_steps or (t.max_tokens is not None and state.tokens_seen >= t.max_tokens)
 
-    batches = ctx.train_batches(t.micro_batch_size, state.epoch)
-    _take(batches, state.batches_in_epoch)  # the data position: skip what this epoch already fed
+    nan_step = faults.nan_step(ctx.rank)  # tests only: a NaN loss at this step on this rank
+    steps = ctx.train_steps(state.position, state.step, t.micro_batch_size, accum)  # starts where the checkpoint's data ended
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)  # stays on the device until a log step
     # Non-finite guard without a per-step host sync: fused AdamW skips its update when `found_inf` is set (the
@@ -127,19 +114,14 @@ def train(cfg: Config, ctx: Context) -> dict:
     steps_since_log, t_log = 0, time.perf_counter()
     last_eval, loss_avg = None, None
     while not done():
-        micro = _take(batches, accum)
-        if not _all_have(len(micro) == accum, gloo):  # some rank ran dry: every rank starts the next pass together
-            if state.batches_in_epoch == 0:
-                raise RuntimeError("the training data yields no full micro-batch on some worker; add data or lower "
-                                   "train.micro_batch_size / scaling.num_workers")
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            batches = ctx.train_batches(t.micro_batch_size, state.epoch)
-            continue
+        micro, position = next(steps)
         step_loss = torch.zeros((), device=ctx.device)
         for i, x in enumerate(micro):
             sync = i == accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 loss = model(input_ids=x, labels=x).loss / accum  # the model shifts labels itself
+            if state.step + 1 == nan_step:
+                loss = loss * float("nan")
             loss.backward()
             step_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
@@ -159,7 +141,8 @@ def train(cfg: Config, ctx: Context) -> dict:
         loss_sum += torch.where(bad, 0.0, step_loss)
         good_steps += ~bad
         state.step += 1
-        state.batches_in_epoch += accum
+        state.position = position
+        faults.maybe_kill("step", state.step, ctx.rank)
         state.tokens_seen += tokens_per_step
         steps_since_log += 1
 
@@ -167,9 +150,14 @@ def train(cfg: Config, ctx: Context) -> dict:
         eval_now = (t.eval_every and state.step % t.eval_every == 0) or done()
         ckpt_now = (t.checkpoint_every and state.step % t.checkpoint_every == 0) or done()
         if log_now or eval_now or ckpt_now:  # host syncs anyway: never evaluate or save past a non-finite step
-            check_finite(t, ctx.rank, *torch.stack([bad_steps, first_bad, local_bad.long()]).tolist())
+            bad_ranks = torch.zeros(ctx.world_size, dtype=torch.int64, device=ctx.device)
+            bad_ranks[ctx.rank] = local_bad.long()
+            _all_reduce(bad_ranks)
+            flags = torch.cat([torch.stack([bad_steps, first_bad]), bad_ranks]).tolist()
+            check_finite(t, flags[0], flags[1], [r for r, b in enumerate(flags[2:]) if b])
         if log_now:
-            loss_avg = _all_reduce(loss_sum.clone()).item() / (ctx.world_size * max(1, int(good_steps)))
+            good = int(good_steps)  # steps since the last log whose update was not skipped
+            loss_avg = _all_reduce(loss_sum.clone()).item() / (ctx.world_size * good) if good else None
             elapsed = time.perf_counter() - t_log
             tps = steps_since_log * tokens_per_step / elapsed
             metrics.log(state.step, {
@@ -187,8 +175,14 @@ def train(cfg: Config, ctx: Context) -> dict:
             if last_eval is not None:
                 metrics.log(state.step, last_eval)
         if ckpt_now:
-            save_checkpoint(ctx, model, optimizer, state, config_yaml, tok, last_eval)
+            t_ckpt = time.perf_counter()
+            path = checkpoint.save(ctx.storage, model=model, optimizer=optimizer, state=state,
+                                   config_yaml=config_yaml, tokenizer=tok, is_rank0=rank0,
+                                   keep=cfg.run.checkpoints_to_keep)
             ctx.sync()
+            seconds = time.perf_counter() - t_ckpt
+            metrics.event(state.step, f"saved {path.rsplit('/', 1)[-1]} in {seconds:.1f} s",
+                          checkpoint=path, checkpoint_s=round(seconds, 3))
         t_log += time.perf_counter() - t_pause
 
     metrics.close()
@@ -197,18 +191,19 @@ def train(cfg: Config, ctx: Context) -> dict:
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
 
 
-def check_finite(t, rank: int, bad_steps: int, first_bad: int, local_bad: bool) -> None:
-    """Raise when the run met non-finite values it may not go on with (called at log steps: the only host sync)."""
+def check_finite(t, bad_steps: int, first_bad: int, bad_ranks: list[int]) -> None:
+    """Raise when the run met non-finite values it may not go on with (called at log steps: the only host sync).
+    Every rank raises the same message, naming the ranks whose own loss was non-finite."""
     if bad_steps == 0 or (t.nonfinite == "skip" and bad_steps <= t.max_skipped_steps):
         return
-    what = "loss" if local_bad else "gradient norm (the loss of another rank was)"
+    where = f"loss on rank {', '.join(map(str, bad_ranks))}" if bad_ranks else "gradient norm"
     if t.nonfinite == "skip":
-        raise NonFiniteError(f"rank {rank}: {bad_steps} steps with a non-finite {what}, more than "
-                             f"train.max_skipped_steps={t.max_skipped_steps}; the first at step {first_bad}. Lower "
-                             "train.lr, check the data, or raise the limit")
-    raise NonFiniteError(f"rank {rank}: non-finite {what} at step {first_bad}; training stopped with no update applied "
-                         "from that step on. Lower train.lr or check the data; train.nonfinite: skip drops such steps "
-                         "and goes on")
+        raise NonFiniteError(f"{bad_steps} steps with a non-finite loss or gradient norm, more than "
+                             f"train.max_skipped_steps={t.max_skipped_steps}; the first at step {first_bad} "
+                             f"(non-finite {where}). Lower train.lr, check the data, or raise the limit")
+    raise NonFiniteError(f"non-finite {where} at step {first_bad}; training stopped with no update applied from "
+                         "that step on. Lower train.lr or check the data; train.nonfinite: skip drops such steps and "
+                         "goes on")
 
 
 @torch.no_grad()
@@ -230,15 +225,6 @@ def evaluate(model, ctx: Context, micro_batch_size: int, max_batches: int, autoc
     if n == 0:
         return None
     return {"eval_loss": loss_sum / n, "eval_ppl": math.exp(min(loss_sum / n, 50))}
-
-
-def save_checkpoint(ctx, model, optimizer, state, config_yaml, tok, eval_metrics) -> None:
-    with tempfile.TemporaryDirectory(prefix="raypt-ckpt-") as tmp:
-        d = Path(tmp) / "ckpt"
-        checkpoint.save(d, model=model, optimizer=optimizer, state=state,
-                        config_yaml=config_yaml, tokenizer=tok, is_rank0=ctx.rank == 0)
-        ctx.report({"step": state.step, "tokens_seen": state.tokens_seen, **(eval_metrics or {})},
-                   d if ctx.rank == 0 else None)
 
 
 def export(cfg: Config, ctx: Context, model, tok) -> None:
@@ -270,15 +256,15 @@ def export(cfg: Config, ctx: Context, model, tok) -> None:
 
 
 class LocalContext:
-    """One process, no Ray: blocks from memory, checkpoints in `run_dir/checkpoints`. For tests and debugging."""
+    """One process, no Ray: blocks from memory, checkpoints in `run_dir`. For tests and debugging."""
 
     rank, world_size = 0, 1
 
     def __init__(self, run_dir: Path, train_blocks: np.ndarray, eval_blocks: np.ndarray | None = None,
                  device: str = "cpu"):
         self.run_dir, self.device = Path(run_dir), torch.device(device)
+        self.storage = str(self.run_dir)
         self._train, self._eval = train_blocks, eval_blocks
-        self.reports: list[dict] = []
 
     def prepare(self, model):
         return model
@@ -286,21 +272,14 @@ class LocalContext:
     def sync(self) -> None:
         pass
 
-    def train_batches(self, micro_batch_size: int, epoch: int):
-        for i in range(0, len(self._train) - micro_batch_size + 1, micro_batch_size):
-            yield torch.as_tensor(self._train[i : i + micro_batch_size], dtype=torch.long, device=self.device)
+    def train_steps(self, position: Position, step: int, micro_batch_size: int, accum: int):
+        """The blocks in order, as one unit."""
+        blocks = {"input_ids": self._train, "unit": np.zeros(len(self._train), np.int64)}
+        size = micro_batch_size * accum * self.world_size
+        batches = global_batches(rows_from(lambda first_unit: [blocks], position), size)
+        for batch, pos in batches:
+            mine = torch.as_tensor(rank_slice(batch, self.rank, self.world_size), dtype=torch.long, device=self.device)
+            yield list(mine.chunk(accum)), pos
 
     def eval_blocks(self):
         return self._eval
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        import shutil
-
-        self.reports.append(metrics)
-        if checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, self.run_dir / "checkpoints" / f"checkpoint_{metrics['step']:06d}")
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        found = sorted((self.run_dir / "checkpoints").glob("checkpoint_*"))
-        yield found[-1] if found else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+        # strict JSON: a non-finite value (a skipped step's grad norm) is left out like a missing one
+        row = {"step": step, **{k: v for k, v in metrics.items()
+                                if v is not None and not (isinstance(v, float) and not math.isfinite(v))}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for k, v in row.items():
@@ -62,6 +65,13 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
         emit(self._line(step, row))
+
+    def event(self, step: int, message: str, **fields) -> None:
+        """A line in metrics.jsonl (with `fields`) and on the console for something that happened, e.g. a resume."""
+        if self.enabled:
+            self._file.write(json.dumps({"step": step, **fields}) + "\n")
+            self._file.flush()
+            emit(message)
 
     def _line(self, step: int, row: dict) -> str:
         if "eval_loss" in row:
@@ -72,7 +82,8 @@ class MetricsLogger:
         else:
             per_step = (time.perf_counter() - self._t0) / max(1, step - self._start_step)
             eta = _duration(per_step * (self.max_steps - step))
-        parts = [f"step {step}/{self.max_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+        loss = f"loss {row['loss']:.4f}" if "loss" in row else "update skipped (non-finite)"
+        parts = [f"step {step}/{self.max_steps}", loss, f"lr {row['lr']:.2e}"]
         if "grad_norm" in row:
             parts.append(f"grad norm {row['grad_norm']:.2f}")
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")

@@ -73,15 +73,40 @@ def local_model_dir(name_or_path: str) -> str:
 
     from raypt.corpus import filesystem
 
+    src_fs, src = filesystem(name_or_path)
+    files = src_fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
+    if not files:
+        raise ModelError(f"model.name_or_path {name_or_path!r} holds no files; give a saved model's directory")
+    # keyed by the files' names, sizes and times too: a model re-uploaded to the same URI is fetched again
+    key = name_or_path + "".join(f"|{f.path}:{f.size}:{f.mtime_ns}" for f in sorted(files, key=lambda f: f.path))
     cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / "models"
     cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / hashlib.sha256(name_or_path.encode()).hexdigest()[:16]
+    dest = cache / hashlib.sha256(key.encode()).hexdigest()[:16]
     with FileLock(str(dest) + ".lock"):
         if not (dest / ".complete").exists():
-            src_fs, src = filesystem(name_or_path)
+            dest.mkdir(exist_ok=True)
             pafs.copy_files(src, str(dest), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
             (dest / ".complete").touch()
     return str(dest)
+
+
+def _check_positions(config, seq_len: int) -> None:
+    max_pos = getattr(config, "max_position_embeddings", None) or seq_len
+    if seq_len > max_pos:
+        raise ModelError(
+            f"data.seq_len {seq_len} is above the model's max_position_embeddings {max_pos}; lower data.seq_len"
+        )
+
+
+def preflight(cfg: ModelConfig, seq_len: int) -> None:
+    """Refuse in the driver, before any worker starts, what `build_model` would refuse on every worker: a missing
+    local model directory, or a seq_len above a pretrained model's positions (its config.json is all that is read)."""
+    if not cfg.name_or_path or "://" in cfg.name_or_path:
+        return
+    from transformers import AutoConfig
+
+    path = local_model_dir(cfg.name_or_path)
+    _check_positions(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code), seq_len)
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torch.device, tokenizer=None,
@@ -112,11 +137,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
         model = AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), **kwargs)
         if not cfg.quantize:
             model.to(device)
-    max_pos = getattr(model.config, "max_position_embeddings", None) or seq_len
-    if seq_len > max_pos:
-        raise ModelError(
-            f"data.seq_len {seq_len} is above the model's max_position_embeddings {max_pos}; lower data.seq_len"
-        )
+    _check_positions(model.config, seq_len)
     if cfg.gradient_checkpointing and not cfg.quantize:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

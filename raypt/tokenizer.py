@@ -130,6 +130,16 @@ def sample_documents(
         yield batch
 
 
+def tokenizer_path(cfg) -> str:
+    """The run's tokenizer directory: tokenizer.path, else the pretrained model's own."""
+    path = cfg.tokenizer.path or cfg.model.name_or_path
+    if not path:
+        raise CorpusError(
+            "no tokenizer: set tokenizer.path (train one with `python -m raypt.tokenizer`) or model.name_or_path"
+        )
+    return path
+
+
 def train_tokenizer(
     paths: list[str], vocab_size: int, out: str, *, fmt: str = "text", text_field: str = "text",
     decode_errors: str = "strict", sample_bytes: int = 1 << 30, min_frequency: int = 2, seed: int = 0,

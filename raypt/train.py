@@ -10,7 +10,6 @@ Re-running the same run.name resumes from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import tempfile
@@ -21,24 +20,29 @@ import numpy as np
 import ray
 import ray.train
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raypt import checkpoint, faults
 from raypt.checkpoint import CheckpointError
 from raypt.config import (Config, absolute_paths, add_config_args, config_from_args, config_from_dict,
                           global_batch_size, grad_accum_steps)
 from raypt.corpus import CorpusError, filesystem
-from raypt.data import build_dataset, init_ray, user_error
+from raypt.data import build_dataset, init_ray, plan, pool_plan, user_error
+from raypt.feed import Feeder, parquet_files
 from raypt.model import ModelError
+from raypt.model import preflight as model_preflight
 
 class RayContext:
     """`raypt.loop.Context` on a Ray Train worker."""
 
-    def __init__(self, cfg: Config, run_dir: str, eval_ref):
+    def __init__(self, cfg: Config, run_dir: str, feeder, eval_ref):
         import ray.train.torch
 
         c = ray.train.get_context()
         self.cfg, self.rank, self.world_size = cfg, c.get_world_rank(), c.get_world_size()
         self.device = ray.train.torch.get_device()
-        self._eval_ref = eval_ref
+        self._feeder, self._eval_ref = feeder, eval_ref
+        self.storage = run_dir
         self._remote = run_dir if "://" in run_dir else None
         # With s3:// or gs:// storage, rank 0 writes metrics and final/ locally and mirrors them after each checkpoint.
         self.run_dir = Path(tempfile.mkdtemp(prefix="raypt-run-")) / cfg.run.name if self._remote else Path(run_dir)
@@ -57,31 +61,29 @@ class RayContext:
             return model
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=self.cfg.scaling.strategy)
 
-    def train_batches(self, micro_batch_size: int, epoch: int):
-        shard = ray.train.get_dataset_shard("train")
-        for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=True):
+    def train_steps(self, position, step: int, micro_batch_size: int, accum: int):
+        """This rank's slices of the run's one ordered stream (`raypt.feed.Feeder`), one step ahead."""
+        import torch.distributed as dist
+
+        if self.rank == 0:  # a (re)started worker group: the stream restarts at the checkpoint's position
+            ray.get(self._feeder.open.remote(position, step))
+        if dist.is_initialized():
+            dist.barrier()
+        ahead = self._feeder.get.remote(step + 1, self.rank)
+        while True:
+            step += 1
+            current, ahead = ahead, self._feeder.get.remote(step + 1, self.rank)
+            blocks, pos = ray.get(current)
             # int32 blocks -> int64 ids; a pinned copy lets the host-to-GPU transfer overlap compute
-            x = torch.from_numpy(batch["input_ids"]).long()
-            yield x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
+            x = torch.from_numpy(blocks).long()
+            x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
+            yield list(x.chunk(accum)), pos
 
     def eval_blocks(self):
         if self._eval_ref is None:
             return None
         blocks = ray.get(self._eval_ref)
         return blocks[self.rank :: self.world_size]
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{metrics['step']:06d}")
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as d:
-            yield Path(d)
 
 
 def _copy(uri: str, local: Path) -> None:
@@ -94,22 +96,18 @@ def _copy(uri: str, local: Path) -> None:
         pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
-def _checkpoints(run_dir: str) -> list[str]:
-    """Names of the checkpoint directories of a run (local path or URI)."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(run_dir)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-
-
 def train_loop_per_worker(config: dict) -> dict:
-    from raypt.loop import train
+    from raypt.loop import NonFiniteError, train
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     _quiet_libraries()
     cfg = config_from_dict(config["config"])
-    return train(cfg, RayContext(cfg, config["run_dir"], config["eval"]))
+    try:
+        return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"]))
+    except (NonFiniteError, ModelError, CheckpointError) as e:
+        # Every rank meets these at the same point (same model, same checkpoint, all-reduced NaN flags), and no
+        # restart can fix them: the run ends with the message instead of a worker failure Ray would retry.
+        return {"error": str(e)}
 
 
 def _quiet_libraries() -> None:
@@ -134,27 +132,55 @@ def ensure_tokenizer(cfg: Config) -> None:
                         text_field=cfg.data.text_field, decode_errors=cfg.data.decode_errors)
 
 
-def _as_blocks(batch: dict, seq_len: int, where: str) -> dict:
-    """Parquet rows (a list or tensor column) -> an (n, seq_len) int32 array; a wrong length is a clear error."""
+def _as_blocks(batch: dict, seq_len: int, where: str, units: dict | None = None) -> dict:
+    """Parquet rows (a list or tensor column) -> an (n, seq_len) int32 array, plus each row's file index as its
+    unit when `units` maps paths to indices; a wrong length is a clear error."""
     col = batch["input_ids"]
     blocks = np.stack(col) if col.dtype == object else np.asarray(col)
     if blocks.ndim != 2 or blocks.shape[1] != seq_len:
         raise CorpusError(f"data.pretokenized {where} holds blocks of {blocks.shape[-1]} tokens, but data.seq_len is "
                           f"{seq_len}; set data.seq_len to match, or re-run `python -m raypt.data` with this seq_len")
-    return {"input_ids": blocks.astype(np.int32, copy=False)}
+    out = {"input_ids": blocks.astype(np.int32, copy=False)}
+    if units is not None:
+        out["unit"] = np.array([units[p] for p in batch["path"]], np.int64)
+    return out
 
 
-def read_blocks(path: Path, seq_len: int) -> ray.data.Dataset:
-    """A directory of Parquet blocks written by `python -m raypt.data --out`."""
-    return ray.data.read_parquet(str(path.resolve()), columns=["input_ids"]).map_batches(
-        _as_blocks, batch_format="numpy", fn_kwargs={"seq_len": seq_len, "where": str(path)})
+def read_blocks(files: list[str], seq_len: int, first_unit: int | None = None) -> ray.data.Dataset:
+    """Parquet files written by `python -m raypt.data --out`, in the given order; with `first_unit`, rows carry the
+    index of their file (counted from `first_unit`) as their unit."""
+    units = None if first_unit is None else {filesystem(f)[1]: first_unit + i for i, f in enumerate(files)}
+    where = str(Path(files[0]).parent) if files else "(no files)"
+    columns = ["input_ids", "path"] if units is not None else ["input_ids"]
+    return ray.data.read_parquet(files, include_paths=units is not None).select_columns(columns).map_batches(
+        _as_blocks, batch_format="numpy", fn_kwargs={"seq_len": seq_len, "where": where, "units": units})
 
 
-def datasets(cfg: Config) -> tuple[ray.data.Dataset, np.ndarray | None]:
-    """The training Dataset (streaming, materialized, or pre-tokenized Parquet) and the fixed eval blocks."""
-    d, t, sc = cfg.data, cfg.train, cfg.scaling
-    n_eval = t.eval_batches * t.micro_batch_size * sc.num_workers
-    reserved = 0.0 if d.materialize else sc.num_workers * sc.cpus_per_worker
+def eval_blocks(cfg: Config) -> np.ndarray | None:
+    """The fixed eval set: the first blocks of the eval stream, enough for every worker's eval batches."""
+    d, t = cfg.data, cfg.train
+    if d.pretokenized:
+        path = f"{d.pretokenized}/eval"
+        if not Path(path).is_dir():
+            return None
+        ds = read_blocks(parquet_files(path), d.seq_len)
+    elif d.eval_paths:
+        ds = build_dataset(cfg, "eval").dataset
+    else:
+        return None
+    n_eval = t.eval_batches * t.micro_batch_size * cfg.scaling.num_workers
+    parts, have = [], 0
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        parts.append(b["input_ids"])
+        have += len(parts[-1])
+        if have >= n_eval:
+            break
+    return np.concatenate(parts)[:n_eval] if parts else None
+
+
+def preflight(cfg: Config, reserved: float) -> None:
+    """Refuse, before any worker starts, a run whose training workers would leave no CPU to stream data."""
+    d, sc = cfg.data, cfg.scaling
     if d.pretokenized:
         total = ray.cluster_resources().get("CPU", 0)
         if total - reserved < 0.25:  # (the text pipeline's own check is in raypt.data.pool_plan)
@@ -162,27 +188,11 @@ def datasets(cfg: Config) -> tuple[ray.data.Dataset, np.ndarray | None]:
                 f"the {sc.num_workers} training workers reserve {reserved:g} of the cluster's {total:g} CPUs, "
                 "leaving none to stream data to them; set data.materialize: true (read all data first), lower "
                 "scaling.cpus_per_worker, or add CPUs")
-        root = Path(d.pretokenized)
-        if not (root / "train").is_dir():
-            raise CorpusError(f"data.pretokenized {root} has no train/ directory; write it with "
-                              f"`python -m raypt.data --config ... --out {root}`")
-        train_ds = read_blocks(root / "train", d.seq_len)
-        eval_ds = read_blocks(root / "eval", d.seq_len) if (root / "eval").is_dir() else None
+        if not Path(d.pretokenized, "train").is_dir() and "://" not in d.pretokenized:
+            raise CorpusError(f"data.pretokenized {d.pretokenized} has no train/ directory; write it with "
+                              f"`python -m raypt.data --config ... --out {d.pretokenized}`")
     else:
-        train_ds = build_dataset(cfg, "train", reserved_cpus=reserved).dataset
-        eval_ds = build_dataset(cfg, "eval").dataset if d.eval_paths else None
-    eval_blocks = None
-    if eval_ds is not None:
-        parts, have = [], 0
-        for b in eval_ds.iter_batches(batch_size=None, batch_format="numpy"):
-            parts.append(b["input_ids"])
-            have += len(parts[-1])
-            if have >= n_eval:
-                break
-        eval_blocks = np.concatenate(parts)[:n_eval] if parts else None
-    if d.materialize:
-        train_ds = train_ds.materialize()
-    return train_ds, eval_blocks
+        pool_plan(cfg, len(plan(cfg, "train")[1]), reserved)
 
 
 def run(cfg: Config) -> dict:
@@ -192,32 +202,55 @@ def run(cfg: Config) -> dict:
     ensure_tokenizer(cfg)
     storage = cfg.run.storage_path
     run_dir = f"{storage.rstrip('/')}/{cfg.run.name}"
-    if _checkpoints(run_dir):
-        print(f"run {cfg.run.name!r} already has checkpoints in {run_dir}: resuming from the latest "
-              "(use another run.name to start over)", flush=True)
+    if latest := checkpoint.latest(run_dir):
+        print(f"run {cfg.run.name!r} already has checkpoints in {run_dir}: resuming from the latest, "
+              f"{latest.rsplit('/', 1)[-1]} (use another run.name to start over)", flush=True)
     print(f"global batch {global_batch_size(cfg)} sequences x {cfg.data.seq_len} tokens = "
           f"{global_batch_size(cfg) * cfg.data.seq_len:,} tokens/step; {cfg.scaling.num_workers} workers x "
           f"micro-batch {cfg.train.micro_batch_size} x {grad_accum_steps(cfg)} accumulation steps", flush=True)
-    train_ds, eval_blocks = datasets(cfg)
     sc = cfg.scaling
+    reserved = 0.0 if cfg.data.materialize else sc.num_workers * sc.cpus_per_worker
+    preflight(cfg, reserved)
+    model_preflight(cfg.model, cfg.data.seq_len)
+    if cfg.run.resume_from and not latest:
+        checkpoint.check(cfg.run.resume_from)
+    evals = eval_blocks(cfg)
+    # The feeder lives beside the driver, so it outlasts worker-group restarts; materialize reads the data here.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                        soft=True)
+    feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
+        cfg.to_dict(), sc.num_workers, reserved)
+    ray.get(feeder.ready.remote())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir,
-                           "eval": ray.put(eval_blocks) if eval_blocks is not None else None},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder,
+                           "eval": ray.put(evals) if evals is not None else None},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker={"CPU": sc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            worker_runtime_env={"env_vars": env} if (env := faults.forwarded_env()) else None,
         ),
-        datasets={"train": train_ds},
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        ray.get(feeder.close.remote())
     out = dict(result.return_value or {})
+    out["data"] = ray.get(feeder.counts.remote())
+    ray.kill(feeder)
     out.update(seconds=time.perf_counter() - t0, final=f"{run_dir}/final", run_dir=run_dir)
     return out
+
+
+def format_counts(c: dict) -> str:
+    """The text pipeline's counters for this run (units read ahead of the last step and re-read on resume count)."""
+    line = (f"data tokenized by this run: {c.get('files', 0)} files, {c.get('documents', 0):,} documents -> "
+            f"{c.get('tokens', 0):,} tokens -> {c.get('blocks', 0):,} blocks")
+    skipped = {k: v for k, v in sorted(c.items()) if k.startswith(("skipped_", "documents_with_"))}
+    return line + ("\n  skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "")
 
 
 def sample(final_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
@@ -248,12 +281,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {getattr(err, 'message', str(err))}", file=sys.stderr)
         return 2
+    if "error" in out:
+        print(f"error: {out['error']}", file=sys.stderr)
+        return 2
     prompt = cfg.train.sample_prompt or "The "
     print(f"\ndone: {out.get('step')} steps, {out.get('tokens_seen', 0):,} tokens in {out['seconds']:.0f} s "
           f"({out.get('tokens_seen', 0) / out['seconds']:,.0f} tokens/s overall)")
     if out.get("final_loss") is not None:
         print(f"final train loss {out['final_loss']:.4f}", end="")
         print(f", eval loss {out['eval_loss']:.4f}, perplexity {out['eval_ppl']:.2f}" if "eval_ppl" in out else "")
+    if out.get("data"):
+        print(format_counts(out["data"]))
     print(f"model: {out['final']}")
     if Path(out["final"]).is_dir():
         print(f"sample: {prompt!r} -> {sample(out['final'], prompt)!r}")

@@ -97,3 +97,19 @@ def test_global_batch_must_split_into_micro_batches():
     from raypt.config import global_batch_size, grad_accum_steps
 
     assert global_batch_size(cfg) == 32 and grad_accum_steps(cfg) == 4
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs",
+                                 "s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=wJalrSECRET",
+                                 "gs://bucket/runs?token=wJalrSECRET"])
+def test_credentials_in_a_uri_are_refused_without_echoing_them(uri):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train_paths=[a]", f"run.storage_path={uri}"])
+    assert "run.storage_path carries credentials" in str(e.value) and "AWS_SECRET_ACCESS_KEY" in str(e.value)
+    assert "wJalrSECRET" not in str(e.value)
+
+
+def test_plain_uris_pass():
+    cfg = load_config(None, ["data.train_paths=[s3://bucket/corpus/*.txt]", "run.storage_path=s3://bucket/runs",
+                             "model.name_or_path=gs://models/llama?versionId=3"])
+    assert cfg.run.storage_path == "s3://bucket/runs"

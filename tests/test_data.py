@@ -44,7 +44,7 @@ def blocks_of(out, split="train"):
 
 def test_one_unit_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
     """One file (one work unit), many small batches: the blocks are exactly the document stream, in order, minus
-    the final tail. (Across units Ray may run them in any order; the conservation test below covers that.)"""
+    the final tail."""
     shard = corpus / "train" / "shard_00.txt"
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -71,6 +71,29 @@ def test_one_unit_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
     bos_at, eos_at = np.flatnonzero(flat == tok.bos_token_id), np.flatnonzero(flat == tok.eos_token_id)
     assert len(bos_at) >= 95 and (flat[bos_at[1:] - 1] == tok.eos_token_id).all()
     assert (flat[eos_at[eos_at < len(flat) - 1] + 1] == tok.bos_token_id).all()
+
+
+def test_the_stream_is_the_same_in_every_run_each_unit_packed_alone(ray_local, corpus, tokenizer_dir):
+    """2 actors, many ~4 KB units: the block stream is the units' own streams cut into blocks, in unit order, and
+    the same in two runs (what exact resume rests on)."""
+    cfg = load_config(None, [f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}",
+                             "data.seq_len=16", "data.num_tokenize_workers=2", "data.unit_bytes=4096"])
+    runs = []
+    for _ in range(2):
+        batches = list(data.build_dataset(cfg).dataset.iter_batches(batch_size=None))
+        runs.append((np.concatenate([b["input_ids"] for b in batches]), np.concatenate([b["unit"] for b in batches])))
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    _, units = data.plan(cfg)
+    assert len(units) > 4
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    enc = DocumentEncoder(tok, tok.bos_token_id, tok.eos_token_id)
+    expected, expected_units = [], []
+    for i, unit in enumerate(units):
+        stream = enc([d for seg in unit for d in iter_documents(seg, "text", Counter())])
+        n = len(stream) // 16
+        expected.append(stream[: n * 16].reshape(n, 16))
+        expected_units += [i] * n
+    assert np.array_equal(runs[0][0], np.concatenate(expected)) and runs[0][1].tolist() == expected_units
 
 
 def test_cli_two_actors_conserves_tokens(ray_local, corpus, tokenizer_dir, tmp_path):

@@ -48,7 +48,7 @@ def test_scratch_loss_decreases_and_exports(tokenizer_dir, tmp_path):
     ids = model.generate(tok("the", return_tensors="pt").input_ids, max_new_tokens=5, do_sample=False)
     assert ids.shape[1] > 1
     assert (tmp_path / "tensorboard").is_dir()
-    ckpts = sorted((tmp_path / "checkpoints").iterdir())
+    ckpts = sorted(tmp_path.glob("checkpoint_*"))
     assert [c.name for c in ckpts] == ["checkpoint_000020", "checkpoint_000040"]
     assert (ckpts[0] / "COMPLETE").exists() and (ckpts[0] / "model.safetensors").exists()
 
@@ -62,7 +62,7 @@ def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tmp_path):
     # drop the last checkpoint: the re-run resumes from step 20
     import shutil
 
-    shutil.rmtree(part / "checkpoints" / "checkpoint_000040")
+    shutil.rmtree(part / "checkpoint_000040")
     (part / "metrics.jsonl").unlink()
     train(cfg_for(tokenizer_dir), LocalContext(part, data))
     resumed, _ = metrics(part)
@@ -112,7 +112,7 @@ def test_lora_trains_only_adapters(tokenizer_dir, tmp_path):
         assert torch.equal(p, before[key]), name
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(any(m in k for m in cfg.model.lora_target_modules) for k in changed)
-    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    ckpt = sorted(run.glob("checkpoint_*"))[-1]
     assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
 
 
@@ -182,7 +182,7 @@ def test_nan_stops_before_the_update_naming_step_and_rank(tokenizer_dir, tmp_pat
     # 2 micro-batches per step (global 8 / micro 4): forward call 13 is in step 7
     ctx = NaNAt(tmp_path, blocks(tokenizer_dir, 64, 32), nan_calls={13})
     cfg = cfg_for(tokenizer_dir, "train.log_every=5", "train.checkpoint_every=0", "train.eval_every=0")
-    with pytest.raises(NonFiniteError, match=r"rank 0: non-finite loss at step 7; training stopped"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss on rank 0 at step 7; training stopped"):
         train(cfg, ctx)
     rows, _ = metrics(tmp_path)
     assert [r["step"] for r in rows] == [5] and all(math.isfinite(r["loss"]) for r in rows)
@@ -197,7 +197,8 @@ def test_nan_skip_mode_counts_and_gives_up_past_the_limit(tokenizer_dir, tmp_pat
     rows, _ = metrics(tmp_path / "a")
     assert out["step"] == 12 and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["skipped_steps"] == 2  # steps 2 and 5 were dropped, training went on
-    with pytest.raises(NonFiniteError, match="3 steps with a non-finite loss, more than train.max_skipped_steps=2"):
+    with pytest.raises(NonFiniteError, match=r"3 steps with a non-finite loss or gradient norm, more than "
+                                             r"train.max_skipped_steps=2; the first at step 2 \(non-finite loss on rank 0"):
         train(cfg, NaNAt(tmp_path / "b", blocks(tokenizer_dir, 64, 32), nan_calls={3, 9, 15}))
 
 
@@ -207,7 +208,7 @@ def test_resume_from_refuses_foreign_and_half_written_checkpoints(tokenizer_dir,
     data = blocks(tokenizer_dir, 64, 32)
     src = tmp_path / "src"
     train(cfg_for(tokenizer_dir, "train.max_steps=20"), LocalContext(src, data))
-    good = src / "checkpoints" / "checkpoint_000020"
+    good = src / "checkpoint_000020"
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -222,6 +223,13 @@ def test_resume_from_refuses_foreign_and_half_written_checkpoints(tokenizer_dir,
     (half / "COMPLETE").unlink()  # as if the writer died before the marker
     with pytest.raises(CheckpointError, match="never finished"):
         train(cfg_for(tokenizer_dir, f"run.resume_from={half}"), LocalContext(tmp_path / "b", data))
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(good, damaged)
+    with open(damaged / "model.safetensors", "r+b") as f:  # as if a copy was cut short
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="model.safetensors is missing or not"):
+        train(cfg_for(tokenizer_dir, f"run.resume_from={damaged}"), LocalContext(tmp_path / "d", data))
 
     out = train(cfg_for(tokenizer_dir, f"run.resume_from={good}"), LocalContext(tmp_path / "c", data))
     rows, _ = metrics(tmp_path / "c")

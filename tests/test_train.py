@@ -80,6 +80,28 @@ def test_two_workers_match_one_worker_then_export_and_resume(ray_local, tmp_path
         assert r["tokens_seen"] == r["step"] * 16 * SEQ
 
 
+def test_nan_on_one_of_two_ray_workers_stops_or_is_skipped(ray_local, tmp_path, tokenizer_dir, pretokenized,
+                                                            monkeypatch, capsys):
+    monkeypatch.setenv("RAYPT_FAULT", "nan:3:1")  # rank 1's loss is NaN in step 3
+    argv = [a for s in (f"data.pretokenized={pretokenized}", f"tokenizer.path={tokenizer_dir}", f"data.seq_len={SEQ}",
+                        f"run.storage_path={tmp_path}", "run.name=nan", "scaling.num_workers=2",
+                        "scaling.cpus_per_worker=0.5", "train.global_batch_size=8", "train.micro_batch_size=2",
+                        "train.max_steps=6", "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=0")
+            for a in ("--set", s)]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: non-finite loss on rank 1 at step 3; training stopped" in err and "Traceback" not in err
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2]  # stopped at step 3, no update from it kept
+    assert sorted(p.name for p in (tmp_path / "nan").glob("checkpoint_*")) == ["checkpoint_000002"]
+
+    assert train.main(argv + ["--set", "run.name=nan-skip", "--set", "train.nonfinite=skip"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "nan-skip" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "lr" in r]  # training rows (not the final eval)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["skipped_steps"] == 1
+    assert "loss" not in rows[2] and all(np.isfinite(r["loss"]) for r in rows if r["step"] != 3)
+
+
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory, tokenizer_dir):
     """A small 'open model' saved locally, standing in for a downloaded checkpoint."""

@@ -1,0 +1,97 @@
+"""Exact resume on a real local Ray with 2 CPU workers: a run whose worker is killed, or which is stopped and run again,
+logs the very same per-step losses and token counts as the run that was never interrupted. Streaming text and
+pre-tokenized data; the kill is a real SIGKILL of a worker process (`raypt.faults`)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raypt import data, train
+from raypt.checkpoint import MARKER
+
+from conftest import make_docs, write_shards
+
+pytestmark = pytest.mark.slow
+STEPS, EVERY = 24, 8
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tokenizer_dir, ray_local):
+    """A corpus of ~13 global batches (so the runs cross into a second pass) as text, and the same pre-tokenized."""
+    root = tmp_path_factory.mktemp("resume")
+    text = write_shards(root / "text", make_docs(30, seed=7), shards=3)
+    units = "data.unit_bytes=1024"  # ~1 KB work units: a resume starts mid-stream, several units in
+    assert data.main(["--out", str(root / "pretok"), "--set", f"data.train_paths=[{text}]", "--set", units,
+                      "--set", f"tokenizer.path={tokenizer_dir}", "--set", "data.seq_len=32"]) == 0
+    blocks = json.loads((root / "pretok" / "summary.json").read_text())["train"]["blocks"]
+    assert 8 * 10 < blocks < 8 * 20, blocks  # 10-20 steps per pass: 24 steps cross a pass boundary
+    return {"text": [f"data.train_paths=[{text}]", units], "pretokenized": [f"data.pretokenized={root / 'pretok'}"]}
+
+
+def run(tmp_path, tokenizer_dir, source, name, monkeypatch, fault=None, *sets):
+    monkeypatch.delenv("RAYPT_FAULT", raising=False)
+    if fault:
+        monkeypatch.setenv("RAYPT_FAULT", fault)
+        monkeypatch.setenv("RAYPT_FAULT_FILE", str(tmp_path / f"{name}.fault"))
+    argv = []
+    for s in (*source, f"tokenizer.path={tokenizer_dir}", "data.seq_len=32", f"run.storage_path={tmp_path}",
+              f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.micro_batch_size=2",
+              "train.global_batch_size=8", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
+              "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "train.lr=3e-3", *sets):
+        argv += ["--set", s]
+    return train.main(argv)
+
+
+def resumed(tmp_path, name):
+    """The checkpoints the run resumed from, by name, in order."""
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [Path(r["resumed_from"]).name for r in rows if "resumed_from" in r]
+
+
+def losses(tmp_path, name):
+    """step -> (loss, tokens_seen, lr); a step logged twice (before a crash and after the restart) must agree."""
+    out = {}
+    for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            row = (r["loss"], r["tokens_seen"], r["lr"])
+            assert out.setdefault(r["step"], row) == row, (r["step"], out[r["step"]], row)
+    return out
+
+
+@pytest.mark.parametrize("source", ["text", "pretokenized"])
+def test_killed_worker_and_rerun_resume_exactly(source, sources, tmp_path, tokenizer_dir, monkeypatch, capsys):
+    src = sources[source]
+    assert run(tmp_path, tokenizer_dir, src, "a", monkeypatch) == 0
+    a = losses(tmp_path, "a")
+    assert sorted(a) == list(range(1, STEPS + 1)) and a[STEPS][1] == STEPS * 8 * 32
+
+    # (b) rank 1's process is SIGKILLed after step 13; Ray restarts the group, which resumes from checkpoint 8
+    assert run(tmp_path, tokenizer_dir, src, "b", monkeypatch, "step:13:1", "run.max_failures=1") == 0
+    assert (tmp_path / "b.fault").exists() and resumed(tmp_path, "b") == ["checkpoint_000008"]
+    assert losses(tmp_path, "b") == a
+
+    # (c) the run dies at step 13 with no restarts left, then the same command is run again
+    with pytest.raises(Exception):
+        run(tmp_path, tokenizer_dir, src, "c", monkeypatch, "step:13:0")
+    assert max(losses(tmp_path, "c")) == 12  # killed after step 13, before logging it
+    capsys.readouterr()
+    assert run(tmp_path, tokenizer_dir, src, "c", monkeypatch) == 0
+    assert "resuming from the latest, checkpoint_000008" in capsys.readouterr().out
+    assert resumed(tmp_path, "c") == ["checkpoint_000008"]
+    assert losses(tmp_path, "c") == a
+
+
+def test_kill_during_checkpoint_save_resumes_from_the_previous_one(sources, tmp_path, tokenizer_dir, monkeypatch):
+    src = sources["pretokenized"]
+    assert run(tmp_path, tokenizer_dir, src, "a", monkeypatch, None, "run.checkpoints_to_keep=2") == 0
+    # rank 0 dies while writing checkpoint 16: weights are on disk, the marker is not
+    assert run(tmp_path, tokenizer_dir, src, "d", monkeypatch, "save:16:0", "run.max_failures=1",
+               "run.checkpoints_to_keep=2") == 0
+    assert (tmp_path / "d.fault").exists() and resumed(tmp_path, "d") == ["checkpoint_000008"]
+    assert losses(tmp_path, "d") == losses(tmp_path, "a")
+    # keep-2 kept the newest two, both complete; the half-written one never became a checkpoint
+    kept = sorted(p.name for p in (tmp_path / "d").glob("checkpoint_*"))
+    assert kept == ["checkpoint_000016", "checkpoint_000024"]
+    assert all((tmp_path / "d" / k / MARKER).exists() for k in kept)
