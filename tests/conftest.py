@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_TOKEN_AUTH", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tests fork Ray workers; keep the driver single-threaded
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 as a cluster sees it: endpoint and credentials in the environment of every Ray process (set before Ray starts),
+# served on loopback by the `s3_server` fixture. Never a real AWS account.
+S3_SECRET = "raypt-test-secret-" + os.urandom(6).hex()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_ACCESS_KEY_ID="raypt-test-key",
+                  AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 
 EN_WORDS = (
     "the model reads a corpus of text and learns to predict the next token from the tokens before it while the "
@@ -46,6 +60,20 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on the loopback port in AWS_ENDPOINT_URL; yields a bucket name."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="raypt-test")
+    yield "raypt-test"
+    server.stop()
 
 
 @pytest.fixture(scope="session")
