@@ -8,7 +8,7 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: train test bench bench-data clean
+.PHONY: train test bench bench-data soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(VENV)/.installed
 
 bench-data: $(VENV)/.installed
 	$(BIN)/python bench/data.py
+
+soak: $(VENV)/.installed
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) runs out .pytest_cache

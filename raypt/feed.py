@@ -160,6 +160,7 @@ class Feeder:
         for s in self.stats:
             total.update(ray.get(s.get.remote())[0])
         total.pop("peak_actor_rss_mb", None)
+        total["pipelines"] = len(self.stats)  # one per pass over the data, and one per resume
         return dict(total)
 
 

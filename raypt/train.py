@@ -247,8 +247,8 @@ def run(cfg: Config) -> dict:
 
 def format_counts(c: dict) -> str:
     """The text pipeline's counters for this run (units read ahead of the last step and re-read on resume count)."""
-    line = (f"data tokenized by this run: {c.get('files', 0)} files, {c.get('documents', 0):,} documents -> "
-            f"{c.get('tokens', 0):,} tokens -> {c.get('blocks', 0):,} blocks")
+    line = (f"data tokenized by this run, over {c.get('pipelines', 0)} passes/resumes: {c.get('files', 0)} files, "
+            f"{c.get('documents', 0):,} documents -> {c.get('tokens', 0):,} tokens -> {c.get('blocks', 0):,} blocks")
     skipped = {k: v for k, v in sorted(c.items()) if k.startswith(("skipped_", "documents_with_"))}
     return line + ("\n  skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "")
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.get("final_loss") is not None:
         print(f"final train loss {out['final_loss']:.4f}", end="")
         print(f", eval loss {out['eval_loss']:.4f}, perplexity {out['eval_ppl']:.2f}" if "eval_ppl" in out else "")
-    if out.get("data"):
+    if out.get("data", {}).get("documents"):  # (text streamed by this run; none for pre-tokenized data)
         print(format_counts(out["data"]))
     print(f"model: {out['final']}")
     if Path(out["final"]).is_dir():

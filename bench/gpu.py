@@ -1,0 +1,194 @@
+"""GPU check of the per-worker loop (one CUDA device, in one process, no Ray needed):
+
+    python bench/gpu.py --out DIR [--steps 30]
+
+1. throughput: a scratch Llama (preset llama-1b: 12 x 1024, 0.25 B parameters with this vocabulary) in bf16
+   autocast, seq 2048, micro-batch 8: tokens/s and MFU over the steps after warm-up, peak memory;
+2. resume on CUDA: 20 steps straight vs 10 + resume from the step-10 checkpoint: per-step loss difference;
+3. non-finite guard on CUDA (fused AdamW's found_inf): a NaN injected in step 4 stops with the step named; in skip
+   mode the step is skipped, counted, and the weights stay finite;
+4. QLoRA: a small Llama saved locally, loaded in nf4 (bitsandbytes, double quant, bf16 compute) with LoRA r=8 on all
+   projections: trains, loss falls, and final/ holds the adapter and a merged bf16 model.
+
+Prints one JSON object of the numbers (also written to DIR/gpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from raypt.config import load_config  # noqa: E402
+from raypt.loop import LocalContext, NonFiniteError, train  # noqa: E402
+
+
+def make_tokenizer(out: Path) -> str:
+    from raypt.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["".join(chr(97 + c) for c in rng.integers(0, 26, size=rng.integers(2, 9))) for _ in range(3000)]
+    corpus = out / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    lines = [" ".join(rng.choice(words, size=rng.integers(5, 60))) for _ in range(4000)]
+    (corpus / "a.txt").write_text("\n".join(lines) + "\n")
+    train_tokenizer([str(corpus)], vocab_size=8000, out=str(out / "tok"))
+    return str(out / "tok")
+
+
+def blocks(vocab: int, n: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(3, vocab, size=(16, seq_len))
+    return patterns[rng.integers(0, 16, size=n)].astype(np.int32)
+
+
+def cfg_for(tok: str, *sets: str):
+    return load_config(None, ["data.train_paths=[unused]", f"tokenizer.path={tok}", "scaling.num_workers=1",
+                              "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
+                              "train.warmup_steps=2", *sets])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+DEVICE, PRESET, SEQ, MICRO = "cuda", "llama-1b", 2048, 8
+
+
+def throughput(tok: str, vocab: int, out: Path, steps: int) -> dict:
+    seq, micro = SEQ, MICRO
+    cfg = cfg_for(tok, f"model.preset={PRESET}", f"data.seq_len={seq}", f"train.micro_batch_size={micro}",
+                  f"train.global_batch_size={micro}", f"train.max_steps={steps}", "train.lr=3e-4")
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train(cfg, LocalContext(out / "speed", blocks(vocab, micro * steps, seq), device=DEVICE))
+    r = rows(out / "speed")[5:]  # after warm-up (kernel selection, allocator growth)
+    return {"model": f"{PRESET} preset, bf16 autocast", "seq_len": seq, "micro_batch": micro,
+            "tokens_per_s": round(float(np.median([x["tokens_per_s"] for x in r]))),
+            "mfu": round(float(np.median([x["mfu"] for x in r])), 4) if "mfu" in r[0] else None,
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
+            "loss_first_last": [rows(out / "speed")[0]["loss"], r[-1]["loss"]]}
+
+
+def resume(tok: str, vocab: int, out: Path) -> dict:
+    data = blocks(vocab, 400, 256, seed=1)
+    sets = ["model.preset=small", "data.seq_len=256", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.max_steps=20", "train.checkpoint_every=10", "train.lr=1e-3"]
+    train(cfg_for(tok, *sets), LocalContext(out / "straight", data, device=DEVICE))
+    part = out / "part"
+    train(cfg_for(tok, *sets), LocalContext(part, data, device=DEVICE))
+    import shutil
+
+    shutil.rmtree(part / "checkpoint_000020")
+    (part / "metrics.jsonl").unlink()
+    train(cfg_for(tok, *sets), LocalContext(part, data, device=DEVICE))
+    a = {r["step"]: r["loss"] for r in rows(out / "straight")}
+    b = {r["step"]: r["loss"] for r in rows(part)}
+    diffs = [abs(a[s] - b[s]) for s in b]
+    return {"resumed_steps": sorted(b), "max_abs_loss_diff": max(diffs), "exact": max(diffs) == 0.0}
+
+
+class NaNAt(LocalContext):
+    def __init__(self, *a, nan_calls=(), **kw):
+        super().__init__(*a, **kw)
+        self.nan_calls, self.calls = set(nan_calls), 0
+
+    def prepare(self, model):
+        def hook(module, args, out):
+            self.calls += 1
+            return out * float("nan") if self.calls in self.nan_calls else out
+
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model
+
+
+def nan_guard(tok: str, vocab: int, out: Path) -> dict:
+    data = blocks(vocab, 200, 128, seed=2)
+    sets = ["model.preset=small", "data.seq_len=128", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.max_steps=10", "train.log_every=5"]
+    res = {}
+    try:
+        train(cfg_for(tok, *sets), NaNAt(out / "nan-stop", data, device=DEVICE, nan_calls={7}))
+        res["stop"] = "NOT RAISED"
+    except NonFiniteError as e:
+        res["stop"] = str(e).split(";")[0]
+    ctx = NaNAt(out / "nan-skip", data, device=DEVICE, nan_calls={7})
+    r = train(cfg_for(tok, *sets, "train.nonfinite=skip"), ctx)
+    logged = rows(out / "nan-skip")
+    res["skip"] = {"steps": r["step"], "skipped_steps": max(x.get("skipped_steps", 0) for x in logged),
+                   "final_loss_finite": math.isfinite(r["final_loss"])}
+    return res
+
+
+def qlora(tok: str, vocab: int, out: Path) -> dict:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    base = out / "base"
+    t = AutoTokenizer.from_pretrained(tok)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(t), hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                                 bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
+                                 pad_token_id=t.pad_token_id)).save_pretrained(base)
+    t.save_pretrained(base)
+    data = blocks(vocab, 400, 256, seed=3)
+    cfg = cfg_for(str(base), f"model.name_or_path={base}", "model.lora=true", "model.quantize=nf4",
+                  "data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8", "train.max_steps=30",
+                  "train.lr=2e-3")
+    t0 = time.perf_counter()
+    r = train(cfg, LocalContext(out / "qlora", data, device=DEVICE))
+    logged = rows(out / "qlora")
+    final = out / "qlora" / "final"
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    return {"steps": r["step"], "loss_first_last": [logged[0]["loss"], logged[-1]["loss"]],
+            "seconds": round(time.perf_counter() - t0, 1),
+            "adapter": (final / "adapter" / "adapter_model.safetensors").exists(), "merged_dtype": str(merged.dtype)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks this script, measures nothing")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    global DEVICE, PRESET, SEQ, MICRO
+    if args.smoke:
+        DEVICE, PRESET, SEQ, MICRO, args.steps = "cpu", "tiny", 64, 2, 8
+    else:
+        assert torch.cuda.is_available(), "needs CUDA (or --smoke)"
+    tok = make_tokenizer(out)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tok))
+    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "vocab": vocab}
+    for name, fn in [("throughput", lambda: throughput(tok, vocab, out, args.steps)),
+                     ("resume", lambda: resume(tok, vocab, out)), ("nan_guard", lambda: nan_guard(tok, vocab, out)),
+                     ("qlora", lambda: qlora(tok, vocab, out))]:
+        t0 = time.perf_counter()
+        try:
+            report[name] = fn()
+        except Exception as e:  # one failing part must not hide the others' numbers
+            report[name] = {"error": f"{type(e).__name__}: {e}"[:600]}
+        report[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({name: report[name]}), flush=True)
+    (out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
