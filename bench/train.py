@@ -131,7 +131,7 @@ def raypt_settings(tmp: Path, steps: int) -> list[str]:
             f"train.global_batch_size={BATCH}", f"train.micro_batch_size={BATCH}", f"train.lr={LR}",
             "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.weight_decay=0.0", "train.log_every=1",
             "train.eval_every=0", "train.checkpoint_every=0", "train.eval_batches=1",
-            f"run.storage_path={tmp / 'runs'}"]
+            f"run.storage_path={tmp / 'runs'}", "data.shuffle=false"]  # the Trainer's order
 
 
 def metrics_of(run_dir: Path) -> dict:

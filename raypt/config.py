@@ -52,6 +52,11 @@ class DataConfig:
     """CPUs each tokenize actor reserves (lower it to share a small machine with training workers)."""
     pretokenized: Optional[str] = None
     """A directory written by `python -m raypt.data --out`: train on its Parquet blocks instead of the text paths."""
+    shuffle: bool = True
+    """Feed blocks in a random order, the same in every run of the same seed (exact resume keeps it): consecutive
+    whole work units are gathered into windows of at least shuffle_blocks blocks and each window is permuted."""
+    shuffle_blocks: int = 8192
+    """Blocks per shuffle window (memory of the feeder: shuffle_blocks x seq_len x 4 bytes, 64 MB at 2048)."""
     materialize: bool = False
     """Tokenize the whole corpus before training starts (small corpora, several epochs) instead of streaming."""
 
@@ -276,6 +281,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"data.seq_len must be at least 2 (a block needs an input and a next token), got {d.seq_len}")
     if d.num_tokenize_workers is not None and d.num_tokenize_workers < 1:
         p.append(f"data.num_tokenize_workers must be >= 1 or null (auto), got {d.num_tokenize_workers}")
+    if d.shuffle_blocks < 1:
+        p.append(f"data.shuffle_blocks must be >= 1, got {d.shuffle_blocks}")
     if d.unit_bytes < 1024:
         p.append(f"data.unit_bytes must be >= 1024, got {d.unit_bytes}")
     if d.docs_per_batch < 1:

@@ -3,13 +3,16 @@
 Ray Data's `streaming_split` hands blocks to workers in whatever order they finish (ray#58658) and has no iterator
 checkpoint (ray#48224), so a restarted run would repeat or skip data. raypt owns the order instead:
 
-- the stream is the corpus's work units in plan order (`raypt.data.plan`; for pre-tokenized data, its Parquet files in
-  sorted order), each packed on its own, read with `preserve_order`: block i is the same in every run, whatever the
+- the source is the corpus's work units in plan order (`raypt.data.plan`; for pre-tokenized data, its Parquet files
+  in sorted order), each packed on its own, read with `preserve_order`: the same blocks in every run, whatever the
   number of tokenize actors or training workers;
+- shuffling: consecutive whole units are gathered into windows of at least `data.shuffle_blocks` blocks, and each
+  window is emitted in a random order seeded by (run.seed, pass, window), so a batch mixes many documents and
+  units, and every pass differs, yet block i of the stream is the same in every run;
 - global batch s is the next `global_batch` blocks of that stream; rank r of W trains on its r-th slice, so the
   summed gradient is the same for any W;
-- a `Position` (epoch, unit, offset: the next block is block `offset` of unit `unit`) is saved with every checkpoint;
-  resuming starts the pipeline at that unit, so only blocks of one unit are read again and dropped.
+- a `Position` (pass, first unit of the current window, blocks of that window consumed) is saved with every
+  checkpoint; resuming starts the pipeline at that unit and rebuilds the window, so at most one window is re-read.
 
 One `Feeder` actor per run holds the stream and hands each rank its slice of each step (`get(step, rank)`); it
 outlives worker-group restarts, and rank 0 re-opens it at the checkpoint's position when a group starts.
@@ -33,39 +36,54 @@ class Position:
     epoch: int = 0
     """Passes over the data started."""
     unit: int = 0
-    """Work unit (pre-tokenized: Parquet file), in stream order, holding the next block."""
+    """First work unit (pre-tokenized: Parquet file) of the shuffle window holding the next block."""
     offset: int = 0
-    """Blocks of that unit already consumed."""
+    """Blocks of that window already consumed."""
 
 
-def index_in_unit(units: np.ndarray, last: list[int]) -> np.ndarray:
-    """Each row's index within its unit; `last` = [unit, count] of the previous batch, updated in place."""
-    idx = np.empty(len(units), np.int64)
-    cuts = np.flatnonzero(np.diff(units)) + 1
-    for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(units)].tolist()):
-        start = last[1] if units[a] == last[0] else 0
-        idx[a:b] = np.arange(start, start + b - a)
-        last[:] = [int(units[a]), start + b - a]
-    return idx
-
-
-def rows_from(read: Callable[[int], Iterable[dict]], pos: Position) -> Iterator[tuple[np.ndarray, Position]]:
+def rows_from(read: Callable[[int], Iterable[dict]], pos: Position, window_blocks: int = 0,
+              seed: int | None = None) -> Iterator[tuple[np.ndarray, Position]]:
     """Blocks from `pos` on, pass after pass, each with the position after it. `read(first_unit)` iterates one pass's
-    ``{"input_ids", "unit"}`` batches in stream order, starting at or before `first_unit`."""
-    epoch, unit, offset = pos.epoch, pos.unit, pos.offset
+    ``{"input_ids", "unit"}`` batches in stream order, starting at or before `first_unit`. Whole units are gathered
+    into windows of at least `window_blocks` blocks; with a `seed`, each window comes out in its own random order."""
+    epoch, start, skip = pos.epoch, pos.unit, pos.offset
     while True:
-        fed, last = 0, [-1, 0]
-        for b in read(unit):
-            u = np.asarray(b["unit"])
-            idx = index_in_unit(u, last)
-            keep = np.flatnonzero((u > unit) | ((u == unit) & (idx >= offset)))
-            blocks = b["input_ids"]
-            for k in keep.tolist():
-                yield blocks[k], Position(epoch, int(u[k]), int(idx[k]) + 1)
-            fed += len(keep)
-        if fed == 0 and unit == 0 and offset == 0:
+        fed, whole_pass = 0, start == 0 and skip == 0
+        for first, blocks in _windows(read(start), start, window_blocks):
+            order = (np.random.default_rng([seed, epoch, first]).permutation(len(blocks)) if seed is not None
+                     else np.arange(len(blocks)))
+            for i in range(skip, len(blocks)):
+                yield blocks[order[i]], Position(epoch, first, i + 1)
+            fed += len(blocks) - skip
+            skip = 0
+        if fed == 0 and whole_pass:
             raise CorpusError("the training data yields no block of data.seq_len tokens; add text or lower data.seq_len")
-        epoch, unit, offset = epoch + 1, 0, 0
+        epoch, start, skip = epoch + 1, 0, 0
+
+
+def _windows(batches: Iterable[dict], start: int, min_blocks: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first unit, blocks) of consecutive whole units from unit `start` on, each window closed at a unit boundary
+    once it holds `min_blocks` blocks (a function of the units' block counts alone, so a resume rebuilds it)."""
+    first, last, parts, n = None, None, [], 0
+    for b in batches:
+        units, blocks = np.asarray(b["unit"]), b["input_ids"]
+        keep = units >= start
+        units, blocks = units[keep], blocks[keep]
+        if not len(units):
+            continue
+        cuts = np.flatnonzero(np.diff(units)) + 1
+        for a, z in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(units)].tolist()):
+            u = int(units[a])
+            if first is None:
+                first = u
+            elif u != last and n >= min_blocks:  # a new unit begins and the window is full: emit it
+                yield first, np.concatenate(parts)
+                first, parts, n = u, [], 0
+            parts.append(blocks[a:z])
+            n += z - a
+            last = u
+    if parts:
+        yield first, np.concatenate(parts)
 
 
 def global_batches(rows: Iterator[tuple[np.ndarray, Position]], size: int) -> Iterator[tuple[np.ndarray, Position]]:
@@ -73,6 +91,13 @@ def global_batches(rows: Iterator[tuple[np.ndarray, Position]], size: int) -> It
     while True:
         got = [next(rows) for _ in range(size)]
         yield np.stack([b for b, _ in got]), got[-1][1]
+
+
+def shuffle_args(cfg) -> tuple[int, int | None]:
+    """(window_blocks, seed) for `rows_from` from a run's config."""
+    if not cfg.data.shuffle:
+        return 0, None
+    return cfg.data.shuffle_blocks, cfg.run.seed
 
 
 def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -130,7 +155,7 @@ class Feeder:
             raise CorpusError(f"the checkpoint's data position (unit {pos.unit}) is past the {self.num_units} work "
                               "units of the training data: the corpus changed since it was saved; start a new run.name "
                               "or restore the corpus")
-        self.batches = global_batches(rows_from(self._read, pos), self.global_batch)
+        self.batches = global_batches(rows_from(self._read, pos, *shuffle_args(self.cfg)), self.global_batch)
         self.cache, self.next_step = {}, step + 1
 
     def get(self, step: int, rank: int) -> tuple[np.ndarray, Position]:

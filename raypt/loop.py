@@ -20,7 +20,7 @@ import torch.distributed as dist
 from raypt import checkpoint, faults
 from raypt.checkpoint import TrainState
 from raypt.config import Config, global_batch_size, grad_accum_steps
-from raypt.feed import Position, global_batches, rank_slice, rows_from
+from raypt.feed import Position, global_batches, rank_slice, rows_from, shuffle_args
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, unwrap
 from raypt.optim import build_optimizer, set_lr
@@ -43,10 +43,9 @@ class Context(Protocol):
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wrap for data parallelism (DDP/FSDP); identity in one process."""
 
-    def train_steps(self, position: Position, step: int, micro_batch_size: int,
-                    accum: int) -> Iterator[tuple[list[torch.Tensor], Position]]:
-        """From `position` on, endlessly: this worker's `accum` micro-batches ((micro_batch_size, seq_len) int64
-        tensors) of each next step (`step + 1`, ...), with the data position after that step's global batch."""
+    def train_steps(self, cfg: Config, position: Position, step: int) -> Iterator[tuple[list[torch.Tensor], Position]]:
+        """From `position` on, endlessly: this worker's micro-batches ((micro_batch_size, seq_len) int64 tensors) of
+        each next step (`step + 1`, ...), with the data position after that step's global batch."""
 
     def eval_blocks(self) -> np.ndarray | None:
         """This worker's share of the fixed eval set, (n, seq_len), or None."""
@@ -102,7 +101,7 @@ def train(cfg: Config, ctx: Context) -> dict:
         return state.step >= t.max_steps or (t.max_tokens is not None and state.tokens_seen >= t.max_tokens)
 
     nan_step = faults.nan_step(ctx.rank)  # tests only: a NaN loss at this step on this rank
-    steps = ctx.train_steps(state.position, state.step, t.micro_batch_size, accum)  # starts where the checkpoint's data ended
+    steps = ctx.train_steps(cfg, state.position, state.step)  # starts where the checkpoint's data ended
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)  # stays on the device until a log step
     # Non-finite guard without a per-step host sync: fused AdamW skips its update when `found_inf` is set (the
@@ -272,11 +271,12 @@ class LocalContext:
     def sync(self) -> None:
         pass
 
-    def train_steps(self, position: Position, step: int, micro_batch_size: int, accum: int):
-        """The blocks in order, as one unit."""
+    def train_steps(self, cfg: Config, position: Position, step: int):
+        """The blocks as one unit, in the run's order."""
         blocks = {"input_ids": self._train, "unit": np.zeros(len(self._train), np.int64)}
-        size = micro_batch_size * accum * self.world_size
-        batches = global_batches(rows_from(lambda first_unit: [blocks], position), size)
+        rows = rows_from(lambda first_unit: [blocks], position, *shuffle_args(cfg))
+        batches = global_batches(rows, global_batch_size(cfg))
+        accum = grad_accum_steps(cfg)
         for batch, pos in batches:
             mine = torch.as_tensor(rank_slice(batch, self.rank, self.world_size), dtype=torch.long, device=self.device)
             yield list(mine.chunk(accum)), pos

@@ -1,7 +1,8 @@
 """Block packing, pure numpy: documents -> one token stream -> fixed blocks of `seq_len` tokens.
 
 This is Hugging Face ``run_clm``'s ``group_texts`` made streaming: instead of dropping the remainder of every batch,
-a `BlockPacker` carries it into the next batch, so only the final tail of the whole stream (< seq_len) is lost.
+a `BlockPacker` carries it into the next batch, so only the final tail of its stream (< seq_len) is lost (the data
+pipeline packs each work unit with its own packer).
 """
 
 from __future__ import annotations

@@ -61,10 +61,11 @@ class RayContext:
             return model
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=self.cfg.scaling.strategy)
 
-    def train_steps(self, position, step: int, micro_batch_size: int, accum: int):
+    def train_steps(self, cfg: Config, position, step: int):
         """This rank's slices of the run's one ordered stream (`raypt.feed.Feeder`), one step ahead."""
         import torch.distributed as dist
 
+        accum = grad_accum_steps(cfg)
         if self.rank == 0:  # a (re)started worker group: the stream restarts at the checkpoint's position
             ray.get(self._feeder.open.remote(position, step))
         if dist.is_initialized():

@@ -38,7 +38,8 @@ def run(tmp_path, tokenizer_dir, source, name, monkeypatch, fault=None, *sets):
     for s in (*source, f"tokenizer.path={tokenizer_dir}", "data.seq_len=32", f"run.storage_path={tmp_path}",
               f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.micro_batch_size=2",
               "train.global_batch_size=8", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
-              "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "train.lr=3e-3", *sets):
+              "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "train.lr=3e-3",
+              "data.shuffle_blocks=30", *sets):  # shuffle windows of a few units: resumes land inside one
         argv += ["--set", s]
     return train.main(argv)
 
