@@ -75,8 +75,9 @@ class RayContext:
             step += 1
             current, ahead = ahead, self._feeder.get.remote(step + 1, self.rank)
             blocks, pos = ray.get(current)
-            # int32 blocks -> int64 ids; a pinned copy lets the host-to-GPU transfer overlap compute
-            x = torch.from_numpy(blocks).long()
+            # int32 blocks (read-only, from the object store) -> an int64 copy; pinned, the host-to-GPU transfer
+            # overlaps compute
+            x = torch.tensor(blocks, dtype=torch.long)
             x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
             yield list(x.chunk(accum)), pos
 
