@@ -15,19 +15,24 @@ import signal
 from pathlib import Path
 
 
+def _fault() -> tuple[str, int, int] | None:
+    """(point, step, rank) of RAYPT_FAULT, or None."""
+    parts = os.environ.get("RAYPT_FAULT", "").split(":")
+    return (parts[0], int(parts[1]), int(parts[2])) if len(parts) == 3 else None
+
+
 def maybe_kill(point: str, step: int, rank: int) -> None:
-    spec, once = os.environ.get("RAYPT_FAULT"), os.environ.get("RAYPT_FAULT_FILE")
-    if not spec or not once or spec != f"{point}:{step}:{rank}" or Path(once).exists():
+    once = os.environ.get("RAYPT_FAULT_FILE")
+    if _fault() != (point, step, rank) or not once or Path(once).exists():
         return
-    Path(once).write_text(spec + "\n")
+    Path(once).write_text(os.environ["RAYPT_FAULT"] + "\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def nan_step(rank: int) -> int | None:
     """The step whose loss `RAYPT_FAULT=nan:STEP:RANK` makes NaN on this rank, or None."""
-    point, _, rest = os.environ.get("RAYPT_FAULT", "").partition(":")
-    step, _, who = rest.partition(":")
-    return int(step) if point == "nan" and who == str(rank) else None
+    fault = _fault()
+    return fault[1] if fault and fault[0] == "nan" and fault[2] == rank else None
 
 
 def forwarded_env() -> dict[str, str]:

@@ -109,13 +109,13 @@ class Feeder:
     """Owns the run's training stream; every rank asks it for its slice of each step's global batch. A Ray actor
     (`raypt.train` starts it); this module itself needs no Ray, so the in-process loop runs without it."""
 
-    def __init__(self, cfg_dict: dict, world_size: int, reserved_cpus: float):
+    def __init__(self, cfg_dict: dict, reserved_cpus: float):
         from raypt.config import config_from_dict, global_batch_size
         from raypt.data import init_ray
 
         init_ray()  # this process's DataContext: preserve_order, quiet user errors
         self.cfg = config_from_dict(cfg_dict)
-        self.world_size, self.reserved = world_size, reserved_cpus
+        self.world_size, self.reserved = self.cfg.scaling.num_workers, reserved_cpus
         self.global_batch = global_batch_size(self.cfg)
         self.stats: list = []  # PipelineStats actors of the pipelines started so far
         d = self.cfg.data

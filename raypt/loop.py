@@ -76,9 +76,11 @@ def train(cfg: Config, ctx: Context) -> dict:
     metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0)
     state = TrainState()
     skipped: list[str] = []
-    source = checkpoint.latest(ctx.storage, skipped) or cfg.run.resume_from  # the run's own checkpoints win
-    if source:
+    source = checkpoint.latest(ctx.storage, skipped)  # complete by construction; the run's own ones win
+    if source is None and cfg.run.resume_from:
+        source = cfg.run.resume_from
         checkpoint.check(source)
+    if source:
         with checkpoint.local_copy(source) as d:
             state = checkpoint.load(d, model=model, optimizer=optimizer)
         if rank0:

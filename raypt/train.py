@@ -221,7 +221,7 @@ def run(cfg: Config) -> dict:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                         soft=True)
     feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
-        cfg.to_dict(), sc.num_workers, reserved)
+        cfg.to_dict(), reserved)
     ray.get(feeder.ready.remote())
     trainer = TorchTrainer(
         train_loop_per_worker,
