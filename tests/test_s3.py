@@ -75,3 +75,21 @@ def test_s3_storage_checkpoints_resume_and_secrets(ray_local, s3_server, tmp_pat
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and S3_SECRET.encode() in p.read_bytes()]
     assert not leaked, leaked
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == S3_SECRET  # (the test really ran with it set)
+
+
+def test_a_model_uploaded_again_to_the_same_uri_is_fetched_again(s3_server, tmp_path, monkeypatch):
+    from raypt.model import local_model_dir
+
+    monkeypatch.setenv("RAYPT_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{s3_server}/models/changing"
+    fs, path = pafs.FileSystem.from_uri(uri)
+    got = []
+    for layers in (1, 2):
+        src = tmp_path / f"m{layers}"
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                     num_attention_heads=2, num_key_value_heads=1)).save_pretrained(src)
+        pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        got.append(local_model_dir(uri))
+        assert local_model_dir(uri) == got[-1]  # cached: the same copy while the files are unchanged
+    assert got[0] != got[1]
+    assert json.loads(Path(got[1], "config.json").read_text())["num_hidden_layers"] == 2
