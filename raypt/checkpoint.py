@@ -1,37 +1,50 @@
-"""Self-describing checkpoints: weights (only the adapter for LoRA) in safetensors, optimizer state, train state
-(step, tokens, data position, RNG), the resolved config and the tokenizer; a marker written last. The LR schedule
-is a pure function of the step (`raypt.optim.set_lr`), so it needs no state.
+"""Sharded, self-describing checkpoints, one owner (`Checkpointer`), one format for DDP and FSDP:
 
-raypt keeps its checkpoints itself, in the run directory (a local/shared path or an s3:// / gs:// URI): rank 0 writes
-every file, then the marker, which lists each file with its size. A directory counts only when its marker is there
-and every listed file has that size, so a save killed halfway (or a half-finished upload) is never resumed from;
-`latest` picks the newest complete one, `prune` keeps `run.checkpoints_to_keep` and removes crash leftovers.
+    checkpoint_NNNNNN/
+      state/             model + AdamW state, torch.distributed.checkpoint (DCP): every rank writes its own shard
+                         file (__R_0.distcp) in parallel, rank 0 the .metadata index (LoRA: the adapter only)
+      rng/rank_RRRRR.pt  each rank's RNG state
+      train_state.json   step, tokens seen, data position
+      config.yaml, tokenizer files
+      COMPLETE           written last by rank 0, once every rank has finished: every file with its size
+
+No rank ever holds more than its own shards, and a save costs each rank 1/W of the state (under DDP, DCP spreads the
+replicated tensors over the ranks). Loading reshards: a checkpoint written by W workers resumes on any W'. A directory
+counts only when its marker is there and every listed file has that size, so a save killed halfway (or a half-finished
+upload) is never resumed from; leftovers are removed and the newest `run.checkpoints_to_keep` complete ones kept.
+With `async_save`, `dcp.async_save` copies the state to host memory and training goes on while a background thread
+writes (and uploads) it and marks it complete. The LR schedule is a pure function of the step: it needs no state.
 (Ray Train's own checkpoint registry is not used: it loses a checkpoint reported just before a worker dies.)
-
-State dicts go through `torch.distributed.checkpoint.state_dict`, which speaks plain, DDP and FSDP models alike and
-gathers full tensors on rank 0 (every rank calls it: it is a collective under FSDP).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 import random
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 
 from raypt import faults
-from raypt.corpus import is_uri, filesystem
+from raypt.corpus import filesystem, is_uri
 from raypt.model import unwrap
 
 MARKER = "COMPLETE"
-TRAIN_STATE = "train_state.pt"
+TRAIN_STATE = "train_state.json"
+STATE = "state"
 
 
 class CheckpointError(ValueError):
@@ -62,60 +75,188 @@ class TrainState:
         self.epoch, self.unit, self.offset = pos.epoch, pos.unit, pos.offset
 
 
-def _is_lora(model) -> bool:
-    return hasattr(unwrap(model), "peft_config")
-
-
-def gather(model, optimizer=None) -> tuple[dict, dict]:
-    """Full (unsharded, CPU) model and optimizer state on rank 0; only trainable weights for LoRA."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=_is_lora(model))
-    if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(model, options=opts), {}
-    return get_state_dict(model, optimizer, options=opts)
-
-
-def save_weights(model, directory: Path, state_dict: dict) -> None:
-    """HF layout: `save_pretrained` writes config + safetensors (a LoRA model writes its adapter only)."""
-    unwrap(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-
-
 def dirname(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
-def save(run_dir: str, *, model, optimizer, state: TrainState, config_yaml: str, tokenizer, is_rank0: bool,
-         keep: int) -> str:
-    """Write the checkpoint of `state.step` into `run_dir` (a path or URI), then keep the newest `keep` complete ones.
-    Every rank must call (the state dicts are gathered collectively); rank 0 writes. Returns the checkpoint's path."""
-    model_sd, optim_sd = gather(model, optimizer)
-    dest = f"{run_dir.rstrip('/')}/{dirname(state.step)}"
-    if not is_rank0:
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_lora(model) -> bool:
+    return hasattr(unwrap(model), "peft_config")
+
+
+def _options(model, **kw) -> StateDictOptions:
+    return StateDictOptions(ignore_frozen_params=_is_lora(model), **kw)
+
+
+class Checkpointer:
+    """The run's checkpoints in `run_dir` (a local/shared path or an s3:// / gs:// URI): which one to resume from,
+    saving (every rank, collectively), keeping the newest `keep`."""
+
+    def __init__(self, run_dir: str, *, rank: int = 0, local_rank: int = 0, keep: int = 3, async_save: bool = False):
+        self.run_dir, self.rank, self.local_rank, self.keep = run_dir.rstrip("/"), rank, local_rank, keep
+        # async saves run their collectives from a background thread: on a group of their own, never the training one
+        self.async_save = async_save and _distributed()
+        self._group = dist.new_group(backend="gloo") if self.async_save else None
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+    def source(self, resume_from: str | None) -> tuple[str | None, list[str]]:
+        """The checkpoint to start from: the run's newest complete one, else `resume_from` (checked), else None; and
+        the incomplete newer ones passed over. Rank 0 decides for everyone, so all ranks load the same one."""
+        choice: list = [None, []]
+        if self.rank == 0:
+            skipped: list[str] = []
+            src = latest(self.run_dir, skipped)
+            if src is None and resume_from:
+                check(resume_from)
+                src = resume_from
+            choice = [src, skipped]
+        if _distributed():
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0], choice[1]
+
+    def restore(self, source: str, *, model, optimizer) -> TrainState:
+        """Load `source` into the (sharded or whole) model and optimizer of this rank; return the train state."""
+        with self._local_copy(source) as d:
+            sd = _state_dicts(model, optimizer)
+            dcp.load(sd, checkpoint_id=str(d / STATE), no_dist=not _distributed())  # each rank reads the slices of its own shards
+            set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                           options=_options(model, strict=False))
+            rng = d / "rng" / f"rank_{self.rank:05d}.pt"
+            _set_rng(torch.load(rng if rng.exists() else d / "rng" / "rank_00000.pt", weights_only=True))
+            state = TrainState(**json.loads((d / TRAIN_STATE).read_text())["state"])
+        return state
+
+    @contextlib.contextmanager
+    def _local_copy(self, source: str):
+        """A checkpoint as a local directory: itself, or one download per node of a URI (removed after loading)."""
+        if not is_uri(source):
+            yield Path(source)
+            return
+        from filelock import FileLock
+
+        cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / "checkpoints"
+        cache.mkdir(parents=True, exist_ok=True)
+        dest = cache / hashlib.sha256(source.encode()).hexdigest()[:16]
+        with FileLock(str(dest) + ".lock"):
+            if not (dest / ".complete").exists():
+                shutil.rmtree(dest, ignore_errors=True)
+                fs, path = filesystem(source)
+                pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                (dest / ".complete").touch()
+        yield dest
+        if _distributed():
+            dist.barrier()  # every rank of the node has read it
+        if self.local_rank == 0:
+            shutil.rmtree(dest, ignore_errors=True)
+
+    # -- save -----------------------------------------------------------------------------------------------------
+    def save(self, *, model, optimizer, state: TrainState, config_yaml: str, tokenizer) -> str:
+        """Write the checkpoint of `state.step`; every rank calls. Returns its path. With async_save this returns
+        once the state is copied to host memory; the files are written and marked complete in the background."""
+        self.wait()
+        dest = f"{self.run_dir}/{dirname(state.step)}"
+        fs, path = filesystem(dest)
+        if self.rank == 0:
+            fs.delete_dir_contents(path, missing_dir_ok=True)  # leftovers of an attempt that died writing this step
+        if _distributed():
+            dist.barrier()
+        local = Path(tempfile.mkdtemp(prefix="raypt-ckpt-")) if is_uri(dest) else Path(path)  # URIs: staged, uploaded
+        (local / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), local / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            (local / TRAIN_STATE).write_text(json.dumps({"state": dataclasses.asdict(state)}) + "\n")
+            (local / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            tokenizer.save_pretrained(local)
+        sd = _state_dicts(model, optimizer)
+        writer = dcp.FileSystemWriter(str(local / STATE))
+        if self.async_save:
+            future = dcp.async_save(sd, storage_writer=writer, process_group=self._group)
+            self._pending = threading.Thread(target=self._finish_in_background, args=(future, dest, local, state),
+                                             daemon=True)
+            self._pending.start()
+        else:
+            dcp.save(sd, storage_writer=writer, no_dist=not _distributed())
+            self._finish(dest, local, state, None)
         return dest
-    fs, path = filesystem(dest)
-    fs.delete_dir_contents(path, missing_dir_ok=True)  # leftovers of an attempt that died while writing this step
-    with tempfile.TemporaryDirectory(prefix="raypt-ckpt-") as tmp:
-        local = Path(tmp) if is_uri(dest) else Path(path)  # local storage: written in place, marker last
-        local.mkdir(parents=True, exist_ok=True)
-        save_weights(model, local, model_sd)
-        faults.maybe_kill("save", state.step, 0)
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save({"optimizer": optim_sd, "state": dataclasses.asdict(state), "rng": rng}, local / TRAIN_STATE)
-        (local / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        tokenizer.save_pretrained(local)
-        files = {str(f.relative_to(local)): f.stat().st_size for f in sorted(local.rglob("*")) if f.is_file()}
+
+    def wait(self) -> None:
+        """Block until a background save is written and marked complete (raising what it met)."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _finish_in_background(self, future, dest: str, local: Path, state: TrainState) -> None:
+        try:
+            future.result()
+            self._finish(dest, local, state, self._group)
+        except BaseException as e:  # re-raised by wait() on the training thread
+            self._error = e
+
+    def _finish(self, dest: str, local: Path, state: TrainState, group) -> None:
+        """After this rank's files are written: upload them (URIs), wait for every rank, then rank 0 marks the
+        checkpoint complete and prunes old ones."""
+        fs, path = filesystem(dest)
         if is_uri(dest):
-            for name in files:
-                pafs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=fs)
-        marker = json.dumps({"state": dataclasses.asdict(state), "files": files}) + "\n"
+            for f in sorted(local.rglob("*")):
+                if f.is_file():
+                    pafs.copy_files(str(f), f"{path}/{f.relative_to(local)}",
+                                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            shutil.rmtree(local, ignore_errors=True)
+        faults.maybe_kill("save", state.step, self.rank)
+        if _distributed():
+            dist.barrier(group=group)
+        if self.rank != 0:
+            return
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = {i.path[len(path) + 1:]: i.size for i in sorted(infos, key=lambda i: i.path)
+                 if i.type == pafs.FileType.File}
         with fs.open_output_stream(f"{path}/{MARKER}") as f:  # last: from now on the checkpoint counts
-            f.write(marker.encode())
-    prune(run_dir, keep)
-    return dest
+            f.write((json.dumps({"state": dataclasses.asdict(state), "files": files}) + "\n").encode())
+        prune(self.run_dir, self.keep)
+
+
+def _state_dicts(model, optimizer) -> dict:
+    """This rank's model and optimizer state as DCP sees it: DTensor shards under FSDP, whole tensors otherwise."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
+    if _is_lora(model):  # ignore_frozen_params keeps a frozen weight tied to another (the LM head): drop it too
+        trainable = {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def full_model_state(model) -> dict:
+    """The whole model's weights (only trainable ones for LoRA) on rank 0's CPU, for the final export; a collective
+    under FSDP (every rank calls), empty on the other ranks."""
+    return get_model_state_dict(model, options=_options(model, full_state_dict=True, cpu_offload=True))
+
+
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, list) else x
+
+
+# -- what counts as a checkpoint ----------------------------------------------------------------------------------
 
 
 def problem(directory: str) -> str | None:
@@ -131,8 +272,10 @@ def problem(directory: str) -> str | None:
             files = json.loads(f.read())["files"]
     except (ValueError, KeyError, TypeError):
         return f"{directory} has an unreadable {MARKER} marker; it is not a raypt checkpoint"
-    if TRAIN_STATE not in files:
-        return f"{directory} has no {TRAIN_STATE}; it is not a raypt checkpoint"
+    for needed in (TRAIN_STATE, f"{STATE}/.metadata"):
+        if needed not in files:
+            return (f"{directory} has no {needed}; it is not a checkpoint of this raypt version (sharded "
+                    "torch.distributed.checkpoint state)")
     infos = fs.get_file_info([f"{path}/{name}" for name in files])
     for (name, size), info in zip(files.items(), infos):
         if info.type != pafs.FileType.File or info.size != size:
@@ -173,60 +316,3 @@ def prune(run_dir: str, keep: int) -> None:
         complete += ok
         if not ok or complete > keep:
             fs.delete_dir(filesystem(d)[1])
-
-
-@contextlib.contextmanager
-def local_copy(directory: str):
-    """A checkpoint as a local directory: itself, or a temporary download of a URI."""
-    if not is_uri(directory):
-        yield Path(directory)
-        return
-    with tempfile.TemporaryDirectory(prefix="raypt-resume-") as tmp:
-        fs, path = filesystem(directory)
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        yield Path(tmp)
-
-
-def load(directory: Path, *, model, optimizer) -> TrainState:
-    """Restore weights, optimizer and RNG from a local checkpoint `directory` (every rank reads it; `check` it
-    first); return the train state."""
-    from safetensors.torch import load_file
-
-    weights = sorted(directory.glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{directory} holds no .safetensors weights")
-    model_sd = {}
-    for f in weights:
-        model_sd.update(load_file(f))
-    if _is_lora(model):  # peft saves adapter keys without the adapter name; map them back
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(unwrap(model), model_sd)
-        model_sd = None
-    blob = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
-    opts = StateDictOptions(full_state_dict=True, strict=False, ignore_frozen_params=_is_lora(model))
-    if model_sd is not None:
-        model_sd = _untie(unwrap(model), model_sd)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=blob["optimizer"], options=opts)
-    else:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
-    torch.set_rng_state(blob["rng"]["torch"])
-    random.setstate(_as_tuple(blob["rng"]["python"]))
-    if "cuda" in blob["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(blob["rng"]["cuda"])
-    return TrainState(**blob["state"])
-
-
-def _untie(model, sd: dict) -> dict:
-    """save_pretrained drops a tied LM head; give it back so a strict-ish load sees every weight."""
-    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in sd:
-        emb = next((k for k in sd if k.endswith("embed_tokens.weight")), None)
-        if emb is not None:
-            sd["lm_head.weight"] = sd[emb]
-    return sd
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(i) for i in x) if isinstance(x, list) else x

@@ -163,7 +163,17 @@ class ScalingConfig:
     cpus_per_worker: float = 1
     """CPUs reserved per worker."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """ddp: a full replica per worker; fsdp: shard parameters, gradients and optimizer state."""
+    """ddp: a full replica per worker; fsdp: FSDP2, every decoder layer and the root sharded over the workers
+    (parameters, gradients and AdamW state: 1/W each), one layer gathered at a time."""
+    fsdp_shard_size: Optional[int] = None
+    """fsdp only: shard within groups of this many workers (e.g. the GPUs of a node) and replicate across groups
+    (HSDP: all-gathers stay on the node's fast links); null: shard over all workers."""
+    reshard_after_forward: bool = True
+    """fsdp only: free each layer's gathered parameters after its forward (gathered again in backward); false
+    keeps them for backward: less communication, the whole unsharded model in memory."""
+    fsdp_sync_every_micro_batch: bool = False
+    """fsdp with gradient accumulation: reduce-scatter gradients after every micro-batch, so they stay sharded
+    (1/W of the memory); false: only after the last one, accumulating a full unsharded gradient in between."""
 
 
 @dataclass
@@ -179,6 +189,9 @@ class RunConfig:
     checkpoints_to_keep: int = 3
     max_failures: int = 0
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
+    async_checkpoint: Optional[bool] = None
+    """Write checkpoints in the background (torch.distributed.checkpoint.async_save): training waits only while the
+    state is copied to host memory, not for the disk or the upload. null: on when training on GPUs."""
 
 
 @dataclass
@@ -314,10 +327,15 @@ def validate(cfg: Config) -> list[str]:
         p.append("model.quantize: nf4 trains LoRA adapters on a frozen 4-bit base: set model.lora: true as well")
     if m.quantize and not m.name_or_path:
         p.append("model.quantize needs a pretrained model.name_or_path (a scratch model has nothing to quantize)")
-    if sc.strategy == "fsdp" and not sc.use_gpu:
-        p.append("scaling.strategy fsdp needs GPUs (Ray Train's FSDP runs on NCCL); set scaling.use_gpu: true or use ddp")
     if m.quantize and sc.strategy == "fsdp":
-        p.append("scaling.strategy fsdp is not supported with model.quantize; use ddp")
+        p.append("scaling.strategy fsdp cannot shard model.quantize's 4-bit weights (bitsandbytes packs them in "
+                 "uint8 tensors FSDP2 cannot split); use scaling.strategy: ddp, whose 4-bit base fits one GPU")
+    if m.lora and not m.name_or_path:
+        p.append("model.lora adapts a pretrained model: set model.name_or_path, or train a scratch model fully "
+                 "(model.lora: false)")
+    if sc.fsdp_shard_size is not None and (sc.fsdp_shard_size < 1 or sc.num_workers % sc.fsdp_shard_size):
+        p.append(f"scaling.fsdp_shard_size {sc.fsdp_shard_size} must divide scaling.num_workers {sc.num_workers} "
+                 "(e.g. the GPUs of one node)")
     if m.lora and m.lora_r < 1:
         p.append(f"model.lora_r must be >= 1, got {m.lora_r}")
     if cfg.run.checkpoints_to_keep < 1:

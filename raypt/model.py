@@ -110,40 +110,137 @@ def preflight(cfg: ModelConfig, seq_len: int) -> None:
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torch.device, tokenizer=None,
-                seed: int = 0):
-    """The model to train, on `device` (QLoRA: loaded there directly), and its `ModelInfo`."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+                seed: int = 0, shard=None, rank: int = 0):
+    """The model to train, on `device` (QLoRA: loaded there directly), and its `ModelInfo`.
 
-    torch.manual_seed(seed)  # identical scratch init on every worker and every run
-    if cfg.name_or_path is None:
-        model = LlamaForCausalLM(scratch_config(cfg, vocab_size, seq_len, tokenizer))
-        model.config._attn_implementation = cfg.attn_implementation
-        model.to(device)
+    With `shard` (FSDP: a function that shards a model in place, `raypt.parallel.fsdp_sharder`) no rank holds a full
+    replica: the model is built on the meta device, sharded, and only then materialized. A scratch model gets
+    `init_weights` shard by shard; a pretrained one is read by rank 0 alone (one copy in the cluster's host RAM) and
+    broadcast, each rank keeping its shards."""
+    torch.manual_seed(seed)  # identical LoRA init on every worker and every run
+    if cfg.trust_remote_code and cfg.name_or_path:
+        log.warning("WARNING: model.trust_remote_code is on: code inside %s runs on every worker", cfg.name_or_path)
+    if cfg.quantize:
+        model = _load_pretrained(cfg, device, quantized=True)
+    elif cfg.name_or_path is not None and shard is None:
+        model = _load_pretrained(cfg, device).to(device)
     else:
-        kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
-        if cfg.trust_remote_code:
-            log.warning("WARNING: model.trust_remote_code is on: code inside %s runs on every worker", cfg.name_or_path)
-        if cfg.quantize:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )
-            kwargs["device_map"] = {"": device}  # a 4-bit model is placed at load time; it cannot be .to()-moved
-            kwargs["dtype"] = torch.bfloat16
-        elif cfg.dtype != "auto":
-            kwargs["dtype"] = DTYPES[cfg.dtype]
-        model = AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), **kwargs)
-        if not cfg.quantize:
-            model.to(device)
+        with torch.device("meta"):  # a skeleton: no memory, no init work
+            model = _skeleton(cfg, vocab_size, seq_len, tokenizer)
     _check_positions(model.config, seq_len)
     if cfg.gradient_checkpointing and not cfg.quantize:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora:
         model = apply_lora(model, cfg)
+    if shard is not None:
+        model = shard(model)
+    if _on_meta(model):
+        model.to_empty(device=device)
+        if shard is None:  # to_empty gave each module its own tensor: tie the LM head to the embeddings again
+            model.tie_weights()
+        if cfg.name_or_path is None:
+            init_weights(model, seed)
+        else:
+            _broadcast_pretrained(model, cfg, seed, rank)
     return model, model_info(model, seq_len)
+
+
+def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}  # a 4-bit model is placed at load time; it cannot be .to()-moved
+        kwargs["dtype"] = torch.bfloat16
+    elif cfg.dtype != "auto":
+        kwargs["dtype"] = DTYPES[cfg.dtype]
+    return AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), **kwargs)
+
+
+def _skeleton(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer):
+    """The model's modules without weights (call under `torch.device("meta")`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.name_or_path is None:
+        model = LlamaForCausalLM(scratch_config(cfg, vocab_size, seq_len, tokenizer))
+        model.config._attn_implementation = cfg.attn_implementation
+        return model
+    hf = AutoConfig.from_pretrained(local_model_dir(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    dtype = DTYPES.get(cfg.dtype) or getattr(hf, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, torch.float32)
+    return AutoModelForCausalLM.from_config(hf, attn_implementation=cfg.attn_implementation, dtype=dtype,
+                                            trust_remote_code=cfg.trust_remote_code)
+
+
+def _on_meta(model) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+@torch.no_grad()
+def init_weights(model, seed: int) -> None:
+    """A scratch model's initial weights, the same whether the model is whole or sharded: every parameter is drawn
+    whole from its own generator, seeded by (seed, name), as HF's Llama init does it (normal(0, initializer_range)
+    for linear and embedding weights, ones for norms, zeros for biases and the padding row), and each rank keeps
+    its shard of it. Also recomputes the non-persistent RoPE buffers a meta-device build leaves empty."""
+    import zlib
+
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    std = getattr(hf.config, "initializer_range", 0.02)
+    kind = {}
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            kind[id(p)] = (mod, name)
+    for name, p in model.named_parameters():
+        mod, attr = kind[id(p)]
+        device = p.device
+        g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if attr == "bias":
+            full = torch.zeros(p.shape, dtype=p.dtype, device=device)
+        elif "Norm" in type(mod).__name__:
+            full = torch.ones(p.shape, dtype=p.dtype, device=device)
+        else:
+            full = torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0.0, std, generator=g)
+            pad = getattr(mod, "padding_idx", None)
+            if isinstance(mod, torch.nn.Embedding) and pad is not None:
+                full[pad] = 0
+        if isinstance(p, DTensor):  # keep this rank's slice; every rank drew the same full tensor
+            p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+        else:
+            p.copy_(full)
+    for mod in hf.modules():
+        if "RotaryEmbedding" in type(mod).__name__:
+            hf._init_weights(mod)
+
+
+def _broadcast_pretrained(model, cfg: ModelConfig, seed: int, rank: int) -> None:
+    """Fill a sharded skeleton with the pretrained weights: rank 0 reads them (and makes the LoRA init), every rank
+    keeps its shards of what rank 0 broadcasts, tensor by tensor."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full, buffers = {}, dict(model.named_buffers())
+    if rank == 0:
+        torch.manual_seed(seed)
+        whole = _load_pretrained(cfg, torch.device("cpu"))
+        if cfg.lora:
+            whole = apply_lora(whole, cfg)
+        full = whole.state_dict()
+        for name, b in whole.named_buffers():  # non-persistent buffers (RoPE) are not in the state dict
+            buffers[name].copy_(b)
+        del whole
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in buffers.values():
+        dist.broadcast(b, src=0)
 
 
 def apply_lora(model, cfg: ModelConfig):

@@ -5,7 +5,10 @@
 The model is built on PyTorch's meta device (no weights, no memory), so parameter counts are exact. Memory is an
 estimate: weights, gradients and AdamW state by dtype (a 4-bit base counted as 4-bit; FSDP divides them by the GPU
 count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention, bf16),
-with and without gradient checkpointing, plus the fp32 logits.
+with and without gradient checkpointing, plus the fp32 logits. FSDP2 divides weights, AdamW state and (when they are
+reduce-scattered every micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
+gathers: the root's parameters (embeddings, LM head) and two decoder layers (the current one and the prefetched next)
+in bf16 plus one layer's fp32 gradient — or, with reshard_after_forward off, every parameter in bf16.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Plan:
     weights_gb: float
     grads_gb: float
     optimizer_gb: float
+    gathered_gb: float
+    """FSDP: parameters and gradients gathered unsharded at a time (0 for DDP)."""
     activations_gb: float
     activations_no_ckpt_gb: float
     activations_ckpt_gb: float
@@ -89,7 +94,9 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         model = AutoModelForCausalLM.from_config(hf)
     params = sum(p.numel() for p in model.parameters())
     gpus = gpus or cfg.scaling.num_workers
-    shard = gpus if cfg.scaling.strategy == "fsdp" else 1
+    sc = cfg.scaling
+    fsdp = sc.strategy == "fsdp"
+    shard = (sc.fsdp_shard_size or gpus) if fsdp else 1
 
     linear = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
     if m.lora:
@@ -105,6 +112,13 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         weights = params * weight_bytes
     grads = trainable * (4 if m.lora else weight_bytes)
     optimizer = trainable * 8  # AdamW: two fp32 moments
+    gathered, grads_shard = 0.0, shard
+    if fsdp:
+        layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        root = params - layer * hf.num_hidden_layers
+        gathered = (params * 2 if not sc.reshard_after_forward else (root + 2 * layer) * 2) + layer * 4
+        if grad_accum_steps(cfg) > 1 and not sc.fsdp_sync_every_micro_batch:
+            grads_shard = 1  # accumulated unsharded between reduce-scatters: a full gradient per GPU
 
     # Activations of one micro-batch (bf16): per layer and token a Llama saves ~6d + 2 kv_dim + 4I values.
     b, s, L, dh = t.micro_batch_size, d.seq_len, hf.num_hidden_layers, hf.hidden_size
@@ -114,7 +128,7 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     act_full = L * per_layer + logits
     act_ckpt = L * b * s * dh * 2 + per_layer + logits  # layer inputs + one layer recomputed
     activations = act_ckpt if m.gradient_checkpointing else act_full
-    total = (weights + grads + optimizer) / shard + activations
+    total = (weights + optimizer) / shard + grads / grads_shard + gathered + activations
 
     tokens_per_step = global_batch_size(cfg) * d.seq_len
     steps = t.max_steps
@@ -124,18 +138,23 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     fpt = model_info(model, d.seq_len).flops_per_token
     tps = tokens_per_s_per_gpu or mfu * peak_tflops * 1e12 / fpt
     hours = tokens / (tps * gpus) / 3600
-    return Plan(params, trainable, weights / shard / GB, grads / shard / GB, optimizer / shard / GB,
-                activations / GB, act_full / GB, act_ckpt / GB, total / GB, tokens_per_step, steps, tokens, fpt, tps,
+    return Plan(params, trainable, weights / shard / GB, grads / grads_shard / GB, optimizer / shard / GB,
+                gathered / GB, activations / GB, act_full / GB, act_ckpt / GB, total / GB, tokens_per_step, steps, tokens, fpt, tps,
                 hours, hours * gpus, gpus, None if gpu_mem_gb is None else total / GB <= gpu_mem_gb)
 
 
 def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
     m = cfg.model
     kind = "QLoRA" if m.quantize else "LoRA" if m.lora else "full"
+    sc = cfg.scaling
+    fsdp = ""
+    if sc.strategy == "fsdp":
+        fsdp = f", FSDP2 sharded over {sc.fsdp_shard_size or p.gpus} GPUs"
+        fsdp += f", replicated {p.gpus // sc.fsdp_shard_size}x" if sc.fsdp_shard_size else ""
     lines = [
-        f"model: {p.params / 1e9:.3f} B parameters, {p.trainable / 1e6:,.2f} M trainable ({kind}"
-        f"{', FSDP over ' + str(p.gpus) + ' GPUs' if cfg.scaling.strategy == 'fsdp' else ''})",
+        f"model: {p.params / 1e9:.3f} B parameters, {p.trainable / 1e6:,.2f} M trainable ({kind}{fsdp})",
         f"memory per GPU: weights {p.weights_gb:.2f} GB + gradients {p.grads_gb:.2f} GB + AdamW {p.optimizer_gb:.2f} GB"
+        + (f" + gathered by FSDP {p.gathered_gb:.2f} GB" if sc.strategy == "fsdp" else "") +
         f" + activations {p.activations_gb:.2f} GB (micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}; "
         f"{p.activations_ckpt_gb:.2f} GB with gradient checkpointing, {p.activations_no_ckpt_gb:.2f} GB without)"
         f" = {p.total_gb:.2f} GB",
@@ -148,8 +167,8 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
     if p.fits is not None:
         lines.append(f"fits in {gpu_mem_gb:g} GB: yes" if p.fits else
                      f"DOES NOT FIT in {gpu_mem_gb:g} GB per GPU ({p.total_gb:.1f} GB needed): try "
-                     "model.gradient_checkpointing, a smaller train.micro_batch_size, scaling.strategy fsdp, or "
-                     "LoRA/QLoRA")
+                     "model.gradient_checkpointing, a smaller train.micro_batch_size, scaling.strategy fsdp (with "
+                     "scaling.fsdp_sync_every_micro_batch under accumulation), or LoRA/QLoRA")
     return "\n".join(lines)
 
 

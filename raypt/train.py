@@ -40,6 +40,7 @@ class RayContext:
 
         c = ray.train.get_context()
         self.cfg, self.rank, self.world_size = cfg, c.get_world_rank(), c.get_world_size()
+        self.local_rank = c.get_local_rank()
         self.device = ray.train.torch.get_device()
         self._feeder, self._eval_ref = feeder, eval_ref
         self.storage = run_dir
@@ -57,9 +58,9 @@ class RayContext:
             pafs.copy_files(str(self.run_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     def prepare(self, model):
-        if self.world_size == 1:
+        if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built
             return model
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=self.cfg.scaling.strategy)
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
 
     def train_steps(self, cfg: Config, position, step: int):
         """This rank's slices of the run's one ordered stream (`raypt.feed.Feeder`), one step ahead."""
@@ -85,7 +86,8 @@ class RayContext:
         if self._eval_ref is None:
             return None
         blocks = ray.get(self._eval_ref)
-        return blocks[self.rank :: self.world_size]
+        n = len(blocks) // self.world_size  # the same count on every rank: FSDP's forwards are collective
+        return blocks[self.rank * n : (self.rank + 1) * n]
 
 
 def _copy(uri: str, local: Path) -> None:

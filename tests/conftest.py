@@ -92,3 +92,20 @@ def tokenizer_dir(tmp_path_factory, corpus) -> str:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([str(corpus / "train")], vocab_size=400, out=str(out))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, tokenizer_dir):
+    """A small 'open model' saved locally, standing in for a downloaded checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

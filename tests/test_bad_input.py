@@ -88,11 +88,13 @@ def test_corrupt_checkpoint_given_to_resume(ray_local, tokenizer_dir, tmp_path, 
     write_shards(tmp_path / "c", make_docs(10))
     bad = tmp_path / "ckpt"
     bad.mkdir()
-    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
-    (bad / "COMPLETE").write_text('{"state": {}, "files": {"model.safetensors": 99, "train_state.pt": 10}}\n')
+    (bad / "state").mkdir()
+    (bad / "state" / "__0_0.distcp").write_bytes(b"\x00" * 64)
+    (bad / "COMPLETE").write_text('{"state": {}, "files": {"state/.metadata": 9, "state/__0_0.distcp": 99, '
+                                  '"train_state.json": 10}}\n')
     rc = train_cli(tmp_path / "c", tokenizer_dir, f"run.resume_from={bad}")
     err = capsys.readouterr().err
-    assert rc == 2 and "is incomplete or damaged: model.safetensors is missing or not 99 bytes" in err
+    assert rc == 2 and "is incomplete or damaged: state/.metadata is missing or not 9 bytes" in err
     assert "point to another checkpoint" in err and "Traceback" not in err
     assert not Path(tmp_path / "c" / "runs").exists()
 

@@ -86,7 +86,7 @@ def test_fsdp_needs_gpus_and_qlora_needs_lora():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.train_paths=[a]", "scaling.strategy=fsdp", "model.quantize=nf4"])
     msg = str(e.value)
-    assert "fsdp needs GPUs" in msg and "set model.lora: true" in msg and "pretrained model.name_or_path" in msg
+    assert "fsdp cannot shard model.quantize" in msg and "set model.lora: true" in msg and "pretrained model.name_or_path" in msg
 
 
 def test_global_batch_must_split_into_micro_batches():

@@ -50,7 +50,8 @@ def test_scratch_loss_decreases_and_exports(tokenizer_dir, tmp_path):
     assert (tmp_path / "tensorboard").is_dir()
     ckpts = sorted(tmp_path.glob("checkpoint_*"))
     assert [c.name for c in ckpts] == ["checkpoint_000020", "checkpoint_000040"]
-    assert (ckpts[0] / "COMPLETE").exists() and (ckpts[0] / "model.safetensors").exists()
+    assert (ckpts[0] / "COMPLETE").exists() and (ckpts[0] / "state" / ".metadata").exists()
+    assert (ckpts[0] / "rng" / "rank_00000.pt").exists() and (ckpts[0] / "train_state.json").exists()
 
 
 def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tmp_path):
@@ -112,8 +113,16 @@ def test_lora_trains_only_adapters(tokenizer_dir, tmp_path):
         assert torch.equal(p, before[key]), name
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(any(m in k for m in cfg.model.lora_target_modules) for k in changed)
-    ckpt = sorted(run.glob("checkpoint_*"))[-1]
-    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+    saved = checkpointed_weights(sorted(run.glob("checkpoint_*"))[-1])
+    assert saved and all("lora_" in k for k in saved)  # the frozen base is not checkpointed
+
+
+def checkpointed_weights(ckpt) -> list[str]:
+    """The model tensors a checkpoint's DCP index lists."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt / "state")).read_metadata().state_dict_metadata
+    return [k for k in keys if k.startswith("model.")]
 
 
 def test_param_groups_skip_norms_biases_embeddings(tokenizer_dir):
@@ -226,9 +235,9 @@ def test_resume_from_refuses_foreign_and_half_written_checkpoints(tokenizer_dir,
 
     damaged = tmp_path / "damaged"
     shutil.copytree(good, damaged)
-    with open(damaged / "model.safetensors", "r+b") as f:  # as if a copy was cut short
+    with open(damaged / "state" / "__0_0.distcp", "r+b") as f:  # as if a copy was cut short
         f.truncate(100)
-    with pytest.raises(CheckpointError, match="model.safetensors is missing or not"):
+    with pytest.raises(CheckpointError, match="state/__0_0.distcp is missing or not"):
         train(cfg_for(tokenizer_dir, f"run.resume_from={damaged}"), LocalContext(tmp_path / "d", data))
 
     out = train(cfg_for(tokenizer_dir, f"run.resume_from={good}"), LocalContext(tmp_path / "c", data))

@@ -39,6 +39,20 @@ def test_fsdp_shards_weights_gradients_and_optimizer_state():
     fsdp = plan(load_config(None, TINY + ["scaling.use_gpu=true", "scaling.strategy=fsdp"]), vocab_size=100,
                 tokens_per_s_per_gpu=1)
     assert fsdp.weights_gb == pytest.approx(full.weights_gb / 2) and fsdp.optimizer_gb == pytest.approx(full.optimizer_gb / 2)
+    assert fsdp.grads_gb == pytest.approx(full.grads_gb / 2)  # no accumulation: reduce-scattered every step
+    # gathered at a time: the root (embeddings 100x16, final norm) and two layers in bf16, one layer's fp32 gradient
+    per_layer = 256 + 128 + 128 + 256 + 3 * 512 + 2 * 16
+    assert fsdp.gathered_gb * GB == pytest.approx((1616 + 2 * per_layer) * 2 + per_layer * 4)
+    assert fsdp.total_gb * GB == pytest.approx((full.weights_gb + full.grads_gb + full.optimizer_gb) / 2 * GB
+                                               + fsdp.gathered_gb * GB + fsdp.activations_gb * GB)
+    # accumulating 2 micro-batches without reduce-scattering in between keeps a full gradient on every GPU
+    accum = TINY + ["scaling.strategy=fsdp", "train.global_batch_size=8"]
+    assert plan(load_config(None, accum), vocab_size=100).grads_gb == pytest.approx(full.grads_gb)
+    synced = plan(load_config(None, accum + ["scaling.fsdp_sync_every_micro_batch=true"]), vocab_size=100)
+    assert synced.grads_gb == pytest.approx(full.grads_gb / 2)
+    kept = plan(load_config(None, TINY + ["scaling.strategy=fsdp", "scaling.reshard_after_forward=false"]),
+                vocab_size=100)
+    assert kept.gathered_gb * GB == pytest.approx(6288 * 2 + per_layer * 4)  # every parameter stays gathered
 
 
 def test_recipes_plan_and_a_misfit_is_flagged(capsys):

@@ -1,0 +1,93 @@
+"""Data parallelism inside one worker group: DDP replicas, or FSDP2 shards (`torch.distributed.fsdp.fully_shard`).
+
+FSDP2 shards every decoder layer and the root (embeddings, final norm, LM head) over the workers, each parameter a
+DTensor split on dim 0, so a rank holds 1/W of the weights, gradients and AdamW state and gathers one layer at a time
+(the next one prefetched). With `scaling.fsdp_shard_size` < W it is HSDP: shard within groups of that many ranks
+(a node), replicate across them. Parameter names and shapes stay those of the unwrapped model, so the optimizer's
+decay groups, clipping and checkpoints see the same model as under DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+from raypt.config import ScalingConfig
+
+
+def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int):
+    """A function that applies FSDP2 to a model (built on the meta device or not) in place and returns it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    shard = sc.fsdp_shard_size or world_size
+    if shard == world_size:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    else:  # HSDP: ranks are grouped by node (Ray Train numbers a node's workers consecutively)
+        mesh = init_device_mesh(device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+    # bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (gloo has no bf16 speed to win)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+          else MixedPrecisionPolicy())
+
+    def apply(model: torch.nn.Module) -> torch.nn.Module:
+        kw = dict(mesh=mesh, mp_policy=mp)
+        layers = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            # the last layer's parameters are needed again at once by backward: keep them gathered
+            fully_shard(layer, reshard_after_forward=sc.reshard_after_forward and i < len(layers) - 1, **kw)
+        fully_shard(model, reshard_after_forward=sc.reshard_after_forward, **kw)
+        return model
+
+    return apply
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: modules whose class the HF model names in `_no_split_modules`."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft, the HF model
+    names = set(getattr(hf, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(hf).__name__} names no decoder layer class (_no_split_modules); FSDP needs them "
+                         "to shard layer by layer: use scaling.strategy: ddp")
+    return layers
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def accumulating(model: torch.nn.Module, last: bool, sync_every_micro_batch: bool = False):
+    """Context for one micro-batch's forward/backward: reduce gradients only on the last one of a step.
+    DDP: `no_sync`. FSDP2: `set_requires_gradient_sync` — without sync, gradients accumulate unsharded (no
+    communication, a full gradient in memory); with `sync_every_micro_batch` they are reduce-scattered every
+    micro-batch and stay sharded (1/W of the memory, W-1 more reduce-scatters per step)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last or sync_every_micro_batch)
+        return contextlib.nullcontext()
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm over all ranks' shards; returns that norm as a plain tensor (under FSDP the
+    per-parameter norms are DTensors whose sum is reduced across ranks: every rank clips with the same norm)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else math.inf, norm, foreach=True)
+    return norm
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=op)
+    return x
