@@ -26,6 +26,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/checkpoint.py
 
 bench-data: $(VENV)/.installed
 	$(BIN)/python bench/data.py

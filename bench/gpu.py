@@ -8,7 +8,9 @@
 3. non-finite guard on CUDA (fused AdamW's found_inf): a NaN injected in step 4 stops with the step named; in skip
    mode the step is skipped, counted, and the weights stay finite;
 4. QLoRA: a small Llama saved locally, loaded in nf4 (bitsandbytes, double quant, bf16 compute) with LoRA r=8 on all
-   projections: trains, loss falls, and final/ holds the adapter and a merged bf16 model.
+   projections: trains, loss falls, and final/ holds the adapter and a merged bf16 model;
+5. FSDP2 on CUDA (one rank: bf16 mixed-precision policy) and the sharded checkpoint of the llama-1b preset with its
+   AdamW state: seconds training is blocked by a synchronous save and by an async one (device-to-host copy only).
 
 Prints one JSON object of the numbers (also written to DIR/gpu.json).
 """
@@ -145,6 +147,48 @@ def qlora(tok: str, vocab: int, out: Path) -> dict:
             "adapter": (final / "adapter" / "adapter_model.safetensors").exists(), "merged_dtype": str(merged.dtype)}
 
 
+def checkpoint_save(tok: str, vocab: int, out: Path) -> dict:
+    import socket
+
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from raypt.checkpoint import Checkpointer, TrainState
+    from raypt.model import build_model
+    from raypt.optim import build_optimizer
+    from raypt.parallel import fsdp_sharder
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        device = torch.device(DEVICE)
+        cfg = cfg_for(tok, f"model.preset={PRESET}", "scaling.strategy=fsdp", f"data.seq_len={SEQ}")
+        model, info = build_model(cfg.model, vocab_size=vocab, seq_len=SEQ, device=device,
+                                  shard=fsdp_sharder(cfg.scaling, device, 1))
+        optimizer = build_optimizer(model, cfg.train, device)
+        x = torch.as_tensor(blocks(vocab, 2, SEQ), dtype=torch.long, device=device)
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        res = {"params": info.total_params}
+        for mode in ("sync", "async"):
+            ckpt = Checkpointer(str(out / f"ckpt-{mode}"), async_save=mode == "async")
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ckpt.save(model=model, optimizer=optimizer, state=TrainState(step=1), config_yaml="",
+                      tokenizer=AutoTokenizer.from_pretrained(tok))
+            blocked = time.perf_counter() - t0
+            ckpt.wait()
+            res[mode] = {"blocked_s": round(blocked, 3), "total_s": round(time.perf_counter() - t0, 3)}
+        return res
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -165,7 +209,8 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "vocab": vocab}
     for name, fn in [("throughput", lambda: throughput(tok, vocab, out, args.steps)),
                      ("resume", lambda: resume(tok, vocab, out)), ("nan_guard", lambda: nan_guard(tok, vocab, out)),
-                     ("qlora", lambda: qlora(tok, vocab, out))]:
+                     ("qlora", lambda: qlora(tok, vocab, out)),
+                     ("checkpoint", lambda: checkpoint_save(tok, vocab, out))]:
         t0 = time.perf_counter()
         try:
             report[name] = fn()

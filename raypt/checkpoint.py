@@ -159,6 +159,7 @@ class Checkpointer:
         """Write the checkpoint of `state.step`; every rank calls. Returns its path. With async_save this returns
         once the state is copied to host memory; the files are written and marked complete in the background."""
         self.wait()
+        state = dataclasses.replace(state)  # the loop goes on changing its own while a background save finishes
         dest = f"{self.run_dir}/{dirname(state.step)}"
         fs, path = filesystem(dest)
         if self.rank == 0:

@@ -2,8 +2,8 @@
 
     RAYPT_FAULT=POINT:STEP:RANK RAYPT_FAULT_FILE=PATH python -m raypt.train ...
 
-POINT is `step` (right after optimizer step STEP) or `save` (while writing the checkpoint of step STEP: weights
-written, marker not yet). The rank RANK sends itself SIGKILL there, once: PATH is created first, and a fault whose
+POINT is `step` (right after optimizer step STEP) or `save` (while writing the checkpoint of step STEP: this rank's
+shard written, the marker not yet). The rank RANK sends itself SIGKILL there, once: PATH is created first, and a fault whose
 file exists does not fire again, so the worker group Ray restarts runs on. POINT `nan` instead makes rank RANK's loss
 NaN in step STEP (no file needed). The driver forwards the variables to the workers; without them nothing here runs.
 """

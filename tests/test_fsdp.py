@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from raypt import train
 from raypt.checkpoint import MARKER
 
+from test_loop import blocks
 from test_train import write_blocks
 
 pytestmark = pytest.mark.slow
@@ -25,13 +25,10 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tokenizer_dir):
-    """~5 global batches of learnable token patterns (the 12-step runs cross passes), and 16 eval blocks."""
+    """5 global batches of learnable token patterns (the 12-step runs cross passes), and 16 eval blocks."""
     root = tmp_path_factory.mktemp("fsdp-data")
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    rng = np.random.default_rng(0)
-    patterns = rng.integers(3, vocab, size=(6, SEQ))
-    write_blocks(root / "train", patterns[rng.integers(0, 6, size=40)].astype(np.int32))
-    write_blocks(root / "eval", patterns[rng.integers(0, 6, size=16)].astype(np.int32))
+    write_blocks(root / "train", blocks(tokenizer_dir, 40, SEQ, seed=0))
+    write_blocks(root / "eval", blocks(tokenizer_dir, 16, SEQ, seed=0))
     return root
 
 
@@ -105,11 +102,13 @@ def test_fsdp_equals_ddp_and_one_worker(reference, storage, tokenizer_dir, data)
         assert {"rng/rank_00000.pt", "rng/rank_00001.pt", "train_state.json", "state/.metadata"} <= set(files)
 
 
-@pytest.mark.parametrize("workers", [1, 4])
-def test_resume_on_another_world_size(reference, storage, tokenizer_dir, data, workers):
-    """A checkpoint written by 2 FSDP workers resumes on 1 and on 4: DCP reshards, the data order does not depend on
-    the worker count, the losses are the uninterrupted run's."""
-    rows, _ = run(storage, tokenizer_dir, data, f"w{workers}", workers, "scaling.strategy=fsdp",
+@pytest.mark.parametrize("workers, sets", [(1, ["scaling.fsdp_sync_every_micro_batch=true"]),
+                                           (4, ["scaling.fsdp_shard_size=2"])])
+def test_resume_on_another_world_size(reference, storage, tokenizer_dir, data, workers, sets):
+    """A checkpoint written by 2 FSDP workers resumes on 1 (reduce-scattering every one of its 4 micro-batches) and on
+    4 as HSDP (2 replicas of 2 shards): DCP reshards, the data order does not depend on the worker count, the losses
+    are the uninterrupted run's."""
+    rows, _ = run(storage, tokenizer_dir, data, f"w{workers}", workers, "scaling.strategy=fsdp", *sets,
                   f"run.resume_from={storage / 'fsdp' / 'checkpoint_000004'}", "train.checkpoint_every=0",
                   "train.eval_every=0")
     resumed = by_step(rows)
@@ -158,3 +157,18 @@ def test_meta_device_builds_equal_eager_builds(tokenizer_dir, tiny_pretrained, t
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "scratch: equal" in out.stdout and "pretrained: equal" in out.stdout, out.stdout
+
+
+def test_sharded_save_needs_a_fraction_of_a_full_gather():
+    """A 58M-parameter Llama under FSDP2 on 2 gloo ranks (bench/checkpoint.py): rank 0's peak RSS while saving, and the
+    bytes it writes, against the full-gather format that collects every weight and AdamW moment on rank 0."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "checkpoint.py"), "--hidden", "512", "--layers", "8",
+                          "--formats", "full-gather,sharded", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {(r["format"], r["rank"]): r for r in json.loads(out.stdout.strip().splitlines()[-1])}
+    old, new = rows["full-gather", 0], rows["sharded", 0]
+    assert new["params"] >= 50e6
+    assert old["peak_rss_mb"] > 0.5 * old["written_mb"]  # the gather really held the state on rank 0
+    assert new["peak_rss_mb"] < 0.6 * old["peak_rss_mb"], (old, new)
+    for rank in (0, 1):  # each rank writes its half
+        assert 0.4 < rows["sharded", rank]["written_mb"] / old["written_mb"] < 0.6, rows
