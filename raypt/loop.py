@@ -164,7 +164,7 @@ def evaluate(model, ctx: Context, micro_batch_size: int, max_batches: int, autoc
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss x tokens, tokens)
     for i in range(0, min(len(blocks), micro_batch_size * max_batches), micro_batch_size):
-        x = torch.as_tensor(blocks[i : i + micro_batch_size], dtype=torch.long, device=ctx.device)
+        x = torch.tensor(blocks[i : i + micro_batch_size], dtype=torch.long, device=ctx.device)  # (a read-only view)
         with autocast:
             loss = unwrap(model)(input_ids=x, labels=x).loss  # DDP: the module itself; FSDP: the sharded model
         n = x.shape[0] * (x.shape[1] - 1)  # predicted positions

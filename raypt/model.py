@@ -123,7 +123,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
     if cfg.quantize:
         model = _load_pretrained(cfg, device, quantized=True)
     elif cfg.name_or_path is not None and shard is None:
-        model = _load_pretrained(cfg, device).to(device)
+        model = _load_pretrained(cfg, device)
     else:
         with torch.device("meta"):  # a skeleton: no memory, no init work
             model = _skeleton(cfg, vocab_size, seq_len, tokenizer)
@@ -147,9 +147,12 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
 
 
 def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = False):
+    """The pretrained model on `device`: placed there as it is read (on a GPU no host copy per rank)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device}  # placed on the GPU as it is read: no host copy per rank
     if quantized:
         from transformers import BitsAndBytesConfig
 
@@ -161,7 +164,7 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = F
         kwargs["dtype"] = torch.bfloat16
     elif cfg.dtype != "auto":
         kwargs["dtype"] = DTYPES[cfg.dtype]
-    return AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), **kwargs)  # (CPU: the default)
 
 
 def _skeleton(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer):
