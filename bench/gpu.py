@@ -131,10 +131,11 @@ def qlora(tok: str, vocab: int, out: Path) -> dict:
                                  bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
                                  pad_token_id=t.pad_token_id)).save_pretrained(base)
     t.save_pretrained(base)
-    data = blocks(vocab, 400, 256, seed=3)
+    seq, steps = (256, 30) if DEVICE == "cuda" else (32, 3)  # bitsandbytes' CPU kernels are slow: --smoke is tiny
+    data = blocks(vocab, 400, seq, seed=3)
     cfg = cfg_for(str(base), f"model.name_or_path={base}", "model.lora=true", "model.quantize=nf4",
-                  "data.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8", "train.max_steps=30",
-                  "train.lr=2e-3")
+                  f"data.seq_len={seq}", "train.micro_batch_size=8", "train.global_batch_size=8",
+                  f"train.max_steps={steps}", "train.lr=2e-3")
     t0 = time.perf_counter()
     r = train(cfg, LocalContext(out / "qlora", data, device=DEVICE))
     logged = rows(out / "qlora")
