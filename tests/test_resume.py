@@ -73,7 +73,10 @@ def test_killed_worker_and_rerun_resume_exactly(source, sources, tmp_path, token
     assert (tmp_path / "b.fault").exists() and resumed(tmp_path, "b") == ["checkpoint_000008"]
     assert losses(tmp_path, "b") == a
 
-    # (c) the run dies at step 13 with no restarts left, then the same command is run again
+    # (c) the run dies at step 13 with no restarts left, then the same command is run again (the restore path is the
+    # same for both sources: run for pre-tokenized data only, to keep the suite's time)
+    if source == "text":
+        return
     with pytest.raises(Exception):
         run(tmp_path, tokenizer_dir, src, "c", monkeypatch, "step:13:0")
     assert max(losses(tmp_path, "c")) == 12  # killed after step 13, before logging it
