@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -39,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from raypt import faults
-from raypt.corpus import filesystem, is_uri
+from raypt.corpus import filesystem, is_uri, node_copy
 from raypt.model import unwrap
+from raypt.parallel import distributed
 
 MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
@@ -79,10 +78,6 @@ def dirname(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _is_lora(model) -> bool:
     return hasattr(unwrap(model), "peft_config")
 
@@ -98,7 +93,7 @@ class Checkpointer:
     def __init__(self, run_dir: str, *, rank: int = 0, local_rank: int = 0, keep: int = 3, async_save: bool = False):
         self.run_dir, self.rank, self.local_rank, self.keep = run_dir.rstrip("/"), rank, local_rank, keep
         # async saves run their collectives from a background thread: on a group of their own, never the training one
-        self.async_save = async_save and _distributed()
+        self.async_save = async_save and distributed()
         self._group = dist.new_group(backend="gloo") if self.async_save else None
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -115,7 +110,7 @@ class Checkpointer:
                 check(resume_from)
                 src = resume_from
             choice = [src, skipped]
-        if _distributed():
+        if distributed():
             dist.broadcast_object_list(choice, src=0)
         return choice[0], choice[1]
 
@@ -123,7 +118,7 @@ class Checkpointer:
         """Load `source` into the (sharded or whole) model and optimizer of this rank; return the train state."""
         with self._local_copy(source) as d:
             sd = _state_dicts(model, optimizer)
-            dcp.load(sd, checkpoint_id=str(d / STATE), no_dist=not _distributed())  # each rank reads the slices of its own shards
+            dcp.load(sd, checkpoint_id=str(d / STATE), no_dist=not distributed())  # each rank: its shards' slices
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                            options=_options(model, strict=False))
             rng = d / "rng" / f"rank_{self.rank:05d}.pt"
@@ -137,19 +132,9 @@ class Checkpointer:
         if not is_uri(source):
             yield Path(source)
             return
-        from filelock import FileLock
-
-        cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / "checkpoints"
-        cache.mkdir(parents=True, exist_ok=True)
-        dest = cache / hashlib.sha256(source.encode()).hexdigest()[:16]
-        with FileLock(str(dest) + ".lock"):
-            if not (dest / ".complete").exists():
-                shutil.rmtree(dest, ignore_errors=True)
-                fs, path = filesystem(source)
-                pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-                (dest / ".complete").touch()
+        dest = node_copy(source, "checkpoints")
         yield dest
-        if _distributed():
+        if distributed():
             dist.barrier()  # every rank of the node has read it
         if self.local_rank == 0:
             shutil.rmtree(dest, ignore_errors=True)
@@ -164,7 +149,7 @@ class Checkpointer:
         fs, path = filesystem(dest)
         if self.rank == 0:
             fs.delete_dir_contents(path, missing_dir_ok=True)  # leftovers of an attempt that died writing this step
-        if _distributed():
+        if distributed():
             dist.barrier()
         local = Path(tempfile.mkdtemp(prefix="raypt-ckpt-")) if is_uri(dest) else Path(path)  # URIs: staged, uploaded
         (local / "rng").mkdir(parents=True, exist_ok=True)
@@ -181,7 +166,7 @@ class Checkpointer:
                                              daemon=True)
             self._pending.start()
         else:
-            dcp.save(sd, storage_writer=writer, no_dist=not _distributed())
+            dcp.save(sd, storage_writer=writer, no_dist=not distributed())
             self._finish(dest, local, state, None)
         return dest
 
@@ -212,7 +197,7 @@ class Checkpointer:
                                     source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
             shutil.rmtree(local, ignore_errors=True)
         faults.maybe_kill("save", state.step, self.rank)
-        if _distributed():
+        if distributed():
             dist.barrier(group=group)
         if self.rank != 0:
             return

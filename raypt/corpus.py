@@ -49,6 +49,27 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def node_copy(uri: str, kind: str, key: str | None = None) -> Path:
+    """A local copy of the directory at `uri`, shared by the processes of this node: downloaded once into
+    $RAYPT_CACHE/kind (default ~/.cache/raypt), the others waiting on a file lock. `key` (default: the URI) names the
+    copy."""
+    import hashlib
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / kind
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / hashlib.sha256((key or uri).encode()).hexdigest()[:16]
+    with FileLock(str(dest) + ".lock"):
+        if not (dest / ".complete").exists():
+            fs, path = filesystem(uri)
+            dest.mkdir(exist_ok=True)
+            pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            (dest / ".complete").touch()
+    return dest
+
+
 @dataclass
 class Listing:
     files: list[str] = field(default_factory=list)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +67,8 @@ def local_model_dir(name_or_path: str) -> str:
             raise ModelError(f"model.name_or_path {name_or_path!r} is not a directory; give a saved model's directory")
         return name_or_path
     import pyarrow.fs as pafs
-    from filelock import FileLock
 
-    from raypt.corpus import filesystem
+    from raypt.corpus import filesystem, node_copy
 
     src_fs, src = filesystem(name_or_path)
     files = src_fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
@@ -79,15 +76,7 @@ def local_model_dir(name_or_path: str) -> str:
         raise ModelError(f"model.name_or_path {name_or_path!r} holds no files; give a saved model's directory")
     # keyed by the files' names, sizes and times too: a model re-uploaded to the same URI is fetched again
     key = name_or_path + "".join(f"|{f.path}:{f.size}:{f.mtime_ns}" for f in sorted(files, key=lambda f: f.path))
-    cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / "models"
-    cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / hashlib.sha256(key.encode()).hexdigest()[:16]
-    with FileLock(str(dest) + ".lock"):
-        if not (dest / ".complete").exists():
-            dest.mkdir(exist_ok=True)
-            pafs.copy_files(src, str(dest), source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
-            (dest / ".complete").touch()
-    return str(dest)
+    return str(node_copy(name_or_path, "models", key))
 
 
 def _check_positions(config, seq_len: int) -> None:
@@ -151,8 +140,8 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = F
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device}  # placed on the GPU as it is read: no host copy per rank
+    if device.type == "cuda" or quantized:  # placed as it is read: no host copy per GPU rank; a 4-bit model can
+        kwargs["device_map"] = {"": device}  # only be placed this way (it cannot be .to()-moved)
     if quantized:
         from transformers import BitsAndBytesConfig
 
@@ -160,7 +149,6 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = F
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        kwargs["device_map"] = {"": device}  # a 4-bit model is placed at load time; it cannot be .to()-moved
         kwargs["dtype"] = torch.bfloat16
     elif cfg.dtype != "auto":
         kwargs["dtype"] = DTYPES[cfg.dtype]
@@ -183,6 +171,11 @@ def _skeleton(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer):
                                             trust_remote_code=cfg.trust_remote_code)
 
 
+def hf_model(model):
+    """The Hugging Face model itself (under peft, its base model)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _on_meta(model) -> bool:
     return any(p.is_meta for p in model.parameters())
 
@@ -197,7 +190,7 @@ def init_weights(model, seed: int) -> None:
 
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = hf_model(model)
     std = getattr(hf.config, "initializer_range", 0.02)
     kind = {}
     for mod in model.modules():

@@ -46,11 +46,13 @@ def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int):
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks: modules whose class the HF model names in `_no_split_modules`."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft, the HF model
+    from raypt.model import ModelError, hf_model
+
+    hf = hf_model(model)
     names = set(getattr(hf, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(hf).__name__} names no decoder layer class (_no_split_modules); FSDP needs them "
+        raise ModelError(f"{type(hf).__name__} names no decoder layer class (_no_split_modules); FSDP needs them "
                          "to shard layer by layer: use scaling.strategy: ddp")
     return layers
 
@@ -87,7 +89,12 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     return norm
 
 
+def distributed() -> bool:
+    """Whether this process is part of a process group (a Ray Train worker; not `LocalContext`)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(x, op=op)
     return x
