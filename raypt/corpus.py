@@ -18,17 +18,14 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raypt.errors import UserError
+
 READ_CHUNK = 4 << 20  # bytes read from a stream at a time; lines longer than this are assembled across chunks
 FORMATS = ("text", "text_file", "jsonl", "parquet")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """Bad corpus input; the message names the file (and line) and the fix."""
-
-    @property
-    def message(self) -> str:
-        """The message alone (Ray appends retry advice to an exception that crossed a task boundary)."""
-        return str(self.args[0]).split("\nFailed to apply UDF", 1)[0] if self.args else ""
 
 
 def _is_hidden(name: str) -> bool:
@@ -78,11 +75,14 @@ class Listing:
     """Files under a given directory or glob whose name starts with '.' or '_' (not read, like Ray and Spark do)."""
     sizes: list[int] = field(default_factory=list)
     """Bytes of each file on storage (compressed size for .gz)."""
+    mtimes: list[float] = field(default_factory=list)
+    """Each file's modification time (seconds since the epoch; 0 where the store gives none)."""
 
 
 def list_files(paths: list[str], what: str = "data.train_paths") -> Listing:
-    """Expand files, directories (recursively) and globs; a path that matches nothing is an error naming it."""
-    out = Listing()
+    """Expand files, directories (recursively) and globs; a path that matches nothing is an error naming it. Sizes
+    and times come from the listing itself: one request per directory, not one per file."""
+    out, infos = Listing(), {}
     for spec in paths:
         fs, base = filesystem(spec)
         scheme = spec.split("://", 1)[0] + "://" if is_uri(spec) else ""
@@ -92,37 +92,35 @@ def list_files(paths: list[str], what: str = "data.train_paths") -> Listing:
             found = _glob(fs, base)
             if not found:
                 raise CorpusError(f"{what}: the glob {spec!r} matches no file; check the pattern and the directory")
-            candidates = found
+            candidates = [i.path for i in found]
+            infos.update((scheme + i.path, i) for i in found)
         else:
             info = fs.get_file_info(base)
             if info.type == pafs.FileType.NotFound:
                 raise CorpusError(f"{what}: {spec!r} does not exist; fix the path (relative paths start at {os.getcwd()})")
             if info.type == pafs.FileType.File:
-                out.files.append(scheme + base if scheme else base)  # named explicitly: read even if hidden
+                out.files.append(scheme + base)  # named explicitly: read even if hidden
+                infos[scheme + base] = info
                 continue
-            candidates = [
-                i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File
-            ]
+            found = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File]
+            candidates = [i.path for i in found]
+            infos.update((scheme + i.path, i) for i in found)
             if not candidates:
                 raise CorpusError(f"{what}: the directory {spec!r} contains no file; point it at the corpus shards")
         before = len(out.files)
         for p in sorted(candidates):
             rel = p[len(root):] if p.startswith(root) else p
             hidden = any(_is_hidden(part) for part in rel.split("/") if part)
-            (out.hidden_skipped if hidden else out.files).append(scheme + p if scheme else p)
+            (out.hidden_skipped if hidden else out.files).append(scheme + p)
         if len(out.files) == before:
             raise CorpusError(
                 f"{what}: {spec!r} only matches hidden files (names starting with '.' or '_'), which are skipped; "
                 "name such a file explicitly to read it"
             )
     out.files = sorted(dict.fromkeys(out.files))
-    out.sizes = [_size(f) for f in out.files]
+    out.sizes = [infos[f].size or 0 for f in out.files]
+    out.mtimes = [infos[f].mtime.timestamp() if infos[f].mtime else 0.0 for f in out.files]
     return out
-
-
-def _size(path: str) -> int:
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).size or 0
 
 
 def _glob_root(pattern: str) -> str:
@@ -131,11 +129,11 @@ def _glob_root(pattern: str) -> str:
     return "/".join(parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))])
 
 
-def _glob(fs: pafs.FileSystem, pattern: str) -> list[str]:
+def _glob(fs: pafs.FileSystem, pattern: str) -> list[pafs.FileInfo]:
     if isinstance(fs, pafs.LocalFileSystem):
-        return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+        return [i for i in fs.get_file_info(glob.glob(pattern, recursive=True)) if i.type == pafs.FileType.File]
     infos = fs.get_file_info(pafs.FileSelector(_glob_root(pattern), recursive=True, allow_not_found=True))
-    return [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)]
+    return [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, pattern)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
