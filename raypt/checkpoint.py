@@ -40,13 +40,14 @@ from raypt import faults
 from raypt.corpus import filesystem, is_uri, node_copy
 from raypt.model import unwrap
 from raypt.parallel import distributed
+from raypt.errors import UserError
 
 MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 STATE = "state"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A directory that is not a complete raypt checkpoint."""
 
 
@@ -57,15 +58,17 @@ class TrainState:
     tokens_seen: int = 0
     """Training tokens consumed by all workers together."""
     epoch: int = 0
-    """The data position (`raypt.feed.Position`): passes started over the training data,"""
+    """The data position (`raypt.stream.Position`): passes started over the training data,"""
     unit: int = 0
-    """the work unit holding the next block,"""
+    """the first work unit (in the pass's order) of the shuffle window holding the next block,"""
     offset: int = 0
-    """and the blocks of that unit already consumed."""
+    """and the blocks of that window already consumed."""
+    data: dict | None = None
+    """The data fingerprint (`raypt.data.fingerprint`) the position refers to."""
 
     @property
     def position(self):
-        from raypt.feed import Position
+        from raypt.stream import Position
 
         return Position(self.epoch, self.unit, self.offset)
 
@@ -267,6 +270,13 @@ def problem(directory: str) -> str | None:
         if info.type != pafs.FileType.File or info.size != size:
             return f"{directory} is incomplete or damaged: {name} is missing or not {size} bytes"
     return None
+
+
+def saved_state(directory: str) -> TrainState:
+    """The train state recorded in a complete checkpoint's marker."""
+    fs, path = filesystem(directory)
+    with fs.open_input_stream(f"{path}/{MARKER}") as f:
+        return TrainState(**json.loads(f.read())["state"])
 
 
 def check(directory: str | Path) -> None:

@@ -17,8 +17,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from raypt.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config that cannot be used; the message lists every problem found."""
 
     def __init__(self, problems: list[str], source: str = "config"):
@@ -41,7 +43,9 @@ class DataConfig:
     decode_errors: Literal["strict", "replace", "skip"] = "strict"
     """Non-UTF-8 bytes: fail naming file and line, replace with U+FFFD (counted), or skip the document (counted)."""
     num_tokenize_workers: Optional[int] = None
-    """Tokenize/pack actors; default: one per CPU in the cluster."""
+    """A fixed number of tokenize/pack actors; default: an autoscaling pool sized to the consumer's need."""
+    max_tokenize_workers: int = 64
+    """The autoscaling pool's ceiling (also never more than the free CPUs or the work units)."""
     unit_bytes: int = 8 << 20
     """Corpus bytes per work unit (one tokenize task); small corpora are cut finer so every actor gets work."""
     docs_per_batch: int = 512
@@ -53,10 +57,12 @@ class DataConfig:
     pretokenized: Optional[str] = None
     """A directory written by `python -m raypt.data --out`: train on its Parquet blocks instead of the text paths."""
     shuffle: bool = True
-    """Feed blocks in a random order, the same in every run of the same seed (exact resume keeps it): consecutive
-    whole work units are gathered into windows of at least shuffle_blocks blocks and each window is permuted."""
-    shuffle_blocks: int = 8192
-    """Blocks per shuffle window (memory of the feeder: shuffle_blocks x seq_len x 4 bytes, 64 MB at 2048)."""
+    """Feed blocks in a random order, the same in every run of the same seed (exact resume keeps it): each pass
+    visits the work units in a seeded permutation, consecutive whole units are gathered into windows of at least
+    shuffle_tokens tokens, and each window is permuted."""
+    shuffle_tokens: int = 16 << 20
+    """Tokens per shuffle window: what each training node holds of the stream (x4 bytes, twice for the window
+    ahead: 128 MB), whatever the seq_len."""
     materialize: bool = False
     """Tokenize the whole corpus before training starts (small corpora, several epochs) instead of streaming."""
 
@@ -186,6 +192,9 @@ class RunConfig:
     """Seeds model init and data order."""
     resume_from: Optional[str] = None
     """A checkpoint directory (of any run) to start from when this run has none of its own."""
+    data_changed: Literal["refuse", "restart"] = "refuse"
+    """A resume whose data (files, tokenizer, data settings) differs from the checkpoint's: refuse, naming what
+    changed; or restart: keep the model and optimizer state and start the new data's order from its beginning."""
     checkpoints_to_keep: int = 3
     max_failures: int = 0
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
@@ -294,8 +303,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"data.seq_len must be at least 2 (a block needs an input and a next token), got {d.seq_len}")
     if d.num_tokenize_workers is not None and d.num_tokenize_workers < 1:
         p.append(f"data.num_tokenize_workers must be >= 1 or null (auto), got {d.num_tokenize_workers}")
-    if d.shuffle_blocks < 1:
-        p.append(f"data.shuffle_blocks must be >= 1, got {d.shuffle_blocks}")
+    if d.shuffle_tokens < 1:
+        p.append(f"data.shuffle_tokens must be >= 1, got {d.shuffle_tokens}")
+    if d.max_tokenize_workers < 1:
+        p.append(f"data.max_tokenize_workers must be >= 1, got {d.max_tokenize_workers}")
     if d.unit_bytes < 1024:
         p.append(f"data.unit_bytes must be >= 1024, got {d.unit_bytes}")
     if d.docs_per_batch < 1:

@@ -2,22 +2,26 @@
 
     python -m raypt.data --config CFG [--set section.key=value ...] --out DIR
 
-`build_dataset` returns a streaming Ray Dataset of ``{"input_ids": int32[seq_len]}`` rows that the trainer consumes
-directly; the CLI writes the same rows as Parquet under ``DIR/train`` and ``DIR/eval`` plus ``DIR/summary.json``.
+`build_dataset` returns a streaming Ray Dataset of ``{"input_ids": int32[seq_len], "unit"}`` rows, one tagged block
+per work unit, that the trainer's order actor (`raypt.feed`) sequences without reading; the CLI writes the same rows
+as Parquet under ``DIR/train`` and ``DIR/eval`` plus ``DIR/summary.json``.
 
 The corpus is planned into units of ~8 MB (`raypt.corpus.plan_units`: small files grouped, big ones cut into line
 ranges); the plan depends on the data alone, not on the cluster. An actor pool maps units to blocks: each actor loads
 the tokenizer once, reads its unit's documents (`raypt.corpus` decodes and counts skips), encodes them in batches with
 the fast tokenizer and cuts the unit's stream into blocks (each unit's last tail, < seq_len, is dropped and counted).
-A unit's blocks are a pure function of the unit, and outputs keep unit order (`preserve_order`), so block i of the
-stream is the same in every run: `raypt.feed` builds exact resume on that. Every row carries its unit's index.
+A unit's blocks are a pure function of the unit, and each output block names its unit (and the unit's block count) in
+its schema, so the consumer puts units back in order whatever order they finish in (`raypt.stream.Sequencer`): block
+i of the stream is the same in every run, and exact resume is built on that. Every row also carries its unit.
 Reading inside the tokenizing actor means document text never crosses processes; memory is bounded by a batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -25,15 +29,21 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
+from ray.data.extensions import ArrowTensorArray
 
 from raypt.config import Config, absolute_paths, add_config_args, config_from_args
-from raypt.corpus import CorpusError, Listing, Segment, iter_documents, list_files, plan_units
-from raypt.packing import BlockPacker
+from raypt.errors import UserError
+from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
+from raypt.packing import TOKEN_DTYPE, BlockPacker
 from raypt.tokenizer import tokenizer_path
 
 SPLITS = ("train", "eval")
@@ -41,24 +51,65 @@ TEXT_BATCH_CHARS = 8 << 20  # a tokenizer batch is closed at this many character
 MIN_UNITS = 16  # a small corpus is cut finer (down to 64 KB units) so that actors share it; each unit drops a tail
 
 
+UNIT_KEY, BLOCKS_KEY = b"raypt.unit", b"raypt.unit_blocks"  # an output block's schema metadata: its unit, and all
+# the blocks of that unit (a unit may be cut into several Ray blocks); the order actor reads them without the data
+
+
+def unit_table(blocks: np.ndarray, unit: int) -> pa.Table:
+    """One unit's blocks as a Ray Data block, tagged with the unit so that its consumer can sequence it unread."""
+    table = pa.table({"input_ids": ArrowTensorArray.from_numpy(np.ascontiguousarray(blocks, TOKEN_DTYPE)),
+                      "unit": pa.array(np.full(len(blocks), unit, np.int64))})
+    return table.replace_schema_metadata({UNIT_KEY: str(unit), BLOCKS_KEY: str(len(blocks))})
+
+
+def unit_tag(schema) -> tuple[int, int]:
+    """(unit, its total blocks) from an output block's schema."""
+    meta = getattr(schema, "metadata", None) or {}
+    if UNIT_KEY not in meta:
+        raise RuntimeError(f"a data block without its unit tag (schema {schema}); the pipeline must end in unit_table")
+    return int(meta[UNIT_KEY]), int(meta[BLOCKS_KEY])
+
+
+def table_blocks(table: pa.Table) -> np.ndarray:
+    """The (n, seq_len) int32 blocks of a Ray Data block, without a copy."""
+    col = table.column("input_ids").combine_chunks()
+    return col.to_numpy(zero_copy_only=True) if len(col) else np.empty((0, 0), TOKEN_DTYPE)
+
+
 @ray.remote(num_cpus=0)
 class PipelineStats:
-    """Counters the pipeline's tasks and actors add to; read once at the end."""
+    """Counters the pipeline's actors add to, read once at the end; and the turnstile that keeps the pipeline at
+    most `ahead` units in front of the first unit its consumer still waits for (`advance`), so units finished out of
+    order wait in a bounded buffer. (An async actor: many actors wait on `turn` at once.)"""
 
-    def __init__(self):
+    def __init__(self, ahead: int | None = None, first: int = 0):
         self.counts: Counter = Counter()
         self.first_ready = self.last_add = None
+        self.ahead, self.next = ahead, first
+        self.moved = asyncio.Condition()
 
-    def ready(self, t: float) -> None:
+    async def ready(self, t: float) -> None:
         """An actor finished starting up at wall time `t`: steady-state work is timed from the first such call."""
         self.first_ready = t if self.first_ready is None else min(self.first_ready, t)
 
-    def add(self, counts: dict, t: float, rss_mb: float) -> None:
+    async def add(self, counts: dict, t: float, rss_mb: float) -> None:
         self.counts.update(counts)
         self.counts["peak_actor_rss_mb"] = max(self.counts["peak_actor_rss_mb"], round(rss_mb))
         self.last_add = t if self.last_add is None else max(self.last_add, t)
 
-    def get(self) -> tuple[dict, float | None]:
+    async def turn(self, seq: int) -> None:
+        """Returns once unit `seq` (in the pass's order) may start."""
+        if self.ahead is not None:
+            async with self.moved:
+                await self.moved.wait_for(lambda: seq < self.next + self.ahead)
+
+    async def advance(self, next_seq: int) -> None:
+        """Every unit before `next_seq` has reached the consumer."""
+        async with self.moved:
+            self.next = max(self.next, next_seq)
+            self.moved.notify_all()
+
+    async def get(self) -> tuple[dict, float | None]:
         steady = self.last_add - self.first_ready if self.last_add and self.first_ready else None
         return dict(self.counts), steady
 
@@ -68,7 +119,8 @@ def _peak_rss_mb() -> float:
 
 
 class TokenizePack:
-    """Ray Data actor: a unit of files -> documents -> ``BOS doc EOS`` stream -> full blocks of seq_len tokens.
+    """Ray Data actor: a unit of files -> documents -> ``BOS doc EOS`` stream -> full blocks of seq_len tokens, one
+    tagged table per unit (`unit_table`).
 
     Each unit is packed on its own (its tail, < seq_len tokens, is dropped and counted), so its blocks do not depend
     on which actor ran it or what it ran before. The tokenizer is loaded once per actor.
@@ -83,9 +135,11 @@ class TokenizePack:
         self.stats = stats
         stats.ready.remote(time.time())
 
-    def __call__(self, batch: dict):
+    def __call__(self, batch: dict) -> Iterator[pa.Table]:  # (a generator: Ray Data then keeps a raised
+        # CorpusError as the cause of the error the consumer sees)
+        ray.get(self.stats.turn.remote(int(batch["seq"][0])))
         counts: Counter = Counter()
-        unit, packer = int(batch["index"][0]), BlockPacker(self.d.seq_len)
+        unit, packer, parts = int(batch["index"][0]), BlockPacker(self.d.seq_len), []
         docs, chars = [], 0
         for seg in batch["unit"][0]:
             for doc in iter_documents(
@@ -94,32 +148,66 @@ class TokenizePack:
                 docs.append(doc)
                 chars += len(doc)
                 if len(docs) >= self.d.docs_per_batch or chars >= TEXT_BATCH_CHARS:
-                    yield self._blocks(docs, packer, unit, counts)
+                    parts.append(self._blocks(docs, packer, counts))
                     docs, chars = [], 0
         if docs:
-            yield self._blocks(docs, packer, unit, counts)
+            parts.append(self._blocks(docs, packer, counts))
         self.stats.add.remote(counts, time.time(), _peak_rss_mb())
+        yield unit_table(np.concatenate(parts) if parts else np.empty((0, self.d.seq_len), TOKEN_DTYPE), unit)
 
-    def _blocks(self, docs: list[str], packer: BlockPacker, unit: int, counts: Counter) -> dict:
+    def _blocks(self, docs: list[str], packer: BlockPacker, counts: Counter) -> np.ndarray:
         tokens = self.encode(docs)
         blocks = packer.add(tokens)
         counts["tokens"] += len(tokens)
         counts["blocks"] += len(blocks)
-        return {"input_ids": blocks, "unit": np.full(len(blocks), unit, np.int64)}
+        return blocks
+
+
+def read_pretokenized(batch: dict, seq_len: int, stats) -> Iterator[pa.Table]:
+    """Ray Data task: one Parquet file written by `python -m raypt.data --out` (one unit) -> its tagged blocks; a
+    wrong block length is a clear error."""
+    ray.get(stats.turn.remote(int(batch["seq"][0])))
+    path, unit = str(batch["path"][0]), int(batch["index"][0])
+    fs, inner = filesystem(path)
+    with fs.open_input_file(inner) as f:
+        col = pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks()
+    if isinstance(col.type, pa.ExtensionType):  # Ray's tensor column, as `--out` writes it
+        blocks = col.to_numpy()
+    elif len(col):  # a list column
+        blocks = np.asarray(col.flatten().to_numpy()).reshape(len(col), -1)
+    else:
+        blocks = np.empty((0, seq_len), TOKEN_DTYPE)
+    if blocks.ndim != 2 or blocks.shape[1] != seq_len:
+        raise CorpusError(f"data.pretokenized {path} holds blocks of {blocks.shape[-1]} tokens, but data.seq_len is "
+                          f"{seq_len}; set data.seq_len to match, or re-run `python -m raypt.data` with this seq_len")
+    yield unit_table(blocks, unit)
 
 
 def plan(cfg: Config, split: str = "train") -> tuple[Listing, list[list[Segment]]]:
-    """The split's files and its work units, in stream order. A function of the data alone (never of the cluster),
+    """The split's files and its work units, in plan order. A function of the data alone (never of the cluster),
     so a data position recorded by one run means the same units in the next."""
     paths = cfg.data.train_paths if split == "train" else cfg.data.eval_paths
     listing = list_files(paths, f"data.{split}_paths")
     return listing, plan_units(listing, cfg.data.format, cfg.data.unit_bytes, min_units=MIN_UNITS)
 
 
+def pretokenized_files(cfg: Config, split: str = "train") -> Listing:
+    """The Parquet files of a pre-tokenized split, sorted: its units."""
+    path = f"{cfg.data.pretokenized}/{split}"
+    listing = list_files([path], "data.pretokenized")
+    keep = [i for i, f in enumerate(listing.files) if f.endswith(".parquet")]
+    if not keep:
+        raise CorpusError(f"data.pretokenized: {path} holds no .parquet files; write it with "
+                          "`python -m raypt.data --config ... --out DIR`")
+    return Listing([listing.files[i] for i in keep], listing.hidden_skipped, [listing.sizes[i] for i in keep],
+                   [listing.mtimes[i] for i in keep])
+
+
 def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0) -> tuple[int, int]:
-    """(tokenize actors, tokenizer threads per actor). By default one single-threaded actor per free CPU,
-    which measured faster than fewer actors with more tokenizer threads (the per-token Python work then also runs
-    in parallel), and never more actors than units. `reserved_cpus` are held by training workers."""
+    """(fewest, most) tokenize actors. Ray Data's autoscaling pool grows from one actor while the consumer keeps up
+    with it and work is queued, up to one single-threaded actor per free CPU (measured faster than fewer actors with
+    more tokenizer threads: the per-token Python work then also runs in parallel), `data.max_tokenize_workers`, and
+    the units; `data.num_tokenize_workers` fixes the size. `reserved_cpus` are held by training workers."""
     d = cfg.data
     total = ray.cluster_resources().get("CPU", 1)
     free = total - reserved_cpus
@@ -129,8 +217,11 @@ def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0) -> tuple[int,
             "CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker or "
             "data.cpus_per_tokenize_worker, or add CPU nodes"
         )
-    actors = min(d.num_tokenize_workers or max(1, int(free // d.cpus_per_tokenize_worker)), units)
-    return actors, max(1, int(free // actors))
+    if d.num_tokenize_workers:
+        n = min(d.num_tokenize_workers, units)
+        return n, n
+    most = max(1, min(units, int(free // d.cpus_per_tokenize_worker), d.max_tokenize_workers))
+    return min(2, most), most
 
 
 @dataclass
@@ -138,37 +229,99 @@ class SplitData:
     dataset: ray.data.Dataset
     listing: Listing
     stats: ray.actor.ActorHandle
-    actors: int
-    threads: int
+    actors: tuple[int, int]
     units: int
 
 
-def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, first_unit: int = 0) -> SplitData:
-    """The streaming Ray Dataset of packed blocks for a split ("train" or "eval"), ``{"input_ids", "unit"}`` rows in
-    unit order, from unit `first_unit` on; nothing runs until consumed."""
+def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
+                  order: list[int] | None = None, first: int = 0, ahead: int | None = None) -> SplitData:
+    """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
+    data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
+    `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
+    start until fewer than `ahead` units before it are still missing. Nothing runs until consumed."""
     d = cfg.data
-    listing, units = plan(cfg, split)
+    if d.pretokenized:
+        listing = pretokenized_files(cfg, split)
+        units = listing.files
+    else:
+        listing, units = plan(cfg, split)
+    order = list(range(len(units))) if order is None else [int(u) for u in order]
+    if first >= len(order):
+        raise CorpusError(f"data.{split}_paths has {len(units)} work units; a data position at unit {first} is "
+                          "past its end (did the corpus change since the checkpoint?)")
+    stats = PipelineStats.remote(ahead, first)
+    seqs = range(first, len(order))
+    if d.pretokenized:
+        items = [{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs]
+        blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=0.25,  # light: a Parquet read
+            fn_kwargs=dict(seq_len=d.seq_len, stats=stats))
+        return SplitData(blocks, listing, stats, (0, 0), len(units))
+    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus)
     tok_path = tokenizer_path(cfg)
     # Fail here, in the driver, rather than inside every actor.
     from raypt.tokenizer import load_tokenizer, special_ids
 
     t = cfg.tokenizer
     bos, eos = special_ids(load_tokenizer(tok_path), t.add_bos, t.add_eos, t.bos_id, t.eos_id)
-
-    stats = PipelineStats.remote()
-    actors, threads = pool_plan(cfg, len(units), reserved_cpus)
-    items = [{"index": i, "unit": [dataclasses.asdict(seg) for seg in unit]} for i, unit in enumerate(units)]
-    items = items[first_unit:]
-    if not items:
-        raise CorpusError(f"data.{split}_paths has {len(units)} work units; a data position at unit {first_unit} is "
-                          "past its end (did the corpus change since the checkpoint?)")
+    items = [{"index": order[s], "seq": s, "unit": [dataclasses.asdict(seg) for seg in units[order[s]]]}
+             for s in seqs]
     blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=1),
-        fn_constructor_kwargs=dict(cfg=cfg, tokenizer_path=tok_path, bos_id=bos, eos_id=eos, threads=threads,
-                                   stats=stats),
+        compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most, max_concurrent_calls_per_actor=1),
+        fn_constructor_kwargs=dict(cfg=cfg, tokenizer_path=tok_path, bos_id=bos, eos_id=eos,
+                                   threads=max(1, int(d.cpus_per_tokenize_worker)), stats=stats),
     )
-    return SplitData(blocks, listing, stats, actors, threads, len(units))
+    return SplitData(blocks, listing, stats, (fewest, most), len(units))
+
+
+def fingerprint(cfg: Config) -> dict:
+    """What the data order of a run depends on: the files (path, size; mtime too, reported only), the unit plan, the tokenizer's files
+    and special tokens, and every data setting that changes the blocks or their order. Saved in each checkpoint; a
+    resume against a different fingerprint is refused (`run.data_changed`)."""
+    d, t = cfg.data, cfg.tokenizer
+    fp: dict = {"order_version": ORDER_VERSION, "seq_len": d.seq_len, "shuffle": d.shuffle,
+                "shuffle_tokens": d.shuffle_tokens, "seed": cfg.run.seed}
+    if d.pretokenized:
+        listing, units = pretokenized_files(cfg), None
+        fp["pretokenized"] = d.pretokenized
+    else:
+        listing, units = plan(cfg)
+        from raypt.tokenizer import load_tokenizer, special_ids
+
+        tok_path = tokenizer_path(cfg)
+        fp.update(format=d.format, text_field=d.text_field, decode_errors=d.decode_errors, unit_bytes=d.unit_bytes,
+                  max_doc_chars=d.max_doc_chars, tokenizer=_tokenizer_digest(tok_path),
+                  bos_eos=list(special_ids(load_tokenizer(tok_path), t.add_bos, t.add_eos, t.bos_id, t.eos_id)))
+    files = [[f, s, round(m, 3)] for f, s, m in zip(listing.files, listing.sizes, listing.mtimes)]
+    # (paths and sizes decide; a new mtime alone, say a corpus written again with the same bytes, is only reported)
+    fp["num_files"], fp["files_sha256"] = len(files), _digest(json.dumps([f[:2] for f in files]))
+    if len(files) <= FINGERPRINT_FILES:  # small enough to keep: a refused resume can then name the file
+        fp["files"] = files
+    if units is not None:
+        fp["units_sha256"] = _digest(json.dumps([[dataclasses.astuple(s) for s in u] for u in units]))
+    return fp
+
+
+ORDER_VERSION = 2  # bump when the stream definition (raypt.stream) changes: old positions then mean other blocks
+FINGERPRINT_FILES = 10_000
+TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tokenizer_digest(path: str) -> str:
+    """sha256 over the tokenizer's own files in `path` (not a model's weights next to them)."""
+    fs, inner = filesystem(path)
+    h = hashlib.sha256()
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == pafs.FileType.File and info.base_name.startswith(TOKENIZER_FILES):
+            with fs.open_input_stream(info.path) as f:
+                h.update(info.base_name.encode() + b"\0" + f.read())
+    return h.hexdigest()
 
 
 def summarize(split: SplitData, seq_len: int, seconds: float) -> dict:
@@ -184,7 +337,7 @@ def summarize(split: SplitData, seq_len: int, seconds: float) -> dict:
         "tokens": c["tokens"],
         "blocks": c["blocks"],
         "dropped_tokens": c["tokens"] - c["blocks"] * seq_len,
-        "tokenize_actors": split.actors,
+        "tokenize_actors": split.actors[1],
         "peak_actor_rss_mb": c["peak_actor_rss_mb"],
         "seconds": round(seconds, 2),
         "tokens_per_s": round(c["tokens"] / seconds) if seconds > 0 else None,
@@ -241,7 +394,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def user_error(exc: BaseException, types: tuple = (CorpusError,)) -> BaseException | None:
+def user_error(exc: BaseException, types: tuple = (UserError,)) -> BaseException | None:
     """The user-input error (of `types`) behind an exception that came back through Ray: task errors keep it in
     `.cause`, Ray Train's WorkerGroupError in `.worker_failures`."""
     seen, todo = set(), [exc]
@@ -274,7 +427,6 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.execution_options.preserve_order = True  # block i of a stream is the same in every run
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).addFilter(_QuietUserErrors())
 

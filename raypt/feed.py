@@ -1,186 +1,135 @@
-"""The training data order: one deterministic stream of blocks, cut into global batches, each rank taking its slice.
+"""The data order on Ray (`raypt.stream` defines it): one actor keeps the order, never the bytes.
 
-Ray Data's `streaming_split` hands blocks to workers in whatever order they finish (ray#58658) and has no iterator
-checkpoint (ray#48224), so a restarted run would repeat or skip data. raypt owns the order instead:
-
-- the source is the corpus's work units in plan order (`raypt.data.plan`; for pre-tokenized data, its Parquet files
-  in sorted order), each packed on its own, read with `preserve_order`: the same blocks in every run, whatever the
-  number of tokenize actors or training workers;
-- shuffling: consecutive whole units are gathered into windows of at least `data.shuffle_blocks` blocks, and each
-  window is emitted in a random order seeded by (run.seed, pass, window), so a batch mixes many documents and
-  units, and every pass differs, yet block i of the stream is the same in every run;
-- global batch s is the next `global_batch` blocks of that stream; rank r of W trains on its r-th slice, so the
-  summed gradient is the same for any W;
-- a `Position` (pass, first unit of the current window, blocks of that window consumed) is saved with every
-  checkpoint; resuming starts the pipeline at that unit and rebuilds the window, so at most one window is re-read.
-
-One `Feeder` actor per run holds the stream and hands each rank its slice of each step (`get(step, rank)`); it
-outlives worker-group restarts, and rank 0 re-opens it at the checkpoint's position when a group starts.
+- The `Feeder` actor (one per run, beside the driver; it outlives worker-group restarts) runs the train pipeline
+  (`raypt.data.build_dataset`) and takes its output as references (`iter_internal_ref_bundles`): every block stays in
+  the object store of the node whose tokenize actor made it. Each block's schema carries its unit and the unit's
+  block count, so the Feeder puts units back into pass order (`stream.Sequencer`), holds the pipeline at most `AHEAD`
+  units past the first missing one (`PipelineStats.turn`), forms the shuffle windows and hands them out a window at
+  a time: object references and row counts, some bytes per unit, for thousands of steps.
+- Each rank (`RankFeed`) asks for window k+1 while it trains on window k, has its node pull that window's units as
+  soon as it knows them (ranks on one node share the copy), and takes its own rows of each global batch from them.
+- Rank 0 re-opens the Feeder at the checkpoint's position whenever a worker group starts.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
+import ray
 
+from raypt.config import config_from_dict, global_batch_size
 from raypt.corpus import CorpusError
+from raypt.data import (build_dataset, init_ray, plan, pretokenized_files, table_blocks, unit_tag)
+from raypt.stream import (EmptyStream, Position, RankStream, Sequencer, Unit, Window, gather, order_args,
+                          stream_windows, unit_order)
+
+AHEAD = 64
+"""Units the pipeline may run past the first one its consumer still waits for (the re-sequencing buffer's bound)."""
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where the next training block comes from."""
-
-    epoch: int = 0
-    """Passes over the data started."""
-    unit: int = 0
-    """First work unit (pre-tokenized: Parquet file) of the shuffle window holding the next block."""
-    offset: int = 0
-    """Blocks of that window already consumed."""
-
-
-def rows_from(read: Callable[[int], Iterable[dict]], pos: Position, window_blocks: int = 0,
-              seed: int | None = None) -> Iterator[tuple[np.ndarray, Position]]:
-    """Blocks from `pos` on, pass after pass, each with the position after it. `read(first_unit)` iterates one pass's
-    ``{"input_ids", "unit"}`` batches in stream order, starting at or before `first_unit`. Whole units are gathered
-    into windows of at least `window_blocks` blocks; with a `seed`, each window comes out in its own random order."""
-    epoch, start, skip = pos.epoch, pos.unit, pos.offset
-    while True:
-        fed, whole_pass = 0, start == 0 and skip == 0
-        for first, blocks in _windows(read(start), start, window_blocks):
-            order = (np.random.default_rng([seed, epoch, first]).permutation(len(blocks)) if seed is not None
-                     else np.arange(len(blocks)))
-            for i in range(skip, len(blocks)):
-                yield blocks[order[i]], Position(epoch, first, i + 1)
-            fed += len(blocks) - skip
-            skip = 0
-        if fed == 0 and whole_pass:
-            raise CorpusError("the training data yields no block of data.seq_len tokens; add text or lower data.seq_len")
-        epoch, start, skip = epoch + 1, 0, 0
+def units_in_order(dataset: ray.data.Dataset, order: np.ndarray, first: int, stats=None) -> Iterator[Unit]:
+    """The units of a pipeline over `order[first:]`, back in that order, each as (unit id, block references) —
+    nothing is fetched. `stats.advance` tells the pipeline's turnstile how far the consumer got."""
+    seq_of = {int(u): s for s, u in enumerate(order)}
+    seq = Sequencer(first)
+    for bundle in dataset.iter_internal_ref_bundles():
+        uid, total = unit_tag(bundle.schema)
+        ready = seq.add(seq_of[uid], total, bundle.num_rows(), tuple(e.ref for e in bundle.blocks))
+        for u in ready:
+            yield Unit(u.seq, u.blocks, (int(order[u.seq]), sum(u.data, ())))
+        if ready and stats is not None:
+            stats.advance.remote(seq.next)
+    if len(seq) or seq.next != len(order):
+        raise RuntimeError(f"the data pipeline delivered units up to {seq.next} of {len(order)} "
+                           f"({len(seq)} more waiting for an earlier one)")
 
 
-def _windows(batches: Iterable[dict], start: int, min_blocks: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first unit, blocks) of consecutive whole units from unit `start` on, each window closed at a unit boundary
-    once it holds `min_blocks` blocks (a function of the units' block counts alone, so a resume rebuilds it)."""
-    first, last, parts, n = None, None, [], 0
-    for b in batches:
-        units, blocks = np.asarray(b["unit"]), b["input_ids"]
-        keep = units >= start
-        units, blocks = units[keep], blocks[keep]
-        if not len(units):
-            continue
-        cuts = np.flatnonzero(np.diff(units)) + 1
-        for a, z in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(units)].tolist()):
-            u = int(units[a])
-            if first is None:
-                first = u
-            elif u != last and n >= min_blocks:  # a new unit begins and the window is full: emit it
-                yield first, np.concatenate(parts)
-                first, parts, n = u, [], 0
-            parts.append(blocks[a:z])
-            n += z - a
-            last = u
-    if parts:
-        yield first, np.concatenate(parts)
-
-
-def global_batches(rows: Iterator[tuple[np.ndarray, Position]], size: int) -> Iterator[tuple[np.ndarray, Position]]:
-    """Group rows into (size, seq_len) batches, each with the position after its last block."""
-    while True:
-        got = [next(rows) for _ in range(size)]
-        yield np.stack([b for b, _ in got]), got[-1][1]
-
-
-def shuffle_args(cfg) -> tuple[int, int | None]:
-    """(window_blocks, seed) for `rows_from` from a run's config."""
-    if not cfg.data.shuffle:
-        return 0, None
-    return cfg.data.shuffle_blocks, cfg.run.seed
-
-
-def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    n = len(batch) // world_size
-    return batch[rank * n : (rank + 1) * n]
+def fetch_unit(unit: Unit) -> np.ndarray:
+    """A unit's (n, seq_len) blocks, read from this node's object store (pulled here first if made elsewhere)."""
+    uid, refs = unit.data
+    tables = ray.get(list(refs))
+    for t in tables:  # the unit tag was read from the schema; the rows say it too
+        units = t.column("unit")
+        if len(units) and (units[0].as_py() != uid or units[-1].as_py() != uid):
+            raise RuntimeError(f"a data block tagged as unit {uid} holds rows of unit {units[0].as_py()}")
+    blocks = [table_blocks(t) for t in tables]
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 class Feeder:
-    """Owns the run's training stream; every rank asks it for its slice of each step's global batch. A Ray actor
-    (`raypt.train` starts it); this module itself needs no Ray, so the in-process loop runs without it."""
+    """Owns the run's training order; ranks ask it for the shuffle windows (`window`) and fetch the blocks
+    themselves. A Ray actor (`raypt.train` starts it next to the driver, with no CPU)."""
 
     def __init__(self, cfg_dict: dict, reserved_cpus: float):
-        from raypt.config import config_from_dict, global_batch_size
-        from raypt.data import init_ray
-
-        init_ray()  # this process's DataContext: preserve_order, quiet user errors
+        init_ray()  # this process's DataContext; quiet user errors
         self.cfg = config_from_dict(cfg_dict)
-        self.world_size, self.reserved = self.cfg.scaling.num_workers, reserved_cpus
-        self.global_batch = global_batch_size(self.cfg)
-        self.stats: list = []  # PipelineStats actors of the pipelines started so far
         d = self.cfg.data
-        if d.pretokenized:
-            self.files = parquet_files(f"{d.pretokenized}/train")
-            self.num_units = len(self.files)
-        else:
-            from raypt.data import plan
-
-            self.num_units = len(plan(self.cfg, "train")[1])
-        self.materialized = self._dataset(0).materialize() if d.materialize else None
-        self.batches, self.cache, self.next_step = None, {}, 0
+        self.world_size, self.reserved = self.cfg.scaling.num_workers, reserved_cpus
+        self.min_blocks, self.seed = order_args(self.cfg)
+        self.num_units = len(pretokenized_files(self.cfg).files) if d.pretokenized else len(plan(self.cfg)[1])
+        self.stats: list = []  # PipelineStats actors of the pipelines started so far
+        self.materialized = self._materialize() if d.materialize else None
+        self.wins, self.kept, self.base, self.asked = None, [], 0, {}
 
     def ready(self) -> int:
         """Units in one pass (the driver waits on this: it surfaces listing errors and the materialize step)."""
         return self.num_units
 
-    def _dataset(self, first_unit: int):
-        d = self.cfg.data
-        if d.pretokenized:
-            from raypt.train import read_blocks
-
-            return read_blocks(self.files[first_unit:], d.seq_len, first_unit)
-        from raypt.data import build_dataset
-
-        split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, first_unit=first_unit)
+    def _pipeline(self, order: np.ndarray, first: int) -> Iterator[Unit]:
+        split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD)
         self.stats.append(split.stats)
-        return split.dataset
+        return units_in_order(split.dataset, order, first, split.stats)
 
-    def _read(self, first_unit: int) -> Iterable[dict]:
-        ds = self.materialized or self._dataset(first_unit)
-        return ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4)
+    def _materialize(self) -> dict[int, Unit]:
+        """Every unit tokenized once, before training; later passes re-order the references."""
+        return {u.data[0]: u for u in self._pipeline(np.arange(self.num_units), 0)}
+
+    def _read_pass(self, epoch: int, first: int) -> Iterator[Unit]:
+        order = unit_order(self.num_units, epoch, self.seed)
+        if self.materialized is None:
+            return self._pipeline(order, first)
+        return (Unit(s, self.materialized[int(order[s])].blocks, self.materialized[int(order[s])].data)
+                for s in range(first, self.num_units))
 
     def open(self, pos: Position, step: int) -> None:
-        """Restart the stream at `pos`; the next global batch is step `step + 1`."""
+        """Restart the order at `pos` (the checkpoint's; step `step` is done)."""
         if pos.unit > self.num_units or (pos.unit == self.num_units and pos.offset > 0):
             raise CorpusError(f"the checkpoint's data position (unit {pos.unit}) is past the {self.num_units} work "
                               "units of the training data: the corpus changed since it was saved; start a new run.name "
                               "or restore the corpus")
-        self.batches = global_batches(rows_from(self._read, pos, *shuffle_args(self.cfg)), self.global_batch)
-        self.cache, self.next_step = {}, step + 1
+        self.close()
+        self.wins, self.kept, self.base, self.asked = stream_windows(self._read_pass, pos, self.min_blocks), [], 0, {}
 
-    def get(self, step: int, rank: int) -> tuple[np.ndarray, Position]:
-        """Rank `rank`'s slice of global batch `step` (1-based), and the data position after the whole batch."""
-        if self.batches is None:
-            raise RuntimeError("Feeder.get before Feeder.open")
-        while self.next_step <= step:
-            self.cache[self.next_step] = [*next(self.batches), set()]
-            self.next_step += 1
-        batch, pos, taken = self.cache[step]
-        taken.add(rank)
-        if len(taken) == self.world_size:
-            del self.cache[step]
-        return rank_slice(batch, rank, self.world_size), pos
+    def window(self, k: int, rank: int) -> Window:
+        """Window k (0: the one holding the opened position) of the stream, as references. Asking for k says that
+        the rank has all windows before it, so those are let go once every rank has asked past them."""
+        if self.wins is None:
+            raise RuntimeError("Feeder.window before Feeder.open")
+        if k < self.base:
+            raise RuntimeError(f"rank {rank} asked for window {k}, already let go; a restarted rank needs Feeder.open")
+        try:
+            while self.base + len(self.kept) <= k:
+                self.kept.append(next(self.wins))
+        except EmptyStream as e:
+            raise CorpusError(str(e)) from None
+        self.asked[rank] = k
+        done = min(self.asked.get(r, 0) for r in range(self.world_size))
+        if done > self.base:
+            del self.kept[: done - self.base]
+            self.base = done
+        return self.kept[k - self.base]
 
     def close(self) -> None:
         """End the stream while Ray is still up (Ray Data logs an error when an iterator dies with its process)."""
-        if self.batches is not None:
-            self.batches.close()
-            self.batches = None
+        if self.wins is not None:
+            self.wins.close()
+            self.wins = None
 
     def counts(self) -> dict:
-        """The text pipelines' counters so far (documents, skips by reason, tokens, blocks)."""
-        import ray
-
+        """The pipelines' counters so far (documents, skips by reason, tokens, blocks)."""
         total: Counter = Counter()
         for s in self.stats:
             total.update(ray.get(s.get.remote())[0])
@@ -189,12 +138,83 @@ class Feeder:
         return dict(total)
 
 
-def parquet_files(path: str) -> list[str]:
-    """The Parquet files of a pre-tokenized split, sorted: the stream order of pre-tokenized data."""
-    from raypt.corpus import list_files
+class RankFeed:
+    """A rank's end of the order: windows from the Feeder one ahead, their units pulled to this node as soon as they
+    are known, this rank's rows of each step gathered from them."""
 
-    files = [f for f in list_files([path], "data.pretokenized").files if f.endswith(".parquet")]
-    if not files:
-        raise CorpusError(f"data.pretokenized: {path} holds no .parquet files; write it with "
-                          "`python -m raypt.data --config ... --out DIR`")
-    return files
+    def __init__(self, feeder, cfg, rank: int, world_size: int, position: Position):
+        self.feeder, self.rank = feeder, rank
+        min_blocks, seed = order_args(cfg)
+        self.pending = [feeder.window.remote(0, rank)]
+        self.ready: list[Window] = []
+        self.next = 1
+        self.steps = RankStream(self._windows(), position.offset, global_batch_size(cfg), rank, world_size, seed)
+        self.cache: dict = {}
+
+    def _take(self) -> None:
+        """The window asked for last, with its units' transfer started; and ask for the next."""
+        w = ray.get(self.pending.pop())
+        refs = [r for u in w.units for r in u.data[1]]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)  # starts the pull, returns at once
+        self.ready.append(w)
+        self.pending.append(self.feeder.window.remote(self.next, self.rank))
+        self.next += 1
+
+    def _windows(self) -> Iterator[Window]:
+        while True:
+            if not self.ready:
+                self._take()
+            yield self.ready.pop(0)
+
+    def _fetch(self, unit: Unit) -> np.ndarray:
+        key = unit.data[1]
+        if key not in self.cache:
+            self.cache[key] = fetch_unit(unit)
+        return self.cache[key]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, Position]:
+        rows, pos = next(self.steps)
+        if self.pending and ray.wait(self.pending, timeout=0)[0]:  # the next window is known: pull it now
+            self._take()
+        blocks = gather(rows, self._fetch)
+        live = {u.data[1] for w, _ in rows for u in w.units}
+        for key in [k for k in self.cache if k not in live]:  # units of windows this rank is done with
+            del self.cache[key]
+        return blocks, pos
+
+
+def eval_chunks(cfg, world_size: int) -> list | None:
+    """The fixed eval set (the first blocks of the eval split, in unit order), cut into one object per rank so that
+    each rank reads only its own share."""
+    d, t = cfg.data, cfg.train
+    if d.pretokenized:
+        import pyarrow.fs as pafs
+
+        from raypt.corpus import filesystem
+
+        fs, path = filesystem(f"{d.pretokenized}/eval")
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return None
+    elif not d.eval_paths:
+        return None
+    per_rank = t.eval_batches * t.micro_batch_size
+    need = per_rank * world_size
+    split = build_dataset(cfg, "eval")
+    parts, have = [], 0
+    units = units_in_order(split.dataset, np.arange(split.units), 0)
+    for u in units:
+        if u.blocks:
+            parts.append(fetch_unit(u))
+            have += u.blocks
+        if have >= need:
+            break
+    units.close()
+    if not have:
+        return None
+    blocks = np.concatenate(parts)[:need]
+    n = len(blocks) // world_size  # the same count on every rank: FSDP's forwards are collective
+    return [ray.put(blocks[r * n : (r + 1) * n]) for r in range(world_size)]

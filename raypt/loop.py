@@ -19,7 +19,7 @@ import torch
 from raypt import faults, parallel
 from raypt.checkpoint import Checkpointer, TrainState, full_model_state
 from raypt.config import Config, global_batch_size, grad_accum_steps
-from raypt.feed import Position, global_batches, rank_slice, rows_from, shuffle_args
+from raypt.stream import Position, RankStream, Unit, fingerprint_changes, gather, order_args, stream_windows
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, unwrap
 from raypt.optim import NonFiniteError, StepGuard, build_optimizer, set_lr
@@ -36,6 +36,9 @@ class Context(Protocol):
     """Local directory for metrics and the final model (rank 0 writes)."""
     storage: str
     """The run's directory on its storage (path or URI): checkpoints are written and looked for there."""
+    data_fingerprint: dict | None
+    """What the training data order depends on (`raypt.data.fingerprint`), checked against a checkpoint's on resume;
+    None: not checked."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wrap for DDP; identity in one process and for a model FSDP already sharded."""
@@ -62,7 +65,7 @@ def train(cfg: Config, ctx: Context) -> dict:
     ckpt = Checkpointer(ctx.storage, rank=ctx.rank, local_rank=ctx.local_rank, keep=cfg.run.checkpoints_to_keep,
                         async_save=ctx.device.type == "cuda" if cfg.run.async_checkpoint is None
                         else cfg.run.async_checkpoint)
-    state = resume(cfg, ckpt, model, optimizer, metrics)
+    state = resume(cfg, ckpt, model, optimizer, metrics, ctx.data_fingerprint)
 
     tokens_per_step = global_batch_size(cfg) * cfg.data.seq_len
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
@@ -139,19 +142,38 @@ def setup_model(cfg: Config, ctx: Context, tok):
     return ctx.prepare(model), info
 
 
-def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLogger) -> TrainState:
+def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLogger,
+           fingerprint: dict | None = None) -> TrainState:
     """The run's newest complete checkpoint, else run.resume_from, loaded into model and optimizer; else a fresh
-    state."""
+    state. A checkpoint whose data fingerprint differs from `fingerprint` is refused, or with run.data_changed:
+    restart, keeps its model and optimizer and starts the new data's order from the beginning."""
     source, skipped = ckpt.source(cfg.run.resume_from)
     if source is None:
-        return TrainState()
+        return TrainState(data=fingerprint)
     state = ckpt.restore(source, model=model, optimizer=optimizer)
     for why in skipped if metrics.enabled else ():
         emit(f"skipping {why}")
     name = source.rstrip("/").rsplit("/", 1)[-1]
+    changes = fingerprint_changes(state.data, fingerprint) if fingerprint is not None else []
+    if changes and cfg.run.data_changed != "restart":
+        from raypt.corpus import CorpusError
+
+        raise CorpusError(data_changed_message(name, changes))
     metrics.event(state.step, f"resuming from {name}: step {state.step}, {state.tokens_seen:,} tokens seen, data at "
                   f"epoch {state.epoch}, unit {state.unit}, block {state.offset}", resumed_from=source)
+    if changes:
+        state.position = Position()
+        metrics.event(state.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is restart, "
+                      "so the model and optimizer go on and the new data is read from the start of its order",
+                      data_changed=changes)
+    state.data = fingerprint
     return state
+
+
+def data_changed_message(name: str, changes: list[str]) -> str:
+    return (f"the training data changed since {name}: {'; '.join(changes)}. Its data position would point at other "
+            "blocks; restore the data, start a new run.name, or set run.data_changed: restart to keep the model and "
+            "optimizer and start the new data's order from the beginning")
 
 
 @torch.no_grad()
@@ -209,6 +231,7 @@ class LocalContext:
     """One process, no Ray: blocks from memory, checkpoints in `run_dir`. For tests and debugging."""
 
     rank, local_rank, world_size = 0, 0, 1
+    data_fingerprint = None
 
     def __init__(self, run_dir: Path, train_blocks: np.ndarray, eval_blocks: np.ndarray | None = None,
                  device: str = "cpu"):
@@ -224,12 +247,12 @@ class LocalContext:
 
     def train_steps(self, cfg: Config, position: Position, step: int):
         """The blocks as one unit, in the run's order."""
-        blocks = {"input_ids": self._train, "unit": np.zeros(len(self._train), np.int64)}
-        rows = rows_from(lambda first_unit: [blocks], position, *shuffle_args(cfg))
-        batches = global_batches(rows, global_batch_size(cfg))
+        min_blocks, seed = order_args(cfg)
+        units = [Unit(0, len(self._train), self._train)]
+        windows = stream_windows(lambda epoch, first: units[first:], position, min_blocks)
         accum = grad_accum_steps(cfg)
-        for batch, pos in batches:
-            mine = torch.as_tensor(rank_slice(batch, self.rank, self.world_size), dtype=torch.long, device=self.device)
+        for rows, pos in RankStream(windows, position.offset, global_batch_size(cfg), self.rank, self.world_size, seed):
+            mine = torch.as_tensor(gather(rows, lambda u: u.data), dtype=torch.long, device=self.device)
             yield list(mine.chunk(accum)), pos
 
     def eval_blocks(self):

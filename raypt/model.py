@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from raypt.config import ModelConfig
+from raypt.errors import UserError
 
 log = logging.getLogger("raypt")
 
@@ -27,7 +28,7 @@ OVERRIDABLE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_att
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model setting that cannot work; the message names the key and the fix."""
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from raypt.config import TrainConfig
+from raypt.errors import UserError
 
 
 def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
@@ -62,7 +63,7 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> flo
     return lr
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError):
     """Training met a NaN/inf loss or gradient norm."""
 
 

@@ -16,33 +16,32 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raypt import checkpoint, faults
-from raypt.checkpoint import CheckpointError
 from raypt.config import (Config, absolute_paths, add_config_args, config_from_args, config_from_dict,
                           global_batch_size, grad_accum_steps)
 from raypt.corpus import CorpusError, filesystem
-from raypt.data import build_dataset, init_ray, plan, pool_plan, user_error
-from raypt.feed import Feeder, parquet_files
-from raypt.model import ModelError
+from raypt.data import fingerprint, init_ray, plan, pool_plan, user_error
+from raypt.errors import UserError
+from raypt.feed import Feeder, RankFeed, eval_chunks
 from raypt.model import preflight as model_preflight
+from raypt.stream import fingerprint_changes, touched_files
 
 class RayContext:
     """`raypt.loop.Context` on a Ray Train worker."""
 
-    def __init__(self, cfg: Config, run_dir: str, feeder, eval_ref):
+    def __init__(self, cfg: Config, run_dir: str, feeder, eval_refs, data_fingerprint):
         import ray.train.torch
 
         c = ray.train.get_context()
         self.cfg, self.rank, self.world_size = cfg, c.get_world_rank(), c.get_world_size()
         self.local_rank = c.get_local_rank()
         self.device = ray.train.torch.get_device()
-        self._feeder, self._eval_ref = feeder, eval_ref
+        self._feeder, self._eval_refs, self.data_fingerprint = feeder, eval_refs, data_fingerprint
         self.storage = run_dir
         self._remote = run_dir if "://" in run_dir else None
         # With s3:// or gs:// storage, rank 0 writes metrics and final/ locally and mirrors them after each checkpoint.
@@ -63,7 +62,8 @@ class RayContext:
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
 
     def train_steps(self, cfg: Config, position, step: int):
-        """This rank's slices of the run's one ordered stream (`raypt.feed.Feeder`), one step ahead."""
+        """This rank's rows of the run's one ordered stream (`raypt.feed`): the Feeder says which, the rank
+        fetches them from where they were made."""
         import torch.distributed as dist
 
         accum = grad_accum_steps(cfg)
@@ -71,23 +71,17 @@ class RayContext:
             ray.get(self._feeder.open.remote(position, step))
         if dist.is_initialized():
             dist.barrier()
-        ahead = self._feeder.get.remote(step + 1, self.rank)
-        while True:
-            step += 1
-            current, ahead = ahead, self._feeder.get.remote(step + 1, self.rank)
-            blocks, pos = ray.get(current)
-            # int32 blocks (read-only, from the object store) -> an int64 copy; pinned, the host-to-GPU transfer
-            # overlaps compute
-            x = torch.tensor(blocks, dtype=torch.long)
+        for blocks, pos in RankFeed(self._feeder, cfg, self.rank, self.world_size, position):
+            # int32 rows gathered from the object store -> int64; pinned, the host-to-GPU copy overlaps compute
+            x = torch.from_numpy(blocks).long()
             x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
             yield list(x.chunk(accum)), pos
 
     def eval_blocks(self):
-        if self._eval_ref is None:
+        """This rank's own share of the eval set (one object per rank)."""
+        if self._eval_refs is None:
             return None
-        blocks = ray.get(self._eval_ref)
-        n = len(blocks) // self.world_size  # the same count on every rank: FSDP's forwards are collective
-        return blocks[self.rank * n : (self.rank + 1) * n]
+        return ray.get(self._eval_refs[self.rank])
 
 
 def _copy(uri: str, local: Path) -> None:
@@ -101,17 +95,17 @@ def _copy(uri: str, local: Path) -> None:
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    from raypt.loop import NonFiniteError, train
+    from raypt.loop import train
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     _quiet_libraries()
     cfg = config_from_dict(config["config"])
     try:
-        return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"]))
-    except (NonFiniteError, ModelError, CheckpointError) as e:
-        # Every rank meets these at the same point (same model, same checkpoint, all-reduced NaN flags), and no
-        # restart can fix them: the run ends with the message instead of a worker failure Ray would retry.
-        return {"error": str(e)}
+        return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"], config["data"]))
+    except UserError as e:
+        # Every rank meets these at the same point (same model, same checkpoint, same data, all-reduced NaN flags),
+        # and no restart can fix them: the run ends with the message instead of a worker failure Ray would retry.
+        return {"error": getattr(e, "message", str(e))}
 
 
 def _quiet_libraries() -> None:
@@ -134,52 +128,6 @@ def ensure_tokenizer(cfg: Config) -> None:
         print(f"training a {t.vocab_size}-token byte-level BPE on data.train_paths -> {t.path}", flush=True)
         train_tokenizer(cfg.data.train_paths, t.vocab_size, t.path, fmt=cfg.data.format,
                         text_field=cfg.data.text_field, decode_errors=cfg.data.decode_errors)
-
-
-def _as_blocks(batch: dict, seq_len: int, where: str, units: dict | None = None) -> dict:
-    """Parquet rows (a list or tensor column) -> an (n, seq_len) int32 array, plus each row's file index as its
-    unit when `units` maps paths to indices; a wrong length is a clear error."""
-    col = batch["input_ids"]
-    blocks = np.stack(col) if col.dtype == object else np.asarray(col)
-    if blocks.ndim != 2 or blocks.shape[1] != seq_len:
-        raise CorpusError(f"data.pretokenized {where} holds blocks of {blocks.shape[-1]} tokens, but data.seq_len is "
-                          f"{seq_len}; set data.seq_len to match, or re-run `python -m raypt.data` with this seq_len")
-    out = {"input_ids": blocks.astype(np.int32, copy=False)}
-    if units is not None:
-        out["unit"] = np.array([units[p] for p in batch["path"]], np.int64)
-    return out
-
-
-def read_blocks(files: list[str], seq_len: int, first_unit: int | None = None) -> ray.data.Dataset:
-    """Parquet files written by `python -m raypt.data --out`, in the given order; with `first_unit`, rows carry the
-    index of their file (counted from `first_unit`) as their unit."""
-    units = None if first_unit is None else {filesystem(f)[1]: first_unit + i for i, f in enumerate(files)}
-    where = str(Path(files[0]).parent) if files else "(no files)"
-    columns = ["input_ids", "path"] if units is not None else ["input_ids"]
-    return ray.data.read_parquet(files, include_paths=units is not None).select_columns(columns).map_batches(
-        _as_blocks, batch_format="numpy", fn_kwargs={"seq_len": seq_len, "where": where, "units": units})
-
-
-def eval_blocks(cfg: Config) -> np.ndarray | None:
-    """The fixed eval set: the first blocks of the eval stream, enough for every worker's eval batches."""
-    d, t = cfg.data, cfg.train
-    if d.pretokenized:
-        path = f"{d.pretokenized}/eval"
-        if not Path(path).is_dir():
-            return None
-        ds = read_blocks(parquet_files(path), d.seq_len)
-    elif d.eval_paths:
-        ds = build_dataset(cfg, "eval").dataset
-    else:
-        return None
-    n_eval = t.eval_batches * t.micro_batch_size * cfg.scaling.num_workers
-    parts, have = [], 0
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        parts.append(b["input_ids"])
-        have += len(parts[-1])
-        if have >= n_eval:
-            break
-    return np.concatenate(parts)[:n_eval] if parts else None
 
 
 def preflight(cfg: Config, reserved: float) -> None:
@@ -218,7 +166,17 @@ def run(cfg: Config) -> dict:
     model_preflight(cfg.model, cfg.data.seq_len)
     if cfg.run.resume_from and not latest:
         checkpoint.check(cfg.run.resume_from)
-    evals = eval_blocks(cfg)
+    data_fp = fingerprint(cfg)
+    if source := latest or cfg.run.resume_from:
+        saved = checkpoint.saved_state(source).data
+        if cfg.run.data_changed != "restart" and (changes := fingerprint_changes(saved, data_fp)):
+            from raypt.loop import data_changed_message
+
+            raise CorpusError(data_changed_message(source.rstrip("/").rsplit("/", 1)[-1], changes))
+        if touched := touched_files(saved, data_fp):
+            print(f"note: {len(touched)} training files have a new mtime but their old size since the checkpoint "
+                  f"(e.g. {touched[0]}); their content is taken to be the same", flush=True)
+    evals = eval_chunks(cfg, sc.num_workers)
     # The feeder lives beside the driver, so it outlasts worker-group restarts; materialize reads the data here.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                         soft=True)
@@ -227,8 +185,8 @@ def run(cfg: Config) -> dict:
     ray.get(feeder.ready.remote())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder,
-                           "eval": ray.put(evals) if evals is not None else None},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals,
+                           "data": data_fp},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker={"CPU": sc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -280,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run(cfg)
     except Exception as e:
-        err = user_error(e, (CorpusError, ModelError, CheckpointError))
+        err = user_error(e, (UserError,))
         if err is None:
             raise
         print(f"error: {getattr(err, 'message', str(err))}", file=sys.stderr)

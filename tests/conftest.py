@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -109,3 +110,28 @@ def tiny_pretrained(tmp_path_factory, tokenizer_dir):
                                  pad_token_id=tok.pad_token_id)).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@contextlib.contextmanager
+def busy():
+    """Every core of the machine also busy with a spinning process (CI and clusters are loaded: an order that holds
+    only on a quiet machine is not an order). They run at the niceness Ray gives its workers (15), so they compete
+    with them as equals instead of starving them."""
+    import subprocess
+    import sys
+
+    spin = "import os; os.nice(15 - os.nice(0)); exec('while True: pass')"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield len(procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def busy_cpus():
+    """`busy` for the whole test."""
+    with busy() as n:
+        yield n

@@ -42,20 +42,23 @@ def blocks_of(out, split="train"):
     return np.array([np.asarray(r).reshape(-1) for r in rows])
 
 
+def in_order(split):
+    """A split's units as the order actor sees them (re-sequenced references), then read: (blocks, unit ids)."""
+    from raypt.feed import fetch_unit, units_in_order
+
+    units = list(units_in_order(split.dataset, np.arange(split.units), 0, split.stats))
+    return [fetch_unit(u) for u in units], [u.data[0] for u in units]
+
+
 def test_one_unit_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
     """One file (one work unit), many small batches: the blocks are exactly the document stream, in order, minus
     the final tail."""
     shard = corpus / "train" / "shard_00.txt"
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    try:
-        cfg = load_config(None, [f"data.train_paths=[{shard}]", f"tokenizer.path={tokenizer_dir}",
-                                 "data.seq_len=32", "data.num_tokenize_workers=1", "data.docs_per_batch=7"])
-        split = data.build_dataset(cfg)
-        batches = [b["input_ids"] for b in split.dataset.iter_batches(batch_size=None)]
-        got = np.concatenate(batches)
-    finally:
-        ctx.execution_options.preserve_order = False
+    cfg = load_config(None, [f"data.train_paths=[{shard}]", f"tokenizer.path={tokenizer_dir}",
+                             "data.seq_len=32", "data.num_tokenize_workers=1", "data.docs_per_batch=7"])
+    split = data.build_dataset(cfg)
+    batches, _ = in_order(split)
+    got = np.concatenate(batches)
     stream, tok = reference_stream([str(shard)], tokenizer_dir)
     assert split.units == 1  # docs_per_batch=7: ~15 packer calls, each carrying its tail into the next
     assert got.shape[1] == 32 and got.dtype == np.int32
@@ -73,16 +76,21 @@ def test_one_unit_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
     assert (flat[eos_at[eos_at < len(flat) - 1] + 1] == tok.bos_token_id).all()
 
 
-def test_the_stream_is_the_same_in_every_run_each_unit_packed_alone(ray_local, corpus, tokenizer_dir):
-    """2 actors, many ~4 KB units: the block stream is the units' own streams cut into blocks, in unit order, and
-    the same in two runs (what exact resume rests on)."""
+def test_the_stream_is_the_same_in_every_run_each_unit_packed_alone(ray_local, corpus, tokenizer_dir, busy_cpus):
+    """2 actors, many ~4 KB units, every core also busy with other work: the block stream is the units' own streams
+    cut into blocks, in unit order, the same in every run (what exact resume rests on), and that by construction
+    (the consumer re-sequences units; Ray Data's preserve_order is off) with the turnstile bounding the pipeline."""
+    assert not ray.data.DataContext.get_current().execution_options.preserve_order
     cfg = load_config(None, [f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}",
                              "data.seq_len=16", "data.num_tokenize_workers=2", "data.unit_bytes=4096"])
     runs = []
-    for _ in range(2):
-        batches = list(data.build_dataset(cfg).dataset.iter_batches(batch_size=None))
-        runs.append((np.concatenate([b["input_ids"] for b in batches]), np.concatenate([b["unit"] for b in batches])))
-    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    for ahead in (None, 2, None):
+        split = data.build_dataset(cfg, ahead=ahead)
+        blocks, ids = in_order(split)
+        units = np.concatenate([np.full(len(b), u) for b, u in zip(blocks, ids)])
+        runs.append((np.concatenate(blocks), units))
+    for blocks, units in runs[1:]:
+        assert np.array_equal(runs[0][0], blocks) and np.array_equal(runs[0][1], units)
     _, units = data.plan(cfg)
     assert len(units) > 4
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -3,6 +3,7 @@ logs the very same per-step losses and token counts as the run that was never in
 pre-tokenized data; the kill is a real SIGKILL of a worker process (`raypt.faults`)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from raypt import data, train
 from raypt.checkpoint import MARKER
 
-from conftest import make_docs, write_shards
+from conftest import busy, make_docs, write_shards
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 24, 8
@@ -39,7 +40,7 @@ def run(tmp_path, tokenizer_dir, source, name, monkeypatch, fault=None, *sets):
               f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.micro_batch_size=2",
               "train.global_batch_size=8", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
               "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "train.lr=3e-3",
-              "data.shuffle_blocks=30", *sets):  # shuffle windows of a few units: resumes land inside one
+              "data.shuffle_tokens=960", *sets):  # windows of a few units (30 blocks): resumes land inside one
         argv += ["--set", s]
     return train.main(argv)
 
@@ -61,15 +62,33 @@ def losses(tmp_path, name):
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(sources, tokenizer_dir, tmp_path_factory):
+    """The per-step losses of the run that is never interrupted, per source (run once, shared by the tests)."""
+    cache = {}
+
+    def get(source):
+        if source not in cache:
+            d = tmp_path_factory.mktemp(f"uninterrupted-{source}")
+            with pytest.MonkeyPatch.context() as mp:
+                assert run(d, tokenizer_dir, sources[source], "a", mp) == 0
+            cache[source] = losses(d, "a")
+        return cache[source]
+
+    return get
+
+
 @pytest.mark.parametrize("source", ["text", "pretokenized"])
-def test_killed_worker_and_rerun_resume_exactly(source, sources, tmp_path, tokenizer_dir, monkeypatch, capsys):
+def test_killed_worker_and_rerun_resume_exactly(source, sources, uninterrupted, tmp_path, tokenizer_dir, monkeypatch,
+                                                capsys):
     src = sources[source]
-    assert run(tmp_path, tokenizer_dir, src, "a", monkeypatch) == 0
-    a = losses(tmp_path, "a")
+    a = uninterrupted(source)
     assert sorted(a) == list(range(1, STEPS + 1)) and a[STEPS][1] == STEPS * 8 * 32
 
-    # (b) rank 1's process is SIGKILLed after step 13; Ray restarts the group, which resumes from checkpoint 8
-    assert run(tmp_path, tokenizer_dir, src, "b", monkeypatch, "step:13:1", "run.max_failures=1") == 0
+    # (b) rank 1's process is SIGKILLed after step 13; Ray restarts the group, which resumes from checkpoint 8 — with
+    # every core of the machine also busy
+    with busy():
+        assert run(tmp_path, tokenizer_dir, src, "b", monkeypatch, "step:13:1", "run.max_failures=1") == 0
     assert (tmp_path / "b.fault").exists() and resumed(tmp_path, "b") == ["checkpoint_000008"]
     assert losses(tmp_path, "b") == a
 
@@ -87,15 +106,45 @@ def test_killed_worker_and_rerun_resume_exactly(source, sources, tmp_path, token
     assert losses(tmp_path, "c") == a
 
 
-def test_kill_during_checkpoint_save_resumes_from_the_previous_one(sources, tmp_path, tokenizer_dir, monkeypatch):
+def test_kill_during_checkpoint_save_resumes_from_the_previous_one(sources, uninterrupted, tmp_path, tokenizer_dir,
+                                                                  monkeypatch):
     src = sources["pretokenized"]
-    assert run(tmp_path, tokenizer_dir, src, "a", monkeypatch, None, "run.checkpoints_to_keep=2") == 0
     # rank 0 dies while writing checkpoint 16: weights are on disk, the marker is not
     assert run(tmp_path, tokenizer_dir, src, "d", monkeypatch, "save:16:0", "run.max_failures=1",
                "run.checkpoints_to_keep=2") == 0
     assert (tmp_path / "d.fault").exists() and resumed(tmp_path, "d") == ["checkpoint_000008"]
-    assert losses(tmp_path, "d") == losses(tmp_path, "a")
+    assert losses(tmp_path, "d") == uninterrupted("pretokenized")
     # keep-2 kept the newest two, both complete; the half-written one never became a checkpoint
     kept = sorted(p.name for p in (tmp_path / "d").glob("checkpoint_*"))
     assert kept == ["checkpoint_000016", "checkpoint_000024"]
     assert all((tmp_path / "d" / k / MARKER).exists() for k in kept)
+
+
+def test_resume_refuses_other_data_naming_it_and_restart_goes_on(ray_local, tmp_path, tokenizer_dir, monkeypatch,
+                                                                 capsys):
+    text = write_shards(tmp_path / "text", make_docs(30, seed=7), shards=3)
+    tok = Path(shutil.copytree(tokenizer_dir, tmp_path / "tok"))
+    src = [f"data.train_paths=[{text}]", "data.unit_bytes=1024"]
+    short = ("train.max_steps=4", "train.checkpoint_every=4")
+    assert run(tmp_path, str(tok), src, "f", monkeypatch, None, *short) == 0
+
+    def refused(*sets, tok=tok):  # the driver refuses before any worker starts, naming the difference
+        capsys.readouterr()
+        assert run(tmp_path, str(tok), src, "f", monkeypatch, None, *short, *sets) == 2
+        err = capsys.readouterr().err
+        assert "the training data changed since checkpoint_000004" in err and "run.data_changed: restart" in err
+        return err
+
+    (text / "shard_09.txt").write_text("one more document for the corpus\n")
+    assert "shard_09.txt (added)" in refused()
+    (text / "shard_09.txt").unlink()
+    assert "seq_len: 32 -> 16" in refused("data.seq_len=16")
+    with (tok / "tokenizer_config.json").open("a") as f:
+        f.write("\n")
+    assert "tokenizer: its files changed" in refused()
+    # restart: the model and optimizer go on from step 4, the new data from the start of its order
+    assert run(tmp_path, str(tok), src, "f", monkeypatch, None, "train.max_steps=6", "run.data_changed=restart") == 0
+    rows = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    changed = [r for r in rows if "data_changed" in r]
+    assert len(changed) == 1 and changed[0]["step"] == 4 and "tokenizer" in changed[0]["data_changed"][0]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]

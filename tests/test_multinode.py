@@ -1,0 +1,92 @@
+"""The data path on a real multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head with no CPU (the
+driver and the order actor live there) and three 2-CPU worker nodes, two for the training workers and one for the
+tokenize actors. No training block ever reaches the head's object store, whatever the seq_len, and the run trains
+exactly what a single-node run trains."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from raypt import train
+
+from conftest import make_docs, write_shards
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()  # (the session's local Ray, if a test before this module started it)
+    ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 256 * MB})
+    for _ in range(3):
+        c.add_node(num_cpus=2, object_store_memory=256 * MB)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+    if was_up:
+        ray.init(num_cpus=2, include_dashboard=False)
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    """~2 MB of text: at seq_len 1024 the blocks (~2 MB of int32) dwarf anything else the head stores."""
+    return write_shards(tmp_path_factory.mktemp("big") / "train", make_docs(6000, seed=5), shards=4)
+
+
+def created_bytes() -> dict[str, int]:
+    """Bytes ever created in each node's object store (objects put there or pulled there), by node: head or
+    worker ids."""
+    from ray._private.internal_api import node_stats
+
+    out = {}
+    for n in ray.nodes():
+        if n["Alive"]:
+            s = node_stats(n["NodeManagerAddress"], n["NodeManagerPort"], include_memory_info=False)
+            out["head" if not n["Resources"].get("CPU") else n["NodeID"][:8]] = s.store_stats.cumulative_created_bytes
+    return out
+
+
+def sets(tmp_path, corpus, tokenizer_dir, name, seq_len):
+    return [f"data.train_paths=[{corpus}]", f"tokenizer.path={tokenizer_dir}", f"data.seq_len={seq_len}",
+            f"run.storage_path={tmp_path}", f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=2",
+            "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=6", "train.log_every=1",
+            "train.eval_every=0", "train.checkpoint_every=0", "train.warmup_steps=2", "train.lr=3e-3",
+            "data.unit_bytes=262144", "data.cpus_per_tokenize_worker=1"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("seq_len", [64, 1024])
+def test_no_training_block_reaches_the_head(cluster, big_corpus, tokenizer_dir, tmp_path, seq_len):
+    before = created_bytes()
+    argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "mn", seq_len) for a in ("--set", s)]
+    assert train.main(argv) == 0
+    after = created_bytes()
+    grew = {k: after[k] - before.get(k, 0) for k in after}
+    trained = 6 * 8 * seq_len * 4  # bytes of the blocks the two ranks trained on
+    assert grew["head"] < 256 << 10, grew  # descriptors and small actor state only
+    workers = sorted((v for k, v in grew.items() if k != "head"), reverse=True)
+    assert sum(workers) >= trained, grew  # the blocks were made and pulled on the worker nodes
+    if seq_len == 64:  # the same run on one node (its own local Ray, one process tree) trains the same steps
+        env = {**os.environ, "RAY_ADDRESS": "local"}
+        one = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "one", seq_len) for a in ("--set", s)]
+        one[one.index("scaling.cpus_per_worker=2")] = "scaling.cpus_per_worker=0.5"
+        r = subprocess.run([sys.executable, "-m", "raypt.train", *one], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "mn"), rel=1e-4)
