@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/feed.py
 
 bench-data: $(VENV)/.installed
 	$(BIN)/python bench/data.py
