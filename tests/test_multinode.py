@@ -79,6 +79,7 @@ def test_no_training_block_reaches_the_head(cluster, big_corpus, tokenizer_dir, 
     after = created_bytes()
     grew = {k: after[k] - before.get(k, 0) for k in after}
     trained = 6 * 8 * seq_len * 4  # bytes of the blocks the two ranks trained on
+    print(f"seq_len {seq_len}: object store bytes created during the run, by node: {grew}; trained on {trained}")
     assert grew["head"] < 256 << 10, grew  # descriptors and small actor state only
     workers = sorted((v for k, v in grew.items() if k != "head"), reverse=True)
     assert sum(workers) >= trained, grew  # the blocks were made and pulled on the worker nodes

@@ -96,18 +96,18 @@ def test_a_model_uploaded_again_to_the_same_uri_is_fetched_again(s3_server, tmp_
 
 
 def test_listing_ten_thousand_objects_takes_sizes_from_the_listing(s3_server):
-    """One LIST per 1,000 keys, no request per object: 10,000 objects list in well under 10 s."""
+    """One LIST per 1,000 keys, no request per object: 10,000 objects list in well under 10 s. (The objects are put
+    straight into the server's store, which saves ~2 minutes of PUTs; the listing goes over HTTP like any client.)"""
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
-    import boto3
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
 
     from raypt.corpus import list_files
 
-    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: s3.put_object(Bucket=s3_server, Key=f"many/{i // 1000:02d}/doc_{i:05d}.txt",
-                                              Body=b"x" * (1 + i % 7) + b"\n"), range(10_000)))
+    store = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    for i in range(10_000):
+        store.put_object(s3_server, f"many/{i // 1000:02d}/doc_{i:05d}.txt", b"x" * (1 + i % 7) + b"\n")
     t0 = time.perf_counter()
     listing = list_files([f"s3://{s3_server}/many"])
     seconds = time.perf_counter() - t0
