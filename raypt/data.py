@@ -203,6 +203,14 @@ def pretokenized_files(cfg: Config, split: str = "train") -> Listing:
                    [listing.mtimes[i] for i in keep])
 
 
+def units_of(cfg: Config, split: str = "train") -> tuple[Listing, list]:
+    """A split's listing and its units: the text plan (`plan`), or a pre-tokenized split's Parquet files."""
+    if cfg.data.pretokenized:
+        listing = pretokenized_files(cfg, split)
+        return listing, listing.files
+    return plan(cfg, split)
+
+
 def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0) -> tuple[int, int]:
     """(fewest, most) tokenize actors. Ray Data's autoscaling pool grows from one actor while the consumer keeps up
     with it and work is queued, up to one single-threaded actor per free CPU (measured faster than fewer actors with
@@ -233,18 +241,15 @@ class SplitData:
     units: int
 
 
-def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
-                  order: list[int] | None = None, first: int = 0, ahead: int | None = None) -> SplitData:
+def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, order: list[int] | None = None,
+                  first: int = 0, ahead: int | None = None, planned: tuple[Listing, list] | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
     `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
-    start until fewer than `ahead` units before it are still missing. Nothing runs until consumed."""
+    start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
+    caller has it already (no listing again). Nothing runs until consumed."""
     d = cfg.data
-    if d.pretokenized:
-        listing = pretokenized_files(cfg, split)
-        units = listing.files
-    else:
-        listing, units = plan(cfg, split)
+    listing, units = planned or units_of(cfg, split)
     order = list(range(len(units))) if order is None else [int(u) for u in order]
     if first >= len(order):
         raise CorpusError(f"data.{split}_paths has {len(units)} work units; a data position at unit {first} is "
@@ -282,11 +287,10 @@ def fingerprint(cfg: Config) -> dict:
     d, t = cfg.data, cfg.tokenizer
     fp: dict = {"order_version": ORDER_VERSION, "seq_len": d.seq_len, "shuffle": d.shuffle,
                 "shuffle_tokens": d.shuffle_tokens, "seed": cfg.run.seed}
+    listing, units = units_of(cfg)
     if d.pretokenized:
-        listing, units = pretokenized_files(cfg), None
         fp["pretokenized"] = d.pretokenized
     else:
-        listing, units = plan(cfg)
         from raypt.tokenizer import load_tokenizer, special_ids
 
         tok_path = tokenizer_path(cfg)
@@ -298,7 +302,7 @@ def fingerprint(cfg: Config) -> dict:
     fp["num_files"], fp["files_sha256"] = len(files), _digest(json.dumps([f[:2] for f in files]))
     if len(files) <= FINGERPRINT_FILES:  # small enough to keep: a refused resume can then name the file
         fp["files"] = files
-    if units is not None:
+    if not d.pretokenized:
         fp["units_sha256"] = _digest(json.dumps([[dataclasses.astuple(s) for s in u] for u in units]))
     return fp
 

@@ -22,7 +22,7 @@ import ray
 
 from raypt.config import config_from_dict, global_batch_size
 from raypt.corpus import CorpusError
-from raypt.data import (build_dataset, init_ray, plan, pretokenized_files, table_blocks, unit_tag)
+from raypt.data import build_dataset, init_ray, table_blocks, unit_tag, units_of
 from raypt.stream import (EmptyStream, Position, RankStream, Sequencer, Unit, Window, gather, order_args,
                           stream_windows, unit_order)
 
@@ -69,7 +69,8 @@ class Feeder:
         d = self.cfg.data
         self.world_size, self.reserved = self.cfg.scaling.num_workers, reserved_cpus
         self.min_blocks, self.seed = order_args(self.cfg)
-        self.num_units = len(pretokenized_files(self.cfg).files) if d.pretokenized else len(plan(self.cfg)[1])
+        self.planned = units_of(self.cfg)  # listed once: every pass and resume reuses it
+        self.num_units = len(self.planned[1])
         self.stats: list = []  # PipelineStats actors of the pipelines started so far
         self.materialized = self._materialize() if d.materialize else None
         self.wins, self.kept, self.base, self.asked = None, [], 0, {}
@@ -79,7 +80,8 @@ class Feeder:
         return self.num_units
 
     def _pipeline(self, order: np.ndarray, first: int) -> Iterator[Unit]:
-        split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD)
+        split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD,
+                              planned=self.planned)
         self.stats.append(split.stats)
         return units_in_order(split.dataset, order, first, split.stats)
 
@@ -144,7 +146,7 @@ class RankFeed:
 
     def __init__(self, feeder, cfg, rank: int, world_size: int, position: Position):
         self.feeder, self.rank = feeder, rank
-        min_blocks, seed = order_args(cfg)
+        _, seed = order_args(cfg)
         self.pending = [feeder.window.remote(0, rank)]
         self.ready: list[Window] = []
         self.next = 1
