@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -84,6 +85,7 @@ class PipelineStats:
 
     def __init__(self, ahead: int | None = None, first: int = 0):
         self.counts: Counter = Counter()
+        self.busy_s = 0.0  # summed over actors: time spent reading, tokenizing and packing (not waiting)
         self.first_ready = self.last_add = None
         self.ahead, self.next = ahead, first
         self.moved = asyncio.Condition()
@@ -92,8 +94,9 @@ class PipelineStats:
         """An actor finished starting up at wall time `t`: steady-state work is timed from the first such call."""
         self.first_ready = t if self.first_ready is None else min(self.first_ready, t)
 
-    async def add(self, counts: dict, t: float, rss_mb: float) -> None:
+    async def add(self, counts: dict, t: float, rss_mb: float, busy_s: float = 0.0) -> None:
         self.counts.update(counts)
+        self.busy_s += busy_s
         self.counts["peak_actor_rss_mb"] = max(self.counts["peak_actor_rss_mb"], round(rss_mb))
         self.last_add = t if self.last_add is None else max(self.last_add, t)
 
@@ -108,6 +111,10 @@ class PipelineStats:
         async with self.moved:
             self.next = max(self.next, next_seq)
             self.moved.notify_all()
+
+    async def actor_rate(self) -> float | None:
+        """Tokens per second one actor makes while it works (None before any unit is done)."""
+        return self.counts["tokens"] / self.busy_s if self.busy_s > 0 and self.counts["tokens"] else None
 
     async def get(self) -> tuple[dict, float | None]:
         steady = self.last_add - self.first_ready if self.last_add and self.first_ready else None
@@ -138,6 +145,7 @@ class TokenizePack:
     def __call__(self, batch: dict) -> Iterator[pa.Table]:  # (a generator: Ray Data then keeps a raised
         # CorpusError as the cause of the error the consumer sees)
         ray.get(self.stats.turn.remote(int(batch["seq"][0])))
+        t0 = time.perf_counter()
         counts: Counter = Counter()
         unit, packer, parts = int(batch["index"][0]), BlockPacker(self.d.seq_len), []
         docs, chars = [], 0
@@ -152,7 +160,7 @@ class TokenizePack:
                     docs, chars = [], 0
         if docs:
             parts.append(self._blocks(docs, packer, counts))
-        self.stats.add.remote(counts, time.time(), _peak_rss_mb())
+        self.stats.add.remote(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
         yield unit_table(np.concatenate(parts) if parts else np.empty((0, self.d.seq_len), TOKEN_DTYPE), unit)
 
     def _blocks(self, docs: list[str], packer: BlockPacker, counts: Counter) -> np.ndarray:
@@ -211,11 +219,23 @@ def units_of(cfg: Config, split: str = "train") -> tuple[Listing, list]:
     return plan(cfg, split)
 
 
-def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0) -> tuple[int, int]:
-    """(fewest, most) tokenize actors. Ray Data's autoscaling pool grows from one actor while the consumer keeps up
-    with it and work is queued, up to one single-threaded actor per free CPU (measured faster than fewer actors with
-    more tokenizer threads: the per-token Python work then also runs in parallel), `data.max_tokenize_workers`, and
-    the units; `data.num_tokenize_workers` fixes the size. `reserved_cpus` are held by training workers."""
+HEADROOM = 2.0
+"""A rate-sized tokenize pool makes this many times the tokens/s training reads."""
+
+
+def actors_needed(train_tokens_per_s: float | None, actor_tokens_per_s: float | None) -> int | None:
+    """The tokenize actors that make HEADROOM x what training reads, from both measured rates (None: not known yet)."""
+    if not train_tokens_per_s or not actor_tokens_per_s:
+        return None
+    return max(1, math.ceil(HEADROOM * train_tokens_per_s / actor_tokens_per_s))
+
+
+def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int | None = None) -> tuple[int, int]:
+    """(fewest, most) tokenize actors. Ray Data's autoscaling pool grows from two actors while work is queued, up to
+    one single-threaded actor per free CPU (measured faster than fewer actors with more tokenizer threads: the
+    per-token Python work then also runs in parallel), `data.max_tokenize_workers`, the units, and `needed` (the rate
+    target, `actors_needed`, once the run has measured it); `data.num_tokenize_workers` fixes the size.
+    `reserved_cpus` are held by training workers."""
     d = cfg.data
     total = ray.cluster_resources().get("CPU", 1)
     free = total - reserved_cpus
@@ -228,7 +248,7 @@ def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0) -> tuple[int,
     if d.num_tokenize_workers:
         n = min(d.num_tokenize_workers, units)
         return n, n
-    most = max(1, min(units, int(free // d.cpus_per_tokenize_worker), d.max_tokenize_workers))
+    most = max(1, min(units, int(free // d.cpus_per_tokenize_worker), d.max_tokenize_workers, needed or units))
     return min(2, most), most
 
 
@@ -242,12 +262,14 @@ class SplitData:
 
 
 def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, order: list[int] | None = None,
-                  first: int = 0, ahead: int | None = None, planned: tuple[Listing, list] | None = None) -> SplitData:
+                  first: int = 0, ahead: int | None = None, planned: tuple[Listing, list] | None = None,
+                  needed: int | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
     `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
     start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
-    caller has it already (no listing again). Nothing runs until consumed."""
+    caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`).
+    Nothing runs until consumed."""
     d = cfg.data
     listing, units = planned or units_of(cfg, split)
     order = list(range(len(units))) if order is None else [int(u) for u in order]
@@ -262,7 +284,7 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
             read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=0.25,  # light: a Parquet read
             fn_kwargs=dict(seq_len=d.seq_len, stats=stats))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
-    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus)
+    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed)
     tok_path = tokenizer_path(cfg)
     # Fail here, in the driver, rather than inside every actor.
     from raypt.tokenizer import load_tokenizer, special_ids

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ import ray
 
 from raypt.config import config_from_dict, global_batch_size
 from raypt.corpus import CorpusError
-from raypt.data import build_dataset, init_ray, table_blocks, unit_tag, units_of
+from raypt.data import HEADROOM, actors_needed, build_dataset, init_ray, table_blocks, unit_tag, units_of
 from raypt.stream import (EmptyStream, Position, RankStream, Sequencer, Unit, Window, gather, order_args,
                           stream_windows, unit_order)
 
@@ -72,17 +73,33 @@ class Feeder:
         self.planned = units_of(self.cfg)  # listed once: every pass and resume reuses it
         self.num_units = len(self.planned[1])
         self.stats: list = []  # PipelineStats actors of the pipelines started so far
+        self.pools: list = []  # and their tokenize pools' (fewest, most) actors
+        self.train_rate = None  # tokens/s rank 0 has been asking for windows at, since the stream was last opened
         self.materialized = self._materialize() if d.materialize else None
-        self.wins, self.kept, self.base, self.asked = None, [], 0, {}
+        self.wins = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.kept, self.base, self.asked = [], 0, {}
+        self.cum = [0]  # tokens in the windows before window k of the opened stream
+        self.asked_at: list[tuple[float, int]] = []  # (when rank 0 asked for window k >= 2, k)
 
     def ready(self) -> int:
         """Units in one pass (the driver waits on this: it surfaces listing errors and the materialize step)."""
         return self.num_units
 
     def _pipeline(self, order: np.ndarray, first: int) -> Iterator[Unit]:
+        actor_rate = ray.get(self.stats[-1].actor_rate.remote()) if self.stats else None
+        needed = actors_needed(self.train_rate, actor_rate)
         split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD,
-                              planned=self.planned)
+                              planned=self.planned, needed=needed)
         self.stats.append(split.stats)
+        self.pools.append(split.actors)
+        if needed and not self.cfg.data.pretokenized:
+            n = split.actors[1]
+            print(f"tokenize pool sized to the rate: at most {n} actor{'s' * (n > 1)}; training reads "
+                  f"{self.train_rate:,.0f} tokens/s, an actor makes {actor_rate:,.0f} (x{HEADROOM:g} headroom)",
+                  flush=True)
         return units_in_order(split.dataset, order, first, split.stats)
 
     def _materialize(self) -> dict[int, Unit]:
@@ -103,7 +120,8 @@ class Feeder:
                               "units of the training data: the corpus changed since it was saved; start a new run.name "
                               "or restore the corpus")
         self.close()
-        self.wins, self.kept, self.base, self.asked = stream_windows(self._read_pass, pos, self.min_blocks), [], 0, {}
+        self._reset()
+        self.wins = stream_windows(self._read_pass, pos, self.min_blocks)
 
     def window(self, k: int, rank: int) -> Window:
         """Window k (0: the one holding the opened position) of the stream, as references. Asking for k says that
@@ -112,9 +130,12 @@ class Feeder:
             raise RuntimeError("Feeder.window before Feeder.open")
         if k < self.base:
             raise RuntimeError(f"rank {rank} asked for window {k}, already let go; a restarted rank needs Feeder.open")
+        if rank == 0 and k >= 2 and k > (self.asked_at[-1][1] if self.asked_at else 0):
+            self._measure(k)
         try:
             while self.base + len(self.kept) <= k:
                 self.kept.append(next(self.wins))
+                self.cum.append(self.cum[-1] + self.kept[-1].size * self.cfg.data.seq_len)
         except EmptyStream as e:
             raise CorpusError(str(e)) from None
         self.asked[rank] = k
@@ -123,6 +144,15 @@ class Feeder:
             del self.kept[: done - self.base]
             self.base = done
         return self.kept[k - self.base]
+
+    def _measure(self, k: int) -> None:
+        """Training's read rate from rank 0's asks (from window 2 on: window 0 and 1 are asked at start-up). A rank
+        asks for window k as soon as it has window k - 1, so the rate is what it trained at, or what the pipeline
+        delivered at when that was slower."""
+        self.asked_at.append((time.monotonic(), k))
+        (t0, k0), (t1, k1) = self.asked_at[0], self.asked_at[-1]
+        if t1 > t0:
+            self.train_rate = (self.cum[k1 - 1] - self.cum[k0 - 1]) / (t1 - t0)
 
     def close(self) -> None:
         """End the stream while Ray is still up (Ray Data logs an error when an iterator dies with its process)."""
@@ -137,7 +167,9 @@ class Feeder:
             total.update(ray.get(s.get.remote())[0])
         total.pop("peak_actor_rss_mb", None)
         total["pipelines"] = len(self.stats)  # one per pass over the data, and one per resume
-        return dict(total)
+        out = dict(total)
+        out["tokenize_pools"] = [list(p) for p in self.pools]
+        return out
 
 
 class RankFeed:

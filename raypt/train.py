@@ -212,7 +212,11 @@ def format_counts(c: dict) -> str:
     line = (f"data tokenized by this run, over {c.get('pipelines', 0)} passes/resumes: {c.get('files', 0)} files, "
             f"{c.get('documents', 0):,} documents -> {c.get('tokens', 0):,} tokens -> {c.get('blocks', 0):,} blocks")
     skipped = {k: v for k, v in sorted(c.items()) if k.startswith(("skipped_", "documents_with_"))}
-    return line + ("\n  skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "")
+    if skipped:
+        line += "\n  skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items())
+    if pools := c.get("tokenize_pools"):
+        line += "\n  tokenize actors per pipeline (fewest-most): " + ", ".join(f"{a}-{b}" for a, b in pools)
+    return line
 
 
 def sample(final_dir: str, prompt: str, max_new_tokens: int = 40) -> str:

@@ -206,3 +206,27 @@ def test_ten_megabyte_line(ray_local, tokenizer_dir, tmp_path):
     assert t["documents"] == 1 and t["blocks"] > 1000
     assert t["dropped_tokens"] == t["tokens"] - 1024 * t["blocks"] < 1024
     assert t["peak_actor_rss_mb"] < 1500, t  # ~10x the line's size would mean it was held whole several times
+
+
+def test_a_pass_after_the_first_sizes_its_tokenize_pool_to_what_training_reads(ray_local, tokenizer_dir, tmp_path):
+    """The order actor measures how fast training asks for windows and how fast one actor tokenizes; the next pass's
+    pool is what makes HEADROOM x training's rate: one actor, for a consumer this slow (~6k tokens/s)."""
+    import time
+
+    from raypt.feed import Feeder
+    from raypt.stream import Position
+
+    text = write_shards(tmp_path / "text", make_docs(120, seed=3), shards=4)
+    cfg = load_config(None, [f"data.train_paths=[{text}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=32",
+                             "data.unit_bytes=1024", "data.shuffle_tokens=3200", "scaling.num_workers=1"])
+    feeder = ray.remote(Feeder).options(num_cpus=0).remote(cfg.to_dict(), 0.0)
+    assert ray.get(feeder.ready.remote()) >= 4
+    ray.get(feeder.open.remote(Position(), 0))
+    k = 0
+    while ray.get(feeder.window.remote(k, 0)).epoch == 0 or len(ray.get(feeder.counts.remote())["tokenize_pools"]) < 2:
+        time.sleep(0.5)  # "training" on a window of >= 3,200 tokens
+        k += 1
+    ray.get(feeder.close.remote())
+    pools = ray.get(feeder.counts.remote())["tokenize_pools"]
+    ray.kill(feeder)
+    assert pools[0] == [2, 2] and pools[1] == [1, 1], pools
