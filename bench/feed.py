@@ -112,7 +112,7 @@ class NewFeeder:
         from raypt.feed import Feeder
 
         self.f = Feeder(cfg_dict, 0.0)
-        self.f.open(Position(), 0)
+        self.f.open(Position())
 
     def ready(self) -> bool:
         return True

@@ -8,13 +8,15 @@
   a time: object references and row counts, some bytes per unit, for thousands of steps.
 - Each rank (`RankFeed`) asks for window k+1 while it trains on window k, has its node pull that window's units as
   soon as it knows them (ranks on one node share the copy), and takes its own rows of each global batch from them.
-- Rank 0 re-opens the Feeder at the checkpoint's position whenever a worker group starts.
+- The driver opens the Feeder where the run will start (`open(warm=True)`), so the pipeline makes the first window
+  while the workers start; rank 0 opens it at its checkpoint's position whenever a worker group starts.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
@@ -66,6 +68,12 @@ class Feeder:
 
     def __init__(self, cfg_dict: dict, reserved_cpus: float):
         init_ray()  # this process's DataContext; quiet user errors
+        with warnings.catch_warnings():  # (deprecated for label selectors, which need labelled nodes; kept to 2027)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # The pipeline never takes the training workers' CPUs, even before they start (`open(warm=True)`):
+            # a task waiting in the turnstile would otherwise hold one while training, which it waits for, cannot start.
+            ray.data.DataContext.get_current().execution_options.exclude_resources = ray.data.ExecutionResources(
+                cpu=reserved_cpus)
         self.cfg = config_from_dict(cfg_dict)
         d = self.cfg.data
         self.world_size, self.reserved = self.cfg.scaling.num_workers, reserved_cpus
@@ -76,7 +84,7 @@ class Feeder:
         self.pools: list = []  # and their tokenize pools' (fewest, most) actors
         self.train_rate = None  # tokens/s rank 0 has been asking for windows at, since the stream was last opened
         self.materialized = self._materialize() if d.materialize else None
-        self.wins = None
+        self.wins, self.opened = None, None
         self._reset()
 
     def _reset(self) -> None:
@@ -113,15 +121,30 @@ class Feeder:
         return (Unit(s, self.materialized[int(order[s])].blocks, self.materialized[int(order[s])].data)
                 for s in range(first, self.num_units))
 
-    def open(self, pos: Position, step: int) -> None:
-        """Restart the order at `pos` (the checkpoint's; step `step` is done)."""
+    def open(self, pos: Position, warm: bool = False) -> None:
+        """Restart the order at `pos` (the checkpoint's). `warm`: the driver's guess of where rank 0 will open,
+        before the workers start; the pipeline starts now and makes the first window while they start up. Rank 0's
+        own `open` then keeps that stream if it asks for the same position before any rank asked for a window."""
+        if not warm and self.wins is not None and pos == self.opened and not self.asked:
+            return
         if pos.unit > self.num_units or (pos.unit == self.num_units and pos.offset > 0):
+            if warm:
+                return  # (rank 0 meets it and reports it)
             raise CorpusError(f"the checkpoint's data position (unit {pos.unit}) is past the {self.num_units} work "
                               "units of the training data: the corpus changed since it was saved; start a new run.name "
                               "or restore the corpus")
         self.close()
         self._reset()
-        self.wins = stream_windows(self._read_pass, pos, self.min_blocks)
+        self.wins, self.opened = stream_windows(self._read_pass, pos, self.min_blocks), pos
+        if warm:
+            try:
+                self._pull()
+            except Exception:  # rank 0's open starts again and raises it where it is reported
+                self.close()
+
+    def _pull(self) -> None:
+        self.kept.append(next(self.wins))
+        self.cum.append(self.cum[-1] + self.kept[-1].size * self.cfg.data.seq_len)
 
     def window(self, k: int, rank: int) -> Window:
         """Window k (0: the one holding the opened position) of the stream, as references. Asking for k says that
@@ -134,8 +157,7 @@ class Feeder:
             self._measure(k)
         try:
             while self.base + len(self.kept) <= k:
-                self.kept.append(next(self.wins))
-                self.cum.append(self.cum[-1] + self.kept[-1].size * self.cfg.data.seq_len)
+                self._pull()
         except EmptyStream as e:
             raise CorpusError(str(e)) from None
         self.asked[rank] = k
@@ -158,7 +180,7 @@ class Feeder:
         """End the stream while Ray is still up (Ray Data logs an error when an iterator dies with its process)."""
         if self.wins is not None:
             self.wins.close()
-            self.wins = None
+            self.wins, self.opened = None, None
 
     def counts(self) -> dict:
         """The pipelines' counters so far (documents, skips by reason, tokens, blocks)."""

@@ -29,7 +29,7 @@ from raypt.data import fingerprint, init_ray, plan, pool_plan, user_error
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
 from raypt.model import preflight as model_preflight
-from raypt.stream import fingerprint_changes, touched_files
+from raypt.stream import Position, fingerprint_changes, touched_files
 
 class RayContext:
     """`raypt.loop.Context` on a Ray Train worker."""
@@ -68,7 +68,7 @@ class RayContext:
 
         accum = grad_accum_steps(cfg)
         if self.rank == 0:  # a (re)started worker group: the stream restarts at the checkpoint's position
-            ray.get(self._feeder.open.remote(position, step))
+            ray.get(self._feeder.open.remote(position))
         if dist.is_initialized():
             dist.barrier()
         for blocks, pos in RankFeed(self._feeder, cfg, self.rank, self.world_size, position):
@@ -167,22 +167,26 @@ def run(cfg: Config) -> dict:
     if cfg.run.resume_from and not latest:
         checkpoint.check(cfg.run.resume_from)
     data_fp = fingerprint(cfg)
+    start = Position()  # where the data stream will start: the checkpoint's position, if the data is the same
     if source := latest or cfg.run.resume_from:
-        saved = checkpoint.saved_state(source).data
-        if cfg.run.data_changed != "restart" and (changes := fingerprint_changes(saved, data_fp)):
-            from raypt.loop import data_changed_message
+        saved = checkpoint.saved_state(source)
+        if changes := fingerprint_changes(saved.data, data_fp):
+            if cfg.run.data_changed != "restart":
+                from raypt.loop import data_changed_message
 
-            raise CorpusError(data_changed_message(source.rstrip("/").rsplit("/", 1)[-1], changes))
-        if touched := touched_files(saved, data_fp):
+                raise CorpusError(data_changed_message(source.rstrip("/").rsplit("/", 1)[-1], changes))
+        else:
+            start = saved.position
+        if touched := touched_files(saved.data, data_fp):
             print(f"note: {len(touched)} training files have a new mtime but their old size since the checkpoint "
                   f"(e.g. {touched[0]}); their content is taken to be the same", flush=True)
-    evals = eval_chunks(cfg, sc.num_workers)
-    # The feeder lives beside the driver, so it outlasts worker-group restarts; materialize reads the data here.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                        soft=True)
+    # The feeder lives beside the driver, so it outlasts worker-group restarts; materialize reads the data there.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
         cfg.to_dict(), reserved)
+    evals = eval_chunks(cfg, sc.num_workers)  # (while the feeder starts)
     ray.get(feeder.ready.remote())
+    feeder.open.remote(start, warm=True)  # the first window is made while the workers start
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals,

@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_TOKEN_AUTH", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tests fork Ray workers; keep the driver single-threaded
+# Ray Train's controller polls its workers every 2 s: a run's end, or a killed worker, is seen that much later. Tests
+# run a few dozen short runs; poll them faster (every Ray process inherits this environment).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:

@@ -221,7 +221,7 @@ def test_a_pass_after_the_first_sizes_its_tokenize_pool_to_what_training_reads(r
                              "data.unit_bytes=1024", "data.shuffle_tokens=3200", "scaling.num_workers=1"])
     feeder = ray.remote(Feeder).options(num_cpus=0).remote(cfg.to_dict(), 0.0)
     assert ray.get(feeder.ready.remote()) >= 4
-    ray.get(feeder.open.remote(Position(), 0))
+    ray.get(feeder.open.remote(Position()))
     k = 0
     while ray.get(feeder.window.remote(k, 0)).epoch == 0 or len(ray.get(feeder.counts.remote())["tokenize_pools"]) < 2:
         time.sleep(0.5)  # "training" on a window of >= 3,200 tokens
