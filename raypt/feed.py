@@ -90,7 +90,7 @@ class Feeder:
     def _reset(self) -> None:
         self.kept, self.base, self.asked = [], 0, {}
         self.cum = [0]  # tokens in the windows before window k of the opened stream
-        self.asked_at: list[tuple[float, int]] = []  # (when rank 0 asked for window k >= 2, k)
+        self.rate_from = None  # (when, tokens before window k - 1) at rank 0's first ask for a window k >= 2
 
     def ready(self) -> int:
         """Units in one pass (the driver waits on this: it surfaces listing errors and the materialize step)."""
@@ -103,7 +103,7 @@ class Feeder:
                               planned=self.planned, needed=needed)
         self.stats.append(split.stats)
         self.pools.append(split.actors)
-        if needed and not self.cfg.data.pretokenized:
+        if needed:  # (never for pre-tokenized data: no actor tokenizes)
             n = split.actors[1]
             print(f"tokenize pool sized to the rate: at most {n} actor{'s' * (n > 1)}; training reads "
                   f"{self.train_rate:,.0f} tokens/s, an actor makes {actor_rate:,.0f} (x{HEADROOM:g} headroom)",
@@ -153,7 +153,7 @@ class Feeder:
             raise RuntimeError("Feeder.window before Feeder.open")
         if k < self.base:
             raise RuntimeError(f"rank {rank} asked for window {k}, already let go; a restarted rank needs Feeder.open")
-        if rank == 0 and k >= 2 and k > (self.asked_at[-1][1] if self.asked_at else 0):
+        if rank == 0 and k >= 2:
             self._measure(k)
         try:
             while self.base + len(self.kept) <= k:
@@ -171,10 +171,11 @@ class Feeder:
         """Training's read rate from rank 0's asks (from window 2 on: window 0 and 1 are asked at start-up). A rank
         asks for window k as soon as it has window k - 1, so the rate is what it trained at, or what the pipeline
         delivered at when that was slower."""
-        self.asked_at.append((time.monotonic(), k))
-        (t0, k0), (t1, k1) = self.asked_at[0], self.asked_at[-1]
-        if t1 > t0:
-            self.train_rate = (self.cum[k1 - 1] - self.cum[k0 - 1]) / (t1 - t0)
+        now, tokens = time.monotonic(), self.cum[k - 1]
+        if self.rate_from is None:
+            self.rate_from = now, tokens
+        elif now > self.rate_from[0]:
+            self.train_rate = (tokens - self.rate_from[1]) / (now - self.rate_from[0])
 
     def close(self) -> None:
         """End the stream while Ray is still up (Ray Data logs an error when an iterator dies with its process)."""
