@@ -77,48 +77,99 @@ def table_blocks(table: pa.Table) -> np.ndarray:
     return col.to_numpy(zero_copy_only=True) if len(col) else np.empty((0, 0), TOKEN_DTYPE)
 
 
-@ray.remote(num_cpus=0)
-class PipelineStats:
-    """Counters the pipeline's actors add to, read once at the end; and the turnstile that keeps the pipeline at
-    most `ahead` units in front of the first unit its consumer still waits for (`advance`), so units finished out of
-    order wait in a bounded buffer. (An async actor: many actors wait on `turn` at once.)"""
+class _Pipe:
+    """One pipeline's counters and turnstile."""
 
-    def __init__(self, ahead: int | None = None, first: int = 0):
+    def __init__(self, ahead: int | None, first: int):
         self.counts: Counter = Counter()
         self.busy_s = 0.0  # summed over actors: time spent reading, tokenizing and packing (not waiting)
         self.first_ready = self.last_add = None
         self.ahead, self.next = ahead, first
         self.moved = asyncio.Condition()
 
-    async def ready(self, t: float) -> None:
+
+@ray.remote(num_cpus=0)
+class PipelineStats:
+    """Counters a pipeline's actors add to, read once at the end; and the turnstile that keeps the pipeline at most
+    `ahead` units in front of the first unit its consumer still waits for (`advance`), so units finished out of order
+    wait in a bounded buffer. One actor serves every pipeline of its owner (each pass and each resume of a run: `start`
+    opens the next one's entry), so a new pass starts no actor of its own. (An async actor: many actors wait on
+    `turn` at once.)"""
+
+    def __init__(self):
+        self.pipes: list[_Pipe] = []
+
+    async def start(self, ahead: int | None, first: int) -> int:
+        self.pipes.append(_Pipe(ahead, first))
+        return len(self.pipes) - 1
+
+    async def ready(self, p: int, t: float) -> None:
         """An actor finished starting up at wall time `t`: steady-state work is timed from the first such call."""
-        self.first_ready = t if self.first_ready is None else min(self.first_ready, t)
+        pipe = self.pipes[p]
+        pipe.first_ready = t if pipe.first_ready is None else min(pipe.first_ready, t)
 
-    async def add(self, counts: dict, t: float, rss_mb: float, busy_s: float = 0.0) -> None:
-        self.counts.update(counts)
-        self.busy_s += busy_s
-        self.counts["peak_actor_rss_mb"] = max(self.counts["peak_actor_rss_mb"], round(rss_mb))
-        self.last_add = t if self.last_add is None else max(self.last_add, t)
+    async def add(self, p: int, counts: dict, t: float, rss_mb: float, busy_s: float) -> None:
+        pipe = self.pipes[p]
+        pipe.counts.update(counts)
+        pipe.busy_s += busy_s
+        pipe.counts["peak_actor_rss_mb"] = max(pipe.counts["peak_actor_rss_mb"], round(rss_mb))
+        pipe.last_add = t if pipe.last_add is None else max(pipe.last_add, t)
 
-    async def turn(self, seq: int) -> None:
+    async def turn(self, p: int, seq: int) -> None:
         """Returns once unit `seq` (in the pass's order) may start."""
-        if self.ahead is not None:
-            async with self.moved:
-                await self.moved.wait_for(lambda: seq < self.next + self.ahead)
+        pipe = self.pipes[p]
+        if pipe.ahead is not None:
+            async with pipe.moved:
+                await pipe.moved.wait_for(lambda: seq < pipe.next + pipe.ahead)
 
-    async def advance(self, next_seq: int) -> None:
+    async def advance(self, p: int, next_seq: int) -> None:
         """Every unit before `next_seq` has reached the consumer."""
-        async with self.moved:
-            self.next = max(self.next, next_seq)
-            self.moved.notify_all()
+        pipe = self.pipes[p]
+        async with pipe.moved:
+            pipe.next = max(pipe.next, next_seq)
+            pipe.moved.notify_all()
 
-    async def actor_rate(self) -> float | None:
+    async def actor_rate(self, p: int) -> float | None:
         """Tokens per second one actor makes while it works (None before any unit is done)."""
-        return self.counts["tokens"] / self.busy_s if self.busy_s > 0 and self.counts["tokens"] else None
+        pipe = self.pipes[p]
+        return pipe.counts["tokens"] / pipe.busy_s if pipe.busy_s > 0 and pipe.counts["tokens"] else None
 
-    async def get(self) -> tuple[dict, float | None]:
-        steady = self.last_add - self.first_ready if self.last_add and self.first_ready else None
-        return dict(self.counts), steady
+    async def get(self, p: int) -> tuple[dict, float | None]:
+        pipe = self.pipes[p]
+        steady = pipe.last_add - pipe.first_ready if pipe.last_add and pipe.first_ready else None
+        return dict(pipe.counts), steady
+
+
+@dataclass(frozen=True)
+class Stats:
+    """One pipeline's entry in a `PipelineStats` actor, as its tasks and its consumer use it."""
+
+    actor: ray.actor.ActorHandle
+    pipe: int
+
+    @classmethod
+    def open(cls, actor: ray.actor.ActorHandle | None, ahead: int | None, first: int) -> Stats:
+        """A new pipeline's entry, in `actor` (a new actor if None)."""
+        actor = actor or PipelineStats.remote()
+        return cls(actor, ray.get(actor.start.remote(ahead, first)))
+
+    def ready(self, t: float) -> None:
+        self.actor.ready.remote(self.pipe, t)
+
+    def add(self, counts: dict, t: float, rss_mb: float, busy_s: float) -> None:
+        self.actor.add.remote(self.pipe, counts, t, rss_mb, busy_s)
+
+    def turn(self, seq: int) -> None:
+        ray.get(self.actor.turn.remote(self.pipe, seq))
+
+    def advance(self, next_seq: int) -> None:
+        self.actor.advance.remote(self.pipe, next_seq)
+
+    def actor_rate(self) -> float | None:
+        return ray.get(self.actor.actor_rate.remote(self.pipe))
+
+    def get(self) -> tuple[dict, float | None]:
+        return ray.get(self.actor.get.remote(self.pipe))
 
 
 def _peak_rss_mb() -> float:
@@ -133,18 +184,18 @@ class TokenizePack:
     on which actor ran it or what it ran before. The tokenizer is loaded once per actor.
     """
 
-    def __init__(self, cfg: Config, tokenizer_path: str, bos_id, eos_id, threads: int, stats):
+    def __init__(self, cfg: Config, tokenizer_path: str, bos_id, eos_id, threads: int, stats: Stats):
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool starts
         from raypt.tokenizer import DocumentEncoder, load_tokenizer
 
         self.d = cfg.data
         self.encode = DocumentEncoder(load_tokenizer(tokenizer_path), bos_id, eos_id, self.d.max_doc_chars)
         self.stats = stats
-        stats.ready.remote(time.time())
+        stats.ready(time.time())
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:  # (a generator: Ray Data then keeps a raised
         # CorpusError as the cause of the error the consumer sees)
-        ray.get(self.stats.turn.remote(int(batch["seq"][0])))
+        self.stats.turn(int(batch["seq"][0]))
         t0 = time.perf_counter()
         counts: Counter = Counter()
         unit, packer, parts = int(batch["index"][0]), BlockPacker(self.d.seq_len), []
@@ -160,7 +211,7 @@ class TokenizePack:
                     docs, chars = [], 0
         if docs:
             parts.append(self._blocks(docs, packer, counts))
-        self.stats.add.remote(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
+        self.stats.add(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
         yield unit_table(np.concatenate(parts) if parts else np.empty((0, self.d.seq_len), TOKEN_DTYPE), unit)
 
     def _blocks(self, docs: list[str], packer: BlockPacker, counts: Counter) -> np.ndarray:
@@ -171,10 +222,10 @@ class TokenizePack:
         return blocks
 
 
-def read_pretokenized(batch: dict, seq_len: int, stats) -> Iterator[pa.Table]:
+def read_pretokenized(batch: dict, seq_len: int, stats: Stats) -> Iterator[pa.Table]:
     """Ray Data task: one Parquet file written by `python -m raypt.data --out` (one unit) -> its tagged blocks; a
     wrong block length is a clear error."""
-    ray.get(stats.turn.remote(int(batch["seq"][0])))
+    stats.turn(int(batch["seq"][0]))
     path, unit = str(batch["path"][0]), int(batch["index"][0])
     fs, inner = filesystem(path)
     with fs.open_input_file(inner) as f:
@@ -256,27 +307,27 @@ def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int |
 class SplitData:
     dataset: ray.data.Dataset
     listing: Listing
-    stats: ray.actor.ActorHandle
+    stats: Stats
     actors: tuple[int, int]
     units: int
 
 
 def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, order: list[int] | None = None,
                   first: int = 0, ahead: int | None = None, planned: tuple[Listing, list] | None = None,
-                  needed: int | None = None) -> SplitData:
+                  needed: int | None = None, stats: ray.actor.ActorHandle | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
     `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
     start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
-    caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`).
-    Nothing runs until consumed."""
+    caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`);
+    `stats`: the `PipelineStats` actor to count in (default: a new one). Nothing runs until consumed."""
     d = cfg.data
     listing, units = planned or units_of(cfg, split)
     order = list(range(len(units))) if order is None else [int(u) for u in order]
     if first >= len(order):
         raise CorpusError(f"data.{split}_paths has {len(units)} work units; a data position at unit {first} is "
                           "past its end (did the corpus change since the checkpoint?)")
-    stats = PipelineStats.remote(ahead, first)
+    stats = Stats.open(stats, ahead, first)
     seqs = range(first, len(order))
     if d.pretokenized:
         items = [{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs]
@@ -352,7 +403,7 @@ def _tokenizer_digest(path: str) -> str:
 
 def summarize(split: SplitData, seq_len: int, seconds: float) -> dict:
     """The split's counters after it has been consumed: documents, skips by reason, tokens, blocks, dropped tail."""
-    counts, steady = ray.get(split.stats.get.remote())
+    counts, steady = split.stats.get()
     c = Counter(counts)
     skipped = {k: v for k, v in sorted(c.items()) if k.startswith("skipped_") or k.startswith("documents_with_")}
     return {

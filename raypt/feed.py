@@ -25,7 +25,8 @@ import ray
 
 from raypt.config import config_from_dict, global_batch_size
 from raypt.corpus import CorpusError
-from raypt.data import HEADROOM, actors_needed, build_dataset, init_ray, table_blocks, unit_tag, units_of
+from raypt.data import (HEADROOM, PipelineStats, Stats, actors_needed, build_dataset, init_ray, table_blocks, unit_tag,
+                        units_of)
 from raypt.stream import (EmptyStream, Position, RankStream, Sequencer, Unit, Window, gather, order_args,
                           stream_windows, unit_order)
 
@@ -44,7 +45,7 @@ def units_in_order(dataset: ray.data.Dataset, order: np.ndarray, first: int, sta
         for u in ready:
             yield Unit(u.seq, u.blocks, (int(order[u.seq]), sum(u.data, ())))
         if ready and stats is not None:
-            stats.advance.remote(seq.next)
+            stats.advance(seq.next)
     if len(seq) or seq.next != len(order):
         raise RuntimeError(f"the data pipeline delivered units up to {seq.next} of {len(order)} "
                            f"({len(seq)} more waiting for an earlier one)")
@@ -80,7 +81,8 @@ class Feeder:
         self.min_blocks, self.seed = order_args(self.cfg)
         self.planned = units_of(self.cfg)  # listed once: every pass and resume reuses it
         self.num_units = len(self.planned[1])
-        self.stats: list = []  # PipelineStats actors of the pipelines started so far
+        self.stats_actor = PipelineStats.remote()  # counts and turnstiles of all this run's pipelines
+        self.stats: list[Stats] = []  # the pipelines started so far
         self.pools: list = []  # and their tokenize pools' (fewest, most) actors
         self.train_rate = None  # tokens/s rank 0 has been asking for windows at, since the stream was last opened
         self.materialized = self._materialize() if d.materialize else None
@@ -97,10 +99,10 @@ class Feeder:
         return self.num_units
 
     def _pipeline(self, order: np.ndarray, first: int) -> Iterator[Unit]:
-        actor_rate = ray.get(self.stats[-1].actor_rate.remote()) if self.stats else None
+        actor_rate = self.stats[-1].actor_rate() if self.stats else None
         needed = actors_needed(self.train_rate, actor_rate)
         split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD,
-                              planned=self.planned, needed=needed)
+                              planned=self.planned, needed=needed, stats=self.stats_actor)
         self.stats.append(split.stats)
         self.pools.append(split.actors)
         if needed:  # (never for pre-tokenized data: no actor tokenizes)
@@ -187,7 +189,7 @@ class Feeder:
         """The pipelines' counters so far (documents, skips by reason, tokens, blocks)."""
         total: Counter = Counter()
         for s in self.stats:
-            total.update(ray.get(s.get.remote())[0])
+            total.update(s.get()[0])
         total.pop("peak_actor_rss_mb", None)
         total["pipelines"] = len(self.stats)  # one per pass over the data, and one per resume
         out = dict(total)
