@@ -158,6 +158,8 @@ class TrainConfig:
     """Peak FLOP/s of one device for MFU; default: known for common GPUs, none on CPU."""
     sample_prompt: str = ""
     """Text to continue with the final model at the end of the run (empty: "The ")."""
+    sample_tokens: int = 40
+    """Tokens of that greedy continuation, printed by the driver (0: no sample; the driver then never loads the model)."""
 
 
 @dataclass
@@ -330,6 +332,8 @@ def validate(cfg: Config) -> list[str]:
         )
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.sample_tokens < 0:
+        p.append(f"train.sample_tokens must be >= 0 (0: no sample), got {t.sample_tokens}")
     if t.warmup_steps < 0:
         p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if not 0 < t.decay_ratio <= 1:

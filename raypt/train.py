@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.get("data", {}).get("documents"):  # (text streamed by this run; none for pre-tokenized data)
         print(format_counts(out["data"]))
     print(f"model: {out['final']}")
-    if Path(out["final"]).is_dir():
-        print(f"sample: {prompt!r} -> {sample(out['final'], prompt)!r}")
+    if cfg.train.sample_tokens and Path(out["final"]).is_dir():
+        print(f"sample: {prompt!r} -> {sample(out['final'], prompt, cfg.train.sample_tokens)!r}")
     return 0
 
 
