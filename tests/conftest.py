@@ -15,6 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tests fork Ray worke
 # Ray Train's controller polls its workers every 2 s: a run's end, or a killed worker, is seen that much later. Tests
 # run a few dozen short runs; poll them faster (every Ray process inherits this environment).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The suite is bound by process start-up on 2 cores (each Ray worker imports ray, most also torch). Keep idle task
+# workers alive for reuse by the next run instead of ending them after 1 s, and leave out the spot-preemption watcher
+# (an actor per run; no node is ever drained here). Production keeps Ray's defaults.
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+os.environ.setdefault("RAY_num_workers_soft_limit", "4")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")  # (Ray Train's Prometheus metrics: nobody scrapes them here)
 
 
 def _free_port() -> int:

@@ -43,7 +43,7 @@ def run(storage, tokenizer_dir, data, name, workers, *sets, fault=None, monkeypa
               f"scaling.cpus_per_worker={1 / max(2, workers)}", "train.global_batch_size=8",
               "train.micro_batch_size=2", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
               "train.log_every=1", "train.eval_every=6", "train.eval_batches=8", "train.warmup_steps=2",
-              "train.lr=3e-3", "train.weight_decay=0.5", f"data.shuffle_tokens={16 * SEQ}", *sets):
+              "train.lr=3e-3", "train.weight_decay=0.5", f"data.shuffle_tokens={16 * SEQ}", "train.sample_tokens=0", *sets):
         argv += ["--set", s]
     assert train.main(argv) == 0
     rows = [json.loads(x) for x in (storage / name / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""Exact resume on a real local Ray with 2 CPU workers: a run whose worker is killed, or which is stopped and run again,
+"""Exact resume on a real local Ray with 2 CPU workers: a run whose worker is killed, or which dies and is run again,
 logs the very same per-step losses and token counts as the run that was never interrupted. Streaming text and
 pre-tokenized data; the kill is a real SIGKILL of a worker process (`raypt.faults`)."""
 
@@ -40,7 +40,7 @@ def run(tmp_path, tokenizer_dir, source, name, monkeypatch, fault=None, *sets):
               f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.micro_batch_size=2",
               "train.global_batch_size=8", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
               "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "train.lr=3e-3",
-              "data.shuffle_tokens=960", *sets):  # windows of a few units (30 blocks): resumes land inside one
+              "data.shuffle_tokens=960", "train.sample_tokens=0", *sets):  # windows of a few units (30 blocks): resumes land inside one
         argv += ["--set", s]
     return train.main(argv)
 
@@ -79,42 +79,34 @@ def uninterrupted(sources, tokenizer_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("source", ["text", "pretokenized"])
-def test_killed_worker_and_rerun_resume_exactly(source, sources, uninterrupted, tmp_path, tokenizer_dir, monkeypatch,
-                                                capsys):
-    src = sources[source]
+def test_killed_worker_resumes_exactly(source, sources, uninterrupted, tmp_path, tokenizer_dir, monkeypatch):
     a = uninterrupted(source)
     assert sorted(a) == list(range(1, STEPS + 1)) and a[STEPS][1] == STEPS * 8 * 32
-
-    # (b) rank 1's process is SIGKILLed after step 13; Ray restarts the group, which resumes from checkpoint 8 — with
+    # rank 1's process is SIGKILLed after step 13; Ray restarts the group, which resumes from checkpoint 8 — with
     # every core of the machine also busy
     with busy():
-        assert run(tmp_path, tokenizer_dir, src, "b", monkeypatch, "step:13:1", "run.max_failures=1") == 0
+        assert run(tmp_path, tokenizer_dir, sources[source], "b", monkeypatch, "step:13:1", "run.max_failures=1") == 0
     assert (tmp_path / "b.fault").exists() and resumed(tmp_path, "b") == ["checkpoint_000008"]
     assert losses(tmp_path, "b") == a
 
-    # (c) the run dies at step 13 with no restarts left, then the same command is run again (the restore path is the
-    # same for both sources: run for pre-tokenized data only, to keep the suite's time)
-    if source == "text":
-        return
+
+def test_killed_during_a_checkpoint_save_then_run_again_resumes_from_the_previous_one(sources, uninterrupted, tmp_path,
+                                                                                     tokenizer_dir, monkeypatch,
+                                                                                     capsys):
+    src, keep = sources["pretokenized"], "run.checkpoints_to_keep=2"
+    # rank 0 dies while writing checkpoint 16 (weights on disk, no marker yet), with no restarts left: the run fails
     with pytest.raises(Exception):
-        run(tmp_path, tokenizer_dir, src, "c", monkeypatch, "step:13:0")
-    assert max(losses(tmp_path, "c")) == 12  # killed after step 13, before logging it
+        run(tmp_path, tokenizer_dir, src, "d", monkeypatch, "save:16:0", keep)
+    assert (tmp_path / "d.fault").exists() and max(losses(tmp_path, "d")) == 16
+    assert not (tmp_path / "d" / "checkpoint_000016" / MARKER).exists()
+    # the same command again: the half-written checkpoint is not one; it resumes from 8 and trains what the run that
+    # was never interrupted trained
     capsys.readouterr()
-    assert run(tmp_path, tokenizer_dir, src, "c", monkeypatch) == 0
+    assert run(tmp_path, tokenizer_dir, src, "d", monkeypatch, None, keep) == 0
     assert "resuming from the latest, checkpoint_000008" in capsys.readouterr().out
-    assert resumed(tmp_path, "c") == ["checkpoint_000008"]
-    assert losses(tmp_path, "c") == a
-
-
-def test_kill_during_checkpoint_save_resumes_from_the_previous_one(sources, uninterrupted, tmp_path, tokenizer_dir,
-                                                                  monkeypatch):
-    src = sources["pretokenized"]
-    # rank 0 dies while writing checkpoint 16: weights are on disk, the marker is not
-    assert run(tmp_path, tokenizer_dir, src, "d", monkeypatch, "save:16:0", "run.max_failures=1",
-               "run.checkpoints_to_keep=2") == 0
-    assert (tmp_path / "d.fault").exists() and resumed(tmp_path, "d") == ["checkpoint_000008"]
+    assert resumed(tmp_path, "d") == ["checkpoint_000008"]
     assert losses(tmp_path, "d") == uninterrupted("pretokenized")
-    # keep-2 kept the newest two, both complete; the half-written one never became a checkpoint
+    # keep-2 kept the newest two, both complete
     kept = sorted(p.name for p in (tmp_path / "d").glob("checkpoint_*"))
     assert kept == ["checkpoint_000016", "checkpoint_000024"]
     assert all((tmp_path / "d" / k / MARKER).exists() for k in kept)

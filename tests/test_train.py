@@ -41,7 +41,8 @@ def run(tmp_path, tokenizer_dir, pretokenized, name, *sets):
             "--set", f"data.seq_len={SEQ}", "--set", f"run.storage_path={tmp_path}", "--set", f"run.name={name}",
             "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=4", "--set", "train.lr=3e-3",
             "--set", "train.warmup_steps=1", "--set", "train.log_every=1", "--set", "train.eval_batches=2",
-            "--set", "scaling.cpus_per_worker=0.5"]  # 2 CPUs here: leave one to stream the blocks
+            "--set", "scaling.cpus_per_worker=0.5",  # 2 CPUs here: leave one to stream the blocks
+            "--set", "train.sample_tokens=0"]  # (a sample only where a test reads it)
     for s in sets:
         argv += ["--set", s]
     assert train.main(argv) == 0
@@ -52,7 +53,7 @@ def run(tmp_path, tokenizer_dir, pretokenized, name, *sets):
 def test_two_workers_match_one_worker_then_export_and_resume(ray_local, tmp_path, tokenizer_dir, pretokenized, capsys):
     one, _ = run(tmp_path, tokenizer_dir, pretokenized, "one", "scaling.num_workers=1", "train.max_steps=2")
     two, evals = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=4",
-                     "train.checkpoint_every=2", "train.eval_every=2")
+                     "train.checkpoint_every=2", "train.eval_every=2", "train.sample_tokens=8")
     # Same global batch, same init: DDP over 2 workers (2 micro-batches each) == 1 worker (4 micro-batches)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
@@ -88,7 +89,8 @@ def test_nan_on_one_of_two_ray_workers_stops_or_is_skipped(ray_local, tmp_path, 
     argv = [a for s in (f"data.pretokenized={pretokenized}", f"tokenizer.path={tokenizer_dir}", f"data.seq_len={SEQ}",
                         f"run.storage_path={tmp_path}", "run.name=nan", "scaling.num_workers=2",
                         "scaling.cpus_per_worker=0.5", "train.global_batch_size=8", "train.micro_batch_size=2",
-                        "train.max_steps=6", "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=0")
+                        "train.max_steps=6", "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=0",
+                        "train.sample_tokens=0")
             for a in ("--set", s)]
     assert train.main(argv) == 2
     err = capsys.readouterr().err
