@@ -1,5 +1,6 @@
 """`ray job submit` for real: a Ray head started on loopback, the demo submitted through the Jobs CLI, then resubmitted."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,21 +30,31 @@ def head():
     """A real head node (`ray start --head`) with the dashboard and Jobs API on 127.0.0.1 only; stopped at the end.
     Its own temp dir and ports keep it apart from the tests' in-process cluster, and only its processes are ended."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(gcs),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                     "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp, "--include-dashboard",
                     "true", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     yield env
-    procs = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+    # Its processes: those naming its temp dir or its GCS port, and their children (the dashboard and runtime-env
+    # agents retitle themselves `ray::...`, and would otherwise outlive it, polling a dead GCS for the rest of the suite)
+    marks = (temp, f":{gcs} ")
+    procs = {p.pid: p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) + " "
+                                                                        for m in marks)}
+    for p in list(procs.values()):
+        with contextlib.suppress(psutil.Error):
+            procs.update((c.pid, c) for c in p.children(recursive=True))
+    procs = list(procs.values())
     for p in procs:
-        p.send_signal(signal.SIGTERM)
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
-        p.kill()
+        with contextlib.suppress(psutil.Error):
+            p.kill()
     psutil.wait_procs(alive, timeout=10)
     shutil.rmtree(temp, ignore_errors=True)
 
