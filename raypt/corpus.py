@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq

@@ -19,7 +19,6 @@ Reading inside the tokenizing actor means document text never crosses processes;
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import hashlib
 import json
@@ -45,7 +44,8 @@ from raypt.config import Config, absolute_paths, add_config_args, config_from_ar
 from raypt.errors import UserError
 from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
 from raypt.packing import TOKEN_DTYPE, BlockPacker
-from raypt.tokenizer import tokenizer_path
+from raypt.pipeline_stats import Stats
+from raypt.tokenizer import EncoderSpec, encoder_spec, tokenizer_path
 
 SPLITS = ("train", "eval")
 TEXT_BATCH_CHARS = 8 << 20  # a tokenizer batch is closed at this many characters even if it has few documents
@@ -77,101 +77,6 @@ def table_blocks(table: pa.Table) -> np.ndarray:
     return col.to_numpy(zero_copy_only=True) if len(col) else np.empty((0, 0), TOKEN_DTYPE)
 
 
-class _Pipe:
-    """One pipeline's counters and turnstile."""
-
-    def __init__(self, ahead: int | None, first: int):
-        self.counts: Counter = Counter()
-        self.busy_s = 0.0  # summed over actors: time spent reading, tokenizing and packing (not waiting)
-        self.first_ready = self.last_add = None
-        self.ahead, self.next = ahead, first
-        self.moved = asyncio.Condition()
-
-
-@ray.remote(num_cpus=0)
-class PipelineStats:
-    """Counters a pipeline's actors add to, read once at the end; and the turnstile that keeps the pipeline at most
-    `ahead` units in front of the first unit its consumer still waits for (`advance`), so units finished out of order
-    wait in a bounded buffer. One actor serves every pipeline of its owner (each pass and each resume of a run: `start`
-    opens the next one's entry), so a new pass starts no actor of its own. (An async actor: many actors wait on
-    `turn` at once.)"""
-
-    def __init__(self):
-        self.pipes: list[_Pipe] = []
-
-    async def start(self, ahead: int | None, first: int) -> int:
-        self.pipes.append(_Pipe(ahead, first))
-        return len(self.pipes) - 1
-
-    async def ready(self, p: int, t: float) -> None:
-        """An actor finished starting up at wall time `t`: steady-state work is timed from the first such call."""
-        pipe = self.pipes[p]
-        pipe.first_ready = t if pipe.first_ready is None else min(pipe.first_ready, t)
-
-    async def add(self, p: int, counts: dict, t: float, rss_mb: float, busy_s: float) -> None:
-        pipe = self.pipes[p]
-        pipe.counts.update(counts)
-        pipe.busy_s += busy_s
-        pipe.counts["peak_actor_rss_mb"] = max(pipe.counts["peak_actor_rss_mb"], round(rss_mb))
-        pipe.last_add = t if pipe.last_add is None else max(pipe.last_add, t)
-
-    async def turn(self, p: int, seq: int) -> None:
-        """Returns once unit `seq` (in the pass's order) may start."""
-        pipe = self.pipes[p]
-        if pipe.ahead is not None:
-            async with pipe.moved:
-                await pipe.moved.wait_for(lambda: seq < pipe.next + pipe.ahead)
-
-    async def advance(self, p: int, next_seq: int) -> None:
-        """Every unit before `next_seq` has reached the consumer."""
-        pipe = self.pipes[p]
-        async with pipe.moved:
-            pipe.next = max(pipe.next, next_seq)
-            pipe.moved.notify_all()
-
-    async def actor_rate(self, p: int) -> float | None:
-        """Tokens per second one actor makes while it works (None before any unit is done)."""
-        pipe = self.pipes[p]
-        return pipe.counts["tokens"] / pipe.busy_s if pipe.busy_s > 0 and pipe.counts["tokens"] else None
-
-    async def get(self, p: int) -> tuple[dict, float | None]:
-        pipe = self.pipes[p]
-        steady = pipe.last_add - pipe.first_ready if pipe.last_add and pipe.first_ready else None
-        return dict(pipe.counts), steady
-
-
-@dataclass(frozen=True)
-class Stats:
-    """One pipeline's entry in a `PipelineStats` actor, as its tasks and its consumer use it."""
-
-    actor: ray.actor.ActorHandle
-    pipe: int
-
-    @classmethod
-    def open(cls, actor: ray.actor.ActorHandle | None, ahead: int | None, first: int) -> Stats:
-        """A new pipeline's entry, in `actor` (a new actor if None)."""
-        actor = actor or PipelineStats.remote()
-        return cls(actor, ray.get(actor.start.remote(ahead, first)))
-
-    def ready(self, t: float) -> None:
-        self.actor.ready.remote(self.pipe, t)
-
-    def add(self, counts: dict, t: float, rss_mb: float, busy_s: float) -> None:
-        self.actor.add.remote(self.pipe, counts, t, rss_mb, busy_s)
-
-    def turn(self, seq: int) -> None:
-        ray.get(self.actor.turn.remote(self.pipe, seq))
-
-    def advance(self, next_seq: int) -> None:
-        self.actor.advance.remote(self.pipe, next_seq)
-
-    def actor_rate(self) -> float | None:
-        return ray.get(self.actor.actor_rate.remote(self.pipe))
-
-    def get(self) -> tuple[dict, float | None]:
-        return ray.get(self.actor.get.remote(self.pipe))
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -184,12 +89,10 @@ class TokenizePack:
     on which actor ran it or what it ran before. The tokenizer is loaded once per actor.
     """
 
-    def __init__(self, cfg: Config, tokenizer_path: str, bos_id, eos_id, threads: int, stats: Stats):
+    def __init__(self, cfg: Config, encoder: EncoderSpec, threads: int, stats: Stats):
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool starts
-        from raypt.tokenizer import DocumentEncoder, load_tokenizer
-
         self.d = cfg.data
-        self.encode = DocumentEncoder(load_tokenizer(tokenizer_path), bos_id, eos_id, self.d.max_doc_chars)
+        self.encode = encoder.encoder(self.d.max_doc_chars)
         self.stats = stats
         stats.ready(time.time())
 
@@ -314,13 +217,15 @@ class SplitData:
 
 def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, order: list[int] | None = None,
                   first: int = 0, ahead: int | None = None, planned: tuple[Listing, list] | None = None,
-                  needed: int | None = None, stats: ray.actor.ActorHandle | None = None) -> SplitData:
+                  needed: int | None = None, stats: ray.actor.ActorHandle | None = None,
+                  encoder: EncoderSpec | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
     `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
     start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
     caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`);
-    `stats`: the `PipelineStats` actor to count in (default: a new one). Nothing runs until consumed."""
+    `stats`: the `PipelineStats` actor to count in (default: a new one); `encoder`: the run's `encoder_spec`, when the
+    caller has it (a process without transformers imported then never imports it). Nothing runs until consumed."""
     d = cfg.data
     listing, units = planned or units_of(cfg, split)
     order = list(range(len(units))) if order is None else [int(u) for u in order]
@@ -336,19 +241,14 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
             fn_kwargs=dict(seq_len=d.seq_len, stats=stats))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
     fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed)
-    tok_path = tokenizer_path(cfg)
-    # Fail here, in the driver, rather than inside every actor.
-    from raypt.tokenizer import load_tokenizer, special_ids
-
-    t = cfg.tokenizer
-    bos, eos = special_ids(load_tokenizer(tok_path), t.add_bos, t.add_eos, t.bos_id, t.eos_id)
+    encoder = encoder or encoder_spec(cfg)  # (a tokenizer problem fails here, not inside every actor)
     items = [{"index": order[s], "seq": s, "unit": [dataclasses.asdict(seg) for seg in units[order[s]]]}
              for s in seqs]
     blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
         compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most, max_concurrent_calls_per_actor=1),
-        fn_constructor_kwargs=dict(cfg=cfg, tokenizer_path=tok_path, bos_id=bos, eos_id=eos,
-                                   threads=max(1, int(d.cpus_per_tokenize_worker)), stats=stats),
+        fn_constructor_kwargs=dict(cfg=cfg, encoder=encoder, threads=max(1, int(d.cpus_per_tokenize_worker)),
+                                   stats=stats),
     )
     return SplitData(blocks, listing, stats, (fewest, most), len(units))
 

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections import Counter
@@ -25,8 +24,8 @@ import ray
 
 from raypt.config import config_from_dict, global_batch_size
 from raypt.corpus import CorpusError
-from raypt.data import (HEADROOM, PipelineStats, Stats, actors_needed, build_dataset, init_ray, table_blocks, unit_tag,
-                        units_of)
+from raypt.data import HEADROOM, actors_needed, build_dataset, init_ray, table_blocks, unit_tag, units_of
+from raypt.pipeline_stats import PipelineStats, Stats
 from raypt.stream import (EmptyStream, Position, RankStream, Sequencer, Unit, Window, gather, order_args,
                           stream_windows, unit_order)
 
@@ -67,7 +66,7 @@ class Feeder:
     """Owns the run's training order; ranks ask it for the shuffle windows (`window`) and fetch the blocks
     themselves. A Ray actor (`raypt.train` starts it next to the driver, with no CPU)."""
 
-    def __init__(self, cfg_dict: dict, reserved_cpus: float):
+    def __init__(self, cfg_dict: dict, reserved_cpus: float, encoder=None, stats=None):
         init_ray()  # this process's DataContext; quiet user errors
         with warnings.catch_warnings():  # (deprecated for label selectors, which need labelled nodes; kept to 2027)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -77,11 +76,11 @@ class Feeder:
                 cpu=reserved_cpus)
         self.cfg = config_from_dict(cfg_dict)
         d = self.cfg.data
-        self.world_size, self.reserved = self.cfg.scaling.num_workers, reserved_cpus
+        self.world_size, self.reserved, self.encoder = self.cfg.scaling.num_workers, reserved_cpus, encoder
         self.min_blocks, self.seed = order_args(self.cfg)
         self.planned = units_of(self.cfg)  # listed once: every pass and resume reuses it
         self.num_units = len(self.planned[1])
-        self.stats_actor = PipelineStats.remote()  # counts and turnstiles of all this run's pipelines
+        self.stats_actor = stats or PipelineStats.remote()  # counts and turnstiles of all this run's pipelines
         self.stats: list[Stats] = []  # the pipelines started so far
         self.pools: list = []  # and their tokenize pools' (fewest, most) actors
         self.train_rate = None  # tokens/s rank 0 has been asking for windows at, since the stream was last opened
@@ -102,7 +101,7 @@ class Feeder:
         actor_rate = self.stats[-1].actor_rate() if self.stats else None
         needed = actors_needed(self.train_rate, actor_rate)
         split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD,
-                              planned=self.planned, needed=needed, stats=self.stats_actor)
+                              planned=self.planned, needed=needed, stats=self.stats_actor, encoder=self.encoder)
         self.stats.append(split.stats)
         self.pools.append(split.actors)
         if needed:  # (never for pre-tokenized data: no actor tokenizes)
@@ -246,7 +245,7 @@ class RankFeed:
         return blocks, pos
 
 
-def eval_chunks(cfg, world_size: int) -> list | None:
+def eval_chunks(cfg, world_size: int, encoder=None, stats=None) -> list | None:
     """The fixed eval set (the first blocks of the eval split, in unit order), cut into one object per rank so that
     each rank reads only its own share."""
     d, t = cfg.data, cfg.train
@@ -262,7 +261,7 @@ def eval_chunks(cfg, world_size: int) -> list | None:
         return None
     per_rank = t.eval_batches * t.micro_batch_size
     need = per_rank * world_size
-    split = build_dataset(cfg, "eval")
+    split = build_dataset(cfg, "eval", encoder=encoder, stats=stats)
     parts, have = [], 0
     units = units_in_order(split.dataset, np.arange(split.units), 0)
     for u in units:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +75,14 @@ def split_long(text: str, max_chars: int) -> list[str]:
 
 
 class DocumentEncoder:
-    """Documents -> one int32 stream ``BOS doc EOS BOS doc EOS ...``, with the fast tokenizer's batch encoding."""
+    """Documents -> one int32 stream ``BOS doc EOS BOS doc EOS ...``, with the fast tokenizer's batch encoding.
+    `tok`: a transformers tokenizer, or a `tokenizers.Tokenizer` (its fast backend alone)."""
 
     def __init__(self, tok, bos_id: int | None, eos_id: int | None, max_doc_chars: int = 1_000_000):
         self.tok, self.bos_id, self.eos_id, self.max_doc_chars = tok, bos_id, eos_id, max_doc_chars
-        backend = getattr(tok, "backend_tokenizer", None)
-        self._fast = getattr(backend, "encode_batch_fast", None)  # skips offsets: the fastest path
+        backend = getattr(tok, "backend_tokenizer", tok)
+        # encode_batch_fast skips offsets: the fastest path (tokenizers >= 0.21)
+        self._fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self._fast is not None:
@@ -99,6 +102,37 @@ class DocumentEncoder:
         for i, piece_ids in zip(owner, self.encode(texts)):
             ids[i].extend(piece_ids)
         return concat_documents(ids, self.bos_id, self.eos_id)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a tokenize worker needs to encode documents, made once where the tokenizer is loaded (`encoder_spec`).
+    The fast tokenizer travels as transformers built it (its serialized backend), so a worker rebuilds it with
+    `tokenizers` alone: importing transformers there would also import torch, ~4 s of CPU per process. A tokenizer
+    without a fast backend is loaded from `path` on the worker."""
+
+    path: str
+    bos_id: int | None
+    eos_id: int | None
+    backend_json: str | None = None
+
+    def encoder(self, max_doc_chars: int) -> DocumentEncoder:
+        if self.backend_json is None:
+            tok = load_tokenizer(self.path)
+        else:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(self.backend_json)
+        return DocumentEncoder(tok, self.bos_id, self.eos_id, max_doc_chars)
+
+
+def encoder_spec(cfg) -> EncoderSpec:
+    """The run's tokenizer (`tokenizer_path`) and BOS/EOS ids (`special_ids`, which also reports a missing one)."""
+    t, path = cfg.tokenizer, tokenizer_path(cfg)
+    tok = load_tokenizer(path)
+    bos, eos = special_ids(tok, t.add_bos, t.add_eos, t.bos_id, t.eos_id)
+    backend = getattr(tok, "backend_tokenizer", None)
+    return EncoderSpec(path, bos, eos, backend.to_str() if backend is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ from raypt.corpus import CorpusError, filesystem
 from raypt.data import fingerprint, init_ray, plan, pool_plan, user_error
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
+from raypt.pipeline_stats import PipelineStats
 from raypt.model import preflight as model_preflight
 from raypt.stream import Position, fingerprint_changes, touched_files
+from raypt.tokenizer import encoder_spec
 
 class RayContext:
     """`raypt.loop.Context` on a Ray Train worker."""
@@ -182,9 +184,11 @@ def run(cfg: Config) -> dict:
                   f"(e.g. {touched[0]}); their content is taken to be the same", flush=True)
     # The feeder lives beside the driver, so it outlasts worker-group restarts; materialize reads the data there.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    encoder = None if cfg.data.pretokenized else encoder_spec(cfg)  # (loaded here once, not in every data process)
+    stats = PipelineStats.options(scheduling_strategy=here).remote()  # counters and turnstiles of every pipeline
     feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
-        cfg.to_dict(), reserved)
-    evals = eval_chunks(cfg, sc.num_workers)  # (while the feeder starts)
+        cfg.to_dict(), reserved, encoder, stats)
+    evals = eval_chunks(cfg, sc.num_workers, encoder, stats)  # (while the feeder starts)
     ray.get(feeder.ready.remote())
     feeder.open.remote(start, warm=True)  # the first window is made while the workers start
     trainer = TorchTrainer(
