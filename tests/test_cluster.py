@@ -30,6 +30,61 @@ def test_autoscaler_config_passes_rays_validator(path):
         assert secret not in text
 
 
+# What each machine type carries, from the clouds' machine type tables (GCP's provider has no such lookup).
+GCP_CPUS = {"n2-standard-8": 8, "g2-standard-8": 8, "a3-highgpu-8g": 208}
+
+
+def filled_out(path: Path, monkeypatch) -> dict:
+    """The cluster file's node types as the autoscaler sees them: after its provider's own resource fill-out, run
+    offline (AWS: against moto's copy of EC2's instance type table; GCP: a pure function)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(yaml.safe_load(path.read_text()))
+    kind = config["provider"]["type"]
+    if kind == "aws":
+        from moto import mock_aws
+        from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # (the tests' loopback S3; EC2 here is moto's mock)
+        with mock_aws():
+            return AWSNodeProvider.fillout_available_node_types_resources(config)["available_node_types"]
+    assert kind == "gcp", kind
+    from ray.autoscaler._private.gcp.node_provider import GCPNodeProvider
+
+    return GCPNodeProvider.fillout_available_node_types_resources(config)["available_node_types"]
+
+
+def carried(node_config: dict) -> tuple[int, int]:
+    """(CPUs, GPUs) of the instance a node type starts."""
+    if "InstanceType" in node_config:
+        import gzip
+        import json
+
+        import moto.ec2
+
+        table = Path(moto.ec2.__file__).parent / "resources" / "instance_types.json.gz"
+        info = json.loads(gzip.decompress(table.read_bytes()))[node_config["InstanceType"]]
+        return info["VCpuInfo"]["DefaultVCpus"], sum(g["Count"] for g in (info.get("GpuInfo") or {}).get("Gpus", []))
+    gpus = sum(a["acceleratorCount"] for a in node_config.get("guestAccelerators", []))
+    return GCP_CPUS[node_config["machineType"]], gpus
+
+
+@pytest.mark.parametrize("path", AUTOSCALER, ids=lambda p: p.name)
+def test_the_autoscaler_sees_the_gpus_of_every_node_type(path, monkeypatch):
+    """A job asking for GPUs scales up only node types whose resources, as the autoscaler believes them, have GPUs:
+    Ray's AWS provider reads them from EC2, its GCP provider fills in TPUs only (so the GCP file declares them)."""
+    raw = yaml.safe_load(path.read_text())
+    for name, t in filled_out(path, monkeypatch).items():
+        cpus, gpus = carried(t["node_config"])
+        if name == "head":
+            assert t["resources"].get("CPU") == 0 and not t["resources"].get("GPU"), t["resources"]
+            continue
+        assert gpus > 0, name
+        assert (t["resources"].get("CPU"), t["resources"].get("GPU")) == (cpus, gpus), (name, t["resources"])
+        if raw["provider"]["type"] == "gcp":
+            assert raw["available_node_types"][name]["resources"]["GPU"] == gpus  # declared: the provider adds none
+
+
 def test_cloud_specifics():
     gcp = yaml.safe_load((ROOT / "cluster" / "gcp-gpu.yaml").read_text())
     for name, t in gcp["available_node_types"].items():
