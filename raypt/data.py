@@ -45,7 +45,7 @@ from raypt.errors import UserError
 from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
 from raypt.packing import TOKEN_DTYPE, BlockPacker
 from raypt.pipeline_stats import Stats
-from raypt.tokenizer import EncoderSpec, encoder_spec, tokenizer_path
+from raypt.tokenizer import TOKENIZER_FILES, EncoderSpec, encoder_spec, tokenizer_path
 
 SPLITS = ("train", "eval")
 TEXT_BATCH_CHARS = 8 << 20  # a tokenizer batch is closed at this many characters even if it has few documents
@@ -189,21 +189,40 @@ def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int |
     one single-threaded actor per free CPU (measured faster than fewer actors with more tokenizer threads: the
     per-token Python work then also runs in parallel), `data.max_tokenize_workers`, the units, and `needed` (the rate
     target, `actors_needed`, once the run has measured it); `data.num_tokenize_workers` fixes the size.
-    `reserved_cpus` are held by training workers."""
+    `reserved_cpus` are held by training workers. On a cluster an autoscaler can grow, CPUs it lacks now are no
+    error: the pool's pending actors are what makes it add nodes, so it asks for two until the rate is measured."""
     d = cfg.data
-    total = ray.cluster_resources().get("CPU", 1)
+    total = ray.cluster_resources().get("CPU", 0)
     free = total - reserved_cpus
     if free < d.cpus_per_tokenize_worker:
-        raise CorpusError(
-            f"no CPU left for tokenize actors: training workers reserve {reserved_cpus:g} of the cluster's {total:g} "
-            "CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker or "
-            "data.cpus_per_tokenize_worker, or add CPU nodes"
-        )
+        if not cluster_can_grow():
+            raise CorpusError(
+                f"no CPU left for tokenize actors: training workers reserve {reserved_cpus:g} of the cluster's "
+                f"{total:g} CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker "
+                "or data.cpus_per_tokenize_worker, or add CPU nodes"
+            )
+        free = d.cpus_per_tokenize_worker * (needed or 2)
     if d.num_tokenize_workers:
         n = min(d.num_tokenize_workers, units)
         return n, n
     most = max(1, min(units, int(free // d.cpus_per_tokenize_worker), d.max_tokenize_workers, needed or units))
     return min(2, most), most
+
+
+def cluster_can_grow() -> bool:
+    """Whether an autoscaler can add nodes to the cluster (a cold one has no worker node before a job asks). KubeRay
+    and Ray's autoscaler v2 publish their node types in the GCS; the v1 autoscaler (`ray up`, `ray start
+    --autoscaling-config`) reports its status there, and on a cluster that cannot grow that status names only Ray's
+    read-only node types, one per node (`node_<id>`)."""
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if state.get_cluster_config() is not None:
+        return True
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    types = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {} if status else {}
+    return any(not t.startswith("node_") for t in types.values())
 
 
 @dataclass
@@ -282,7 +301,6 @@ def fingerprint(cfg: Config) -> dict:
 
 ORDER_VERSION = 2  # bump when the stream definition (raypt.stream) changes: old positions then mean other blocks
 FINGERPRINT_FILES = 10_000
-TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece")
 
 
 def _digest(text: str) -> str:

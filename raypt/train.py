@@ -25,7 +25,7 @@ from raypt import checkpoint, faults
 from raypt.config import (Config, absolute_paths, add_config_args, config_from_args, config_from_dict,
                           global_batch_size, grad_accum_steps)
 from raypt.corpus import CorpusError, filesystem
-from raypt.data import fingerprint, init_ray, plan, pool_plan, user_error
+from raypt.data import cluster_can_grow, fingerprint, init_ray, plan, pool_plan, user_error
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
 from raypt.pipeline_stats import PipelineStats
@@ -124,7 +124,7 @@ def _quiet_libraries() -> None:
 def ensure_tokenizer(cfg: Config) -> None:
     """Train the run's tokenizer first when it names a path that does not exist yet and a vocab_size."""
     t = cfg.tokenizer
-    if t.path and t.vocab_size and not Path(t.path).exists() and not cfg.model.name_or_path:
+    if t.path and t.vocab_size and "://" not in t.path and not Path(t.path).exists() and not cfg.model.name_or_path:
         from raypt.tokenizer import train_tokenizer
 
         print(f"training a {t.vocab_size}-token byte-level BPE on data.train_paths -> {t.path}", flush=True)
@@ -133,11 +133,16 @@ def ensure_tokenizer(cfg: Config) -> None:
 
 
 def preflight(cfg: Config, reserved: float) -> None:
-    """Refuse, before any worker starts, a run whose training workers would leave no CPU to stream data."""
+    """Refuse, before any worker starts, a run whose training workers would leave no CPU to stream data; on a cluster
+    that an autoscaler can grow, say that the nodes come as the run asks for them."""
     d, sc = cfg.data, cfg.scaling
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - reserved < max(0.25, d.cpus_per_tokenize_worker) and cluster_can_grow():
+        print(f"the cluster has {total:g} CPUs now: its autoscaler adds nodes as the run asks for them ({sc.num_workers} "
+              f"training workers of {sc.cpus_per_worker:g} CPUs{', GPUs' * sc.use_gpu}, and the data pipeline)",
+              flush=True)
     if d.pretokenized:
-        total = ray.cluster_resources().get("CPU", 0)
-        if total - reserved < 0.25:  # (the text pipeline's own check is in raypt.data.pool_plan)
+        if total - reserved < 0.25 and not cluster_can_grow():  # (the text pipeline's own check: data.pool_plan)
             raise CorpusError(
                 f"the {sc.num_workers} training workers reserve {reserved:g} of the cluster's {total:g} CPUs, "
                 "leaving none to stream data to them; set data.materialize: true (read all data first), lower "

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")  # (Ray Train's Prometheus metrics: nobody scrapes them here)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,7 +33,7 @@ def _free_port() -> int:
 # S3 as a cluster sees it: endpoint and credentials in the environment of every Ray process (set before Ray starts),
 # served on loopback by the `s3_server` fixture. Never a real AWS account.
 S3_SECRET = "raypt-test-secret-" + os.urandom(6).hex()
-os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}", AWS_ACCESS_KEY_ID="raypt-test-key",
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_ACCESS_KEY_ID="raypt-test-key",
                   AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 
 EN_WORDS = (
@@ -61,6 +61,31 @@ def write_shards(root: Path, docs: list[str], shards: int = 3) -> Path:
     for s in range(shards):
         (root / f"shard_{s:02d}.txt").write_text("\n".join(docs[s::shards]) + "\n", encoding="utf-8")
     return root
+
+
+def end_processes(*marks: str) -> None:
+    """End the processes of a Ray head this test started: those whose command line names one of `marks` (its temp
+    dir, its GCS port), and all their children (the dashboard and runtime-env agents retitle themselves `ray::...`
+    and would otherwise outlive it, polling a dead GCS for the rest of the suite). `ray stop` would end every Ray
+    process on the machine, the session's own local Ray included."""
+    import signal
+
+    import psutil
+
+    procs = {p.pid: p for p in psutil.process_iter(["cmdline"])
+             if p.pid != os.getpid() and any(m in " ".join(p.info["cmdline"] or []) + " " for m in marks)}
+    for p in list(procs.values()):
+        with contextlib.suppress(psutil.Error):
+            procs.update((c.pid, c) for c in p.children(recursive=True))
+    procs = list(procs.values())
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=3)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -1,28 +1,20 @@
 """`ray job submit` for real: a Ray head started on loopback, the demo submitted through the Jobs CLI, then resubmitted."""
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from conftest import end_processes, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +31,7 @@ def head():
                     "true", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     yield env
-    # Its processes: those naming its temp dir or its GCS port, and their children (the dashboard and runtime-env
-    # agents retitle themselves `ray::...`, and would otherwise outlive it, polling a dead GCS for the rest of the suite)
-    marks = (temp, f":{gcs} ")
-    procs = {p.pid: p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) + " "
-                                                                        for m in marks)}
-    for p in list(procs.values()):
-        with contextlib.suppress(psutil.Error):
-            procs.update((c.pid, c) for c in p.children(recursive=True))
-    procs = list(procs.values())
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=10)
+    end_processes(temp, f":{gcs} ")
     shutil.rmtree(temp, ignore_errors=True)
 
 
