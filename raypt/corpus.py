@@ -47,10 +47,10 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def node_copy(uri: str, kind: str, key: str | None = None) -> Path:
+def node_copy(uri: str, kind: str, key: str | None = None, files: list[str] | None = None) -> Path:
     """A local copy of the directory at `uri`, shared by the processes of this node: downloaded once into
     $RAYPT_CACHE/kind (default ~/.cache/raypt), the others waiting on a file lock. `key` (default: the URI) names the
-    copy."""
+    copy; `files`: only these files of the directory (default: all of it)."""
     import hashlib
     from pathlib import Path
 
@@ -63,7 +63,8 @@ def node_copy(uri: str, kind: str, key: str | None = None) -> Path:
         if not (dest / ".complete").exists():
             fs, path = filesystem(uri)
             dest.mkdir(exist_ok=True)
-            pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            for src, to in [(path, dest)] if files is None else [(f"{path}/{f}", dest / f) for f in files]:
+                pafs.copy_files(src, str(to), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             (dest / ".complete").touch()
     return dest
 

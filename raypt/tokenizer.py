@@ -19,20 +19,45 @@ from pathlib import Path
 
 import numpy as np
 
-from raypt.corpus import FORMATS, CorpusError, iter_documents, list_files
+from raypt.corpus import FORMATS, CorpusError, filesystem, is_uri, iter_documents, list_files, node_copy
 from raypt.packing import concat_documents
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
+TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece")
+"""Name prefixes of a tokenizer's own files in a directory (not a model's weights next to them)."""
+
+
 def load_tokenizer(path: str):
+    """The tokenizer in directory `path`, or at an s3:// or gs:// URI (`local_tokenizer_dir`)."""
     from transformers import AutoTokenizer
 
-    if not Path(path).exists():
+    if not is_uri(path) and not Path(path).exists():
         raise CorpusError(
             f"tokenizer.path {path!r} does not exist; train one with `python -m raypt.tokenizer --data ... --out {path}`"
         )
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(local_tokenizer_dir(path))
+
+
+def local_tokenizer_dir(path: str) -> str:
+    """`path` itself, or for a URI (a model's directory in a bucket, say) a node-wide copy of its tokenizer files
+    alone: the driver and the data processes need the tokenizer, not the weights beside it. Keyed by the files'
+    names, sizes and times, so a tokenizer uploaded again is fetched again."""
+    if not is_uri(path):
+        return path
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    infos = sorted((i for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+                    if i.type == pafs.FileType.File
+                    and (i.base_name.startswith(TOKENIZER_FILES) or i.base_name == "config.json")),
+                   key=lambda i: i.base_name)
+    if not any(i.base_name.startswith(TOKENIZER_FILES) for i in infos):
+        raise CorpusError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...); set "
+                          "tokenizer.path to the tokenizer's directory")
+    key = path + "".join(f"|{i.base_name}:{i.size}:{i.mtime_ns}" for i in infos)
+    return str(node_copy(path, "tokenizers", key, files=[i.base_name for i in infos]))
 
 
 def special_ids(tok, add_bos: bool, add_eos: bool, bos_id: int | None = None, eos_id: int | None = None):

@@ -32,15 +32,17 @@ def test_s3_storage_checkpoints_resume_and_secrets(ray_local, s3_server, tmp_pat
     blocks = rng.integers(3, 300, size=(64, 32)).astype(np.int32)
     pq.write_table(pa.table({"input_ids": pa.array(list(blocks), pa.list_(pa.int32()))}),
                    tmp_path / "pretok" / "train" / "part-0.parquet")
-    # the model to continue from lives in the bucket too (copied once per node before loading)
+    # the model to continue from lives in the bucket too (copied once per node before loading), with its tokenizer,
+    # which the run uses: no tokenizer.path
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
     fs, path = pafs.FileSystem.from_uri(f"s3://{s3_server}/models/tiny")
     pafs.copy_files(str(tmp_path / "model"), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     storage = f"s3://{s3_server}/runs"
     argv = []
-    for s in (f"data.pretokenized={tmp_path / 'pretok'}", f"tokenizer.path={tokenizer_dir}", "data.seq_len=32",
+    for s in (f"data.pretokenized={tmp_path / 'pretok'}", "data.seq_len=32",
               f"model.name_or_path=s3://{s3_server}/models/tiny",
               f"run.storage_path={storage}", "run.name=s3run", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
               "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=6",
@@ -68,6 +70,7 @@ def test_s3_storage_checkpoints_resume_and_secrets(ray_local, s3_server, tmp_pat
     fs, path = pafs.FileSystem.from_uri(f"{storage}/s3run/final")
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     assert AutoModelForCausalLM.from_pretrained(local) is not None
+    assert AutoTokenizer.from_pretrained(local).get_vocab() == tok.get_vocab()  # the model's own tokenizer
 
     # the secret key was in every process's environment, and is in no output and no Ray log
     assert S3_SECRET not in out + err
@@ -93,6 +96,36 @@ def test_a_model_uploaded_again_to_the_same_uri_is_fetched_again(s3_server, tmp_
         assert local_model_dir(uri) == got[-1]  # cached: the same copy while the files are unchanged
     assert got[0] != got[1]
     assert json.loads(Path(got[1], "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_a_models_uri_without_tokenizer_path_gives_its_tokenizer_and_nothing_else(s3_server, tokenizer_dir, tmp_path,
+                                                                                   monkeypatch):
+    """model.name_or_path: s3://... and no tokenizer.path: the driver and the data processes load the model's own
+    tokenizer from a node-wide copy of the tokenizer files alone (never the weights); a copy of a URI without a
+    tokenizer is a clear error."""
+    from raypt.config import load_config
+    from raypt.tokenizer import encoder_spec, local_tokenizer_dir
+
+    monkeypatch.setenv("RAYPT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "model"
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(src)
+    (src / "model.safetensors").write_bytes(b"\0" * 1000)  # (stands in for the weights)
+    uri = f"s3://{s3_server}/models/with-tokenizer"
+    fs, path = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    cfg = load_config(None, [f"model.name_or_path={uri}", "data.train_paths=[x]"])
+    spec, local = encoder_spec(cfg), encoder_spec(load_config(None, [f"tokenizer.path={tokenizer_dir}",
+                                                                       "data.train_paths=[x]"]))
+    assert (spec.backend_json, spec.bos_id, spec.eos_id) == (local.backend_json, local.bos_id, local.eos_id)
+    copied = Path(local_tokenizer_dir(uri))
+    assert "model.safetensors" not in {p.name for p in copied.iterdir()} and (copied / "tokenizer.json").exists()
+
+    fs.create_dir(f"{s3_server}/models/weights-only")
+    with fs.open_output_stream(f"{s3_server}/models/weights-only/model.safetensors") as f:
+        f.write(b"\0")
+    with pytest.raises(Exception, match="holds no tokenizer files"):
+        local_tokenizer_dir(f"s3://{s3_server}/models/weights-only")
 
 
 def test_listing_ten_thousand_objects_takes_sizes_from_the_listing(s3_server):
