@@ -28,6 +28,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/feed.py
+	$(BIN)/python bench/actor_start.py
 
 bench-data: $(VENV)/.installed
 	$(BIN)/python bench/data.py

@@ -31,6 +31,7 @@ SOURCE = ROOT.parent / "shared" / "corpus" / "cnews" / "train"
 
 CLASSIC = r"""
 import json, os, sys, time
+from itertools import chain
 t_start = time.perf_counter()
 from datasets import load_dataset, disable_progress_bars
 from transformers import AutoTokenizer
@@ -44,7 +45,7 @@ def tokenize(batch):  # run_clm's tokenize_function, with each document closed b
     ids = tok(batch["text"])["input_ids"]
     return {"input_ids": [x + [tok.eos_token_id] for x in ids]}
 def group_texts(examples):  # run_clm's group_texts
-    concatenated = {k: sum(examples[k], []) for k in examples.keys()}
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
     total = (len(concatenated["input_ids"]) // seq_len) * seq_len
     return {k: [t[i : i + seq_len] for i in range(0, total, seq_len)] for k, t in concatenated.items()}
 toks = raw.map(tokenize, batched=True, num_proc=procs, remove_columns=["text"])
