@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -416,6 +417,14 @@ class _QuietUserErrors(logging.Filter):
         return "CorpusError" not in text and not text.startswith("Exception occurred in Ray Data or Ray Core internal")
 
 
+def release_failed_pipelines() -> None:
+    """Free what a failed Ray Data pipeline still holds. Its executor keeps the exception, whose traceback keeps the
+    executor: a reference cycle that holds the pipeline's actors, and the CPUs they reserve, until Python's cyclic
+    collector runs, which in a process that goes on (a test session, a notebook, a driver that runs again) can take
+    many minutes. Call it once nothing references the exception."""
+    gc.collect()
+
+
 def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS (what `ray job submit` sets) or start a local one."""
     if not ray.is_initialized():
@@ -439,7 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if (err := user_error(e)) is None:
             raise
-        print(f"error: {err.message}", file=sys.stderr)
+        message = err.message
+    else:
+        message = None
+    if message is not None:  # (outside the except block: the exception is no longer referenced)
+        release_failed_pipelines()
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     print(f"wrote {args.out}/summary.json")

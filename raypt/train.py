@@ -25,7 +25,8 @@ from raypt import checkpoint, faults
 from raypt.config import (Config, absolute_paths, add_config_args, config_from_args, config_from_dict,
                           global_batch_size, grad_accum_steps)
 from raypt.corpus import CorpusError, filesystem
-from raypt.data import cluster_can_grow, fingerprint, init_ray, plan, pool_plan, user_error
+from raypt.data import (cluster_can_grow, fingerprint, init_ray, plan, pool_plan, release_failed_pipelines,
+                        user_error)
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
 from raypt.pipeline_stats import PipelineStats
@@ -258,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         err = user_error(e, (UserError,))
         if err is None:
             raise
-        print(f"error: {getattr(err, 'message', str(err))}", file=sys.stderr)
-        return 2
+        out, err = {"error": getattr(err, "message", str(err))}, None
     if "error" in out:
+        release_failed_pipelines()  # (outside the except block: the exception is no longer referenced)
         print(f"error: {out['error']}", file=sys.stderr)
         return 2
     prompt = cfg.train.sample_prompt or "The "

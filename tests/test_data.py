@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -150,6 +151,11 @@ def test_non_utf8_strict_fails_naming_file_and_line(ray_local, tokenizer_dir, tm
     assert rc == 2
     assert "a.txt:2: not valid UTF-8" in err and "decode_errors" in err
     assert "Traceback" not in err
+    # the failed pipeline's tokenize actors are gone, with the CPUs they held: a later run of this process gets them
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 def test_skips_are_counted_in_the_summary(ray_local, tokenizer_dir, tmp_path, capsys):
