@@ -50,11 +50,28 @@ def run(tmp_path, tokenizer_dir, pretokenized, name, *sets):
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
-def test_two_workers_match_one_worker_then_export_and_resume(ray_local, tmp_path, tokenizer_dir, pretokenized, capsys):
-    one, _ = run(tmp_path, tokenizer_dir, pretokenized, "one", "scaling.num_workers=1", "train.max_steps=2")
+def one_process(tmp_path, tokenizer_dir, pretokenized, steps: int) -> list[dict]:
+    """The same loop, data order and initial weights in one plain process without Ray (`LocalContext`): the
+    reference a DDP run must equal. Its train rows."""
+    from raypt.config import load_config
+    from raypt.loop import LocalContext, train as train_loop
+
+    cfg = load_config(None, [f"data.pretokenized={pretokenized}", f"tokenizer.path={tokenizer_dir}",
+                             f"data.seq_len={SEQ}", "scaling.num_workers=1", "train.global_batch_size=16",
+                             "train.micro_batch_size=4", "train.lr=3e-3", "train.warmup_steps=1", "train.log_every=1",
+                             f"train.max_steps={steps}", "train.eval_every=0", "train.sample_tokens=0"])
+    col = pq.read_table(pretokenized / "train" / "part-0.parquet").column("input_ids")
+    train_loop(cfg, LocalContext(tmp_path / "one", np.array(col.to_pylist(), dtype=np.int32)))
+    rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def test_two_workers_match_one_process_then_export_and_resume(ray_local, tmp_path, tokenizer_dir, pretokenized,
+                                                              capsys):
+    one = one_process(tmp_path, tokenizer_dir, pretokenized, steps=2)
     two, evals = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=4",
                      "train.checkpoint_every=2", "train.eval_every=2", "train.sample_tokens=8")
-    # Same global batch, same init: DDP over 2 workers (2 micro-batches each) == 1 worker (4 micro-batches)
+    # Same global batch, same init: DDP over 2 workers (2 micro-batches each) == one process (4 micro-batches)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
