@@ -273,23 +273,22 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
     return SplitData(blocks, listing, stats, (fewest, most), len(units))
 
 
-def fingerprint(cfg: Config) -> dict:
+def fingerprint(cfg: Config, encoder: EncoderSpec | None = None) -> dict:
     """What the data order of a run depends on: the files (path, size; mtime too, reported only), the unit plan, the tokenizer's files
     and special tokens, and every data setting that changes the blocks or their order. Saved in each checkpoint; a
-    resume against a different fingerprint is refused (`run.data_changed`)."""
-    d, t = cfg.data, cfg.tokenizer
+    resume against a different fingerprint is refused (`run.data_changed`). `encoder`: the run's `encoder_spec`, when
+    the caller has it (the tokenizer is not loaded again)."""
+    d = cfg.data
     fp: dict = {"order_version": ORDER_VERSION, "seq_len": d.seq_len, "shuffle": d.shuffle,
                 "shuffle_tokens": d.shuffle_tokens, "seed": cfg.run.seed}
     listing, units = units_of(cfg)
     if d.pretokenized:
         fp["pretokenized"] = d.pretokenized
     else:
-        from raypt.tokenizer import load_tokenizer, special_ids
-
-        tok_path = tokenizer_path(cfg)
+        encoder = encoder or encoder_spec(cfg)
         fp.update(format=d.format, text_field=d.text_field, decode_errors=d.decode_errors, unit_bytes=d.unit_bytes,
-                  max_doc_chars=d.max_doc_chars, tokenizer=_tokenizer_digest(tok_path),
-                  bos_eos=list(special_ids(load_tokenizer(tok_path), t.add_bos, t.add_eos, t.bos_id, t.eos_id)))
+                  max_doc_chars=d.max_doc_chars, tokenizer=_tokenizer_digest(encoder.path),
+                  bos_eos=[encoder.bos_id, encoder.eos_id])
     files = [[f, s, round(m, 3)] for f, s, m in zip(listing.files, listing.sizes, listing.mtimes)]
     # (paths and sizes decide; a new mtime alone, say a corpus written again with the same bytes, is only reported)
     fp["num_files"], fp["files_sha256"] = len(files), _digest(json.dumps([f[:2] for f in files]))

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raypt import checkpoint, faults
 from raypt.config import (Config, absolute_paths, add_config_args, config_from_args, config_from_dict,
                           global_batch_size, grad_accum_steps)
-from raypt.corpus import CorpusError, filesystem
+from raypt.corpus import CorpusError, filesystem, is_uri
 from raypt.data import (cluster_can_grow, fingerprint, init_ray, plan, pool_plan, release_failed_pipelines,
                         user_error)
 from raypt.errors import UserError
@@ -125,7 +125,7 @@ def _quiet_libraries() -> None:
 def ensure_tokenizer(cfg: Config) -> None:
     """Train the run's tokenizer first when it names a path that does not exist yet and a vocab_size."""
     t = cfg.tokenizer
-    if t.path and t.vocab_size and "://" not in t.path and not Path(t.path).exists() and not cfg.model.name_or_path:
+    if t.path and t.vocab_size and not is_uri(t.path) and not Path(t.path).exists() and not cfg.model.name_or_path:
         from raypt.tokenizer import train_tokenizer
 
         print(f"training a {t.vocab_size}-token byte-level BPE on data.train_paths -> {t.path}", flush=True)
@@ -138,12 +138,13 @@ def preflight(cfg: Config, reserved: float) -> None:
     that an autoscaler can grow, say that the nodes come as the run asks for them."""
     d, sc = cfg.data, cfg.scaling
     total = ray.cluster_resources().get("CPU", 0)
-    if total - reserved < max(0.25, d.cpus_per_tokenize_worker) and cluster_can_grow():
+    grows = total - reserved < max(0.25, d.cpus_per_tokenize_worker) and cluster_can_grow()
+    if grows:
         print(f"the cluster has {total:g} CPUs now: its autoscaler adds nodes as the run asks for them ({sc.num_workers} "
               f"training workers of {sc.cpus_per_worker:g} CPUs{', GPUs' * sc.use_gpu}, and the data pipeline)",
               flush=True)
     if d.pretokenized:
-        if total - reserved < 0.25 and not cluster_can_grow():  # (the text pipeline's own check: data.pool_plan)
+        if total - reserved < 0.25 and not grows:  # (the text pipeline's own check: data.pool_plan)
             raise CorpusError(
                 f"the {sc.num_workers} training workers reserve {reserved:g} of the cluster's {total:g} CPUs, "
                 "leaving none to stream data to them; set data.materialize: true (read all data first), lower "
@@ -174,7 +175,8 @@ def run(cfg: Config) -> dict:
     model_preflight(cfg.model, cfg.data.seq_len)
     if cfg.run.resume_from and not latest:
         checkpoint.check(cfg.run.resume_from)
-    data_fp = fingerprint(cfg)
+    encoder = None if cfg.data.pretokenized else encoder_spec(cfg)  # (loaded here once, not in every data process)
+    data_fp = fingerprint(cfg, encoder)
     start = Position()  # where the data stream will start: the checkpoint's position, if the data is the same
     if source := latest or cfg.run.resume_from:
         saved = checkpoint.saved_state(source)
@@ -190,7 +192,6 @@ def run(cfg: Config) -> dict:
                   f"(e.g. {touched[0]}); their content is taken to be the same", flush=True)
     # The feeder lives beside the driver, so it outlasts worker-group restarts; materialize reads the data there.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    encoder = None if cfg.data.pretokenized else encoder_spec(cfg)  # (loaded here once, not in every data process)
     stats = PipelineStats.options(scheduling_strategy=here).remote()  # counters and turnstiles of every pipeline
     feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
         cfg.to_dict(), reserved, encoder, stats)
