@@ -1,5 +1,6 @@
 """`ray job submit` for real: a Ray head started on loopback, the demo submitted through the Jobs CLI, then resubmitted."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from raypt.optim import lr_factor
 
 from conftest import end_processes, free_port
 
@@ -39,7 +42,7 @@ def submit(env, storage, steps: int) -> subprocess.CompletedProcess:
     """The README's command: `ray job submit --working-dir . -- bash -c "python -m raypt.demo && python -m
     raypt.train --config configs/demo.yaml"` (the demo corpus is written in the job's own working directory)."""
     entry = ["bash", "-c", f"python -m raypt.demo && python -m raypt.train --config configs/demo.yaml "
-             f"--set train.max_steps={steps} --set train.log_every=5 --set train.eval_every=10 "
+             f"--set train.max_steps={steps} --set train.warmup_steps=2 --set train.log_every=5 --set train.eval_every=10 "
              f"--set train.checkpoint_every=10 --set run.storage_path={storage}"]
     for attempt in range(10):  # the job agent can take a few seconds to come up after `ray start`
         r = subprocess.run([str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", *entry], cwd=ROOT,
@@ -63,3 +66,11 @@ def test_job_submit_runs_the_demo_and_a_resubmission_resumes(head, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming from the latest" in r.stdout and "resuming from checkpoint_000010: step 10" in r.stdout
     assert (run / "checkpoint_000020" / "COMPLETE").exists()
+    # it went on at the right step, token count and LR: the schedule of the new max_steps
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    for r in rows[2:]:
+        assert r["tokens_seen"] == r["step"] * 16 * 128
+        assert r["lr"] == pytest.approx(3e-3 * lr_factor(r["step"] - 1, max_steps=20, warmup_steps=2,
+                                                         schedule="cosine", min_lr_ratio=0.1))
