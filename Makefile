@@ -10,10 +10,12 @@ TRAIN_ARGS ?=
 
 .PHONY: train test bench bench-data soak clean
 
+# torch with pip, which reads pip's settings (where the local CPU build is); the rest with uv, which downloads,
+# installs and byte-compiles in parallel: the whole venv in ~1.7 minutes here instead of pip's ~3.7.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q "$(TORCH)" uv
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e ".[test]"
 	touch $@
 
 train: $(VENV)/.installed
