@@ -11,11 +11,13 @@ TRAIN_ARGS ?=
 .PHONY: train test bench bench-data soak clean
 
 # torch with pip, which reads pip's settings (where the local CPU build is); the rest with uv, which downloads,
-# installs and byte-compiles in parallel: the whole venv in ~1.7 minutes here instead of pip's ~3.7.
+# installs and byte-compiles in parallel (the whole venv in ~1.7 minutes here instead of pip's ~3.7), held to that
+# torch so that no dependency swaps it for a multi-GB download.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)" uv
-	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e ".[test]"
+	$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c $(VENV)/torch.txt -e ".[test]"
 	touch $@
 
 train: $(VENV)/.installed
