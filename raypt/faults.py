@@ -5,7 +5,7 @@
 POINT is `step` (right after optimizer step STEP) or `save` (while writing the checkpoint of step STEP: this rank's
 shard written, the marker not yet). The rank RANK sends itself SIGKILL there, once: PATH is created first, and a fault whose
 file exists does not fire again, so the worker group Ray restarts runs on. POINT `nan` instead makes rank RANK's loss
-NaN in step STEP (no file needed). The driver forwards the variables to the workers; without them nothing here runs.
+NaN in step STEP, or in each of several (`nan:3,5:1`; no file needed). The driver forwards the variables to the workers; without them nothing here runs.
 """
 
 from __future__ import annotations
@@ -15,24 +15,24 @@ import signal
 from pathlib import Path
 
 
-def _fault() -> tuple[str, int, int] | None:
-    """(point, step, rank) of RAYPT_FAULT, or None."""
+def _fault() -> tuple[str, set[int], int] | None:
+    """(point, steps, rank) of RAYPT_FAULT, or None."""
     parts = os.environ.get("RAYPT_FAULT", "").split(":")
-    return (parts[0], int(parts[1]), int(parts[2])) if len(parts) == 3 else None
+    return (parts[0], {int(s) for s in parts[1].split(",")}, int(parts[2])) if len(parts) == 3 else None
 
 
 def maybe_kill(point: str, step: int, rank: int) -> None:
-    once = os.environ.get("RAYPT_FAULT_FILE")
-    if _fault() != (point, step, rank) or not once or Path(once).exists():
+    once, fault = os.environ.get("RAYPT_FAULT_FILE"), _fault()
+    if not fault or fault[0] != point or step not in fault[1] or fault[2] != rank or not once or Path(once).exists():
         return
     Path(once).write_text(os.environ["RAYPT_FAULT"] + "\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def nan_step(rank: int) -> int | None:
-    """The step whose loss `RAYPT_FAULT=nan:STEP:RANK` makes NaN on this rank, or None."""
+def nan_steps(rank: int) -> set[int]:
+    """The steps whose loss `RAYPT_FAULT=nan:STEPS:RANK` makes NaN on this rank."""
     fault = _fault()
-    return fault[1] if fault and fault[0] == "nan" and fault[2] == rank else None
+    return fault[1] if fault and fault[0] == "nan" and fault[2] == rank else set()
 
 
 def forwarded_env() -> dict[str, str]:

@@ -73,7 +73,7 @@ def train(cfg: Config, ctx: Context) -> dict:
     guard = StepGuard(t, ctx.device, ctx.rank, ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     peak, config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
-    nan_step = faults.nan_step(ctx.rank)  # tests only: a NaN loss at this step on this rank
+    nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
     steps = ctx.train_steps(cfg, state.position, state.step)  # starts where the checkpoint's data ended
     model.train()
     steps_since_log, t_log, last_eval, loss_avg, last = 0, time.perf_counter(), None, None, False
@@ -83,7 +83,7 @@ def train(cfg: Config, ctx: Context) -> dict:
         for i, x in enumerate(micro):
             with parallel.accumulating(model, i == len(micro) - 1, cfg.scaling.fsdp_sync_every_micro_batch), autocast:
                 loss = model(input_ids=x, labels=x).loss / len(micro)  # the model shifts labels itself
-            if state.step + 1 == nan_step:
+            if state.step + 1 in nan_steps:
                 loss = loss * float("nan")
             loss.backward()
             step_loss += loss.detach()
