@@ -190,8 +190,10 @@ def run(cfg: Config) -> dict:
         if touched := touched_files(saved.data, data_fp):
             print(f"note: {len(touched)} training files have a new mtime but their old size since the checkpoint "
                   f"(e.g. {touched[0]}); their content is taken to be the same", flush=True)
-    # The feeder lives beside the driver, so it outlasts worker-group restarts; materialize reads the data there.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # The feeder and the stats actor live beside the driver (they need no CPU), so they outlast worker-group restarts
+    # and the loss of any other node; materialize reads the data there. The affinity is hard: a soft one let Ray place
+    # them on a worker node, whose loss then ended the run.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     stats = PipelineStats.options(scheduling_strategy=here).remote()  # counters and turnstiles of every pipeline
     feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
         cfg.to_dict(), reserved, encoder, stats)

@@ -1,9 +1,11 @@
 """The data path on a real multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head with no CPU (the
-driver and the order actor live there) and three 2-CPU worker nodes, two for the training workers and one for the
-tokenize actors. No training block ever reaches the head's object store, whatever the seq_len, and the run trains
-exactly what a single-node run trains."""
+driver and the order actor live there) and four 2-CPU worker nodes, two for the training workers, one for the
+tokenize actors and a spare. No training block ever reaches the head's object store, whatever the seq_len; the run
+trains exactly what a single-node run trains, even when a whole node holding a training worker is lost mid-run."""
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,7 @@ def cluster(one_node):
     was_up = ray.is_initialized()  # (the session's local Ray, if a test before this module started it)
     ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 256 * MB})
-    for _ in range(3):
+    for _ in range(4):  # (one spare: the node-loss run needs somewhere to restart)
         c.add_node(num_cpus=2, object_store_memory=256 * MB)
     c.wait_for_nodes()
     ray.init(address=c.address)
@@ -68,19 +70,47 @@ def sets(tmp_path, corpus, tokenizer_dir, name, seq_len):
     return [f"data.train_paths=[{corpus}]", f"tokenizer.path={tokenizer_dir}", f"data.seq_len={seq_len}",
             f"run.storage_path={tmp_path}", f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=2",
             "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=6", "train.log_every=1",
-            "train.eval_every=0", "train.checkpoint_every=0", "train.warmup_steps=2", "train.lr=3e-3",
+            "train.eval_every=0", "train.checkpoint_every=3", "train.warmup_steps=2", "train.lr=3e-3",
             "data.unit_bytes=262144", "data.cpus_per_tokenize_worker=1", "train.sample_tokens=0"]
 
 
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    """Per step; a step logged twice (before a failure and after the resume) must log the same loss both times."""
+    by_step = {}
+    for r in rows(run_dir):
+        if "loss" in r:
+            assert by_step.setdefault(r["step"], r["loss"]) == r["loss"], r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def lose_a_training_node(cluster, run_dir: Path, after_step: int) -> threading.Thread:
+    """Once the run has logged `after_step`, remove a worker node that holds a training worker (its raylet and
+    every process on it end, as when a spot node is reclaimed)."""
+    from ray.util.state import list_actors
+
+    def go():
+        while not any(r.get("step", 0) >= after_step for r in (rows(run_dir) if (run_dir / "metrics.jsonl").exists()
+                                                               else [])):
+            time.sleep(0.2)
+        node = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0].node_id
+        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node))
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
 
 
 @pytest.mark.parametrize("seq_len", [64, 1024])
 def test_no_training_block_reaches_the_head(cluster, one_node, big_corpus, tokenizer_dir, tmp_path, seq_len):
     before = created_bytes()
     argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "mn", seq_len) for a in ("--set", s)]
+    if seq_len == 64:  # and a node with a training worker is lost after step 4: the run restarts from checkpoint 3
+        loss = lose_a_training_node(cluster, tmp_path / "mn", after_step=4)
+        argv += ["--set", "run.max_failures=1"]
     assert train.main(argv) == 0
     after = created_bytes()
     grew = {k: after[k] - before.get(k, 0) for k in after}
@@ -90,4 +120,7 @@ def test_no_training_block_reaches_the_head(cluster, one_node, big_corpus, token
     workers = sorted((v for k, v in grew.items() if k != "head"), reverse=True)
     assert sum(workers) >= trained, grew  # the blocks were made and pulled on the worker nodes
     if seq_len == 64:  # the same run on one node trains the same steps
+        loss.join(timeout=1)
+        assert [Path(r["resumed_from"]).name for r in rows(tmp_path / "mn") if "resumed_from" in r] == [
+            "checkpoint_000003"]
         assert one_node == pytest.approx(losses(tmp_path / "mn"), rel=1e-4)
