@@ -17,7 +17,7 @@ from raypt import train
 from raypt.checkpoint import MARKER
 
 from test_loop import blocks
-from test_train import one_process, write_blocks
+from test_train import assert_one_shard_per_rank, one_process, write_blocks
 
 pytestmark = pytest.mark.slow
 SEQ, STEPS, EVERY = 32, 12, 4
@@ -117,13 +117,7 @@ def test_fsdp_equals_one_process(reference, storage, tokenizer_dir, data):
     for key in models["fsdp"]:
         torch.testing.assert_close(models["fsdp"][key], models["one"][key], rtol=1e-5, atol=1e-6, msg=key)
 
-    # Sharded checkpoints: each rank wrote its own shard file, about half the state, and its own RNG state.
-    files = json.loads((storage / "fsdp" / "checkpoint_000012" / MARKER).read_text())["files"]
-    shards = {f: size for f, size in files.items() if f.endswith(".distcp")}
-    assert sorted(shards) == ["state/__0_0.distcp", "state/__1_0.distcp"], files
-    a, b = shards.values()
-    assert 0.7 < a / b < 1.4, shards
-    assert {"rng/rank_00000.pt", "rng/rank_00001.pt", "train_state.json", "state/.metadata"} <= set(files)
+    assert_one_shard_per_rank(storage / "fsdp" / "checkpoint_000012")  # sharded checkpoints
 
 
 @pytest.mark.parametrize("workers, sets", [(1, ["scaling.fsdp_sync_every_micro_batch=true"]),

@@ -51,6 +51,16 @@ def run(tmp_path, tokenizer_dir, pretokenized, name, *sets):
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
+def assert_one_shard_per_rank(ckpt: Path) -> None:
+    """A checkpoint of 2 ranks: each wrote its own shard file, about half the state, and its own RNG state."""
+    files = json.loads((ckpt / MARKER).read_text())["files"]
+    shards = {f: size for f, size in files.items() if f.endswith(".distcp")}
+    assert sorted(shards) == ["state/__0_0.distcp", "state/__1_0.distcp"], files
+    a, b = shards.values()
+    assert 0.7 < a / b < 1.4, shards
+    assert {"rng/rank_00000.pt", "rng/rank_00001.pt", "train_state.json", "state/.metadata"} <= set(files)
+
+
 def one_process(run_dir: Path, pretokenized: Path, *sets: str) -> list[dict]:
     """The same loop, data order and initial weights in one plain process without Ray (`LocalContext`): the
     reference a multi-worker run must equal. `pretokenized` holds one Parquet file of train blocks (and of eval
@@ -94,12 +104,7 @@ def test_two_workers_match_one_process_export_and_write_sharded_checkpoints(ray_
 
     # Sharded checkpoints under DDP too: each rank wrote its own shard file, about half the state, and its RNG state.
     # (A run submitted again resumes from the latest of these: tests/test_jobs.py, tests/test_resume.py.)
-    files = json.loads((tmp_path / "two" / "checkpoint_000004" / MARKER).read_text())["files"]
-    shards = {f: size for f, size in files.items() if f.endswith(".distcp")}
-    assert sorted(shards) == ["state/__0_0.distcp", "state/__1_0.distcp"], files
-    a, b = shards.values()
-    assert 0.7 < a / b < 1.4, shards
-    assert {"rng/rank_00000.pt", "rng/rank_00001.pt", "train_state.json", "state/.metadata"} <= set(files)
+    assert_one_shard_per_rank(tmp_path / "two" / "checkpoint_000004")
 
 
 def test_nan_on_one_of_two_ray_workers_is_skipped_by_both_then_stops_past_the_limit(ray_local, tmp_path, tokenizer_dir,
