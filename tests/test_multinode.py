@@ -116,7 +116,10 @@ def test_no_training_block_reaches_the_head(cluster, one_node, big_corpus, token
     grew = {k: after[k] - before.get(k, 0) for k in after}
     trained = 6 * 8 * seq_len * 4  # bytes of the blocks the two ranks trained on
     print(f"seq_len {seq_len}: object store bytes created during the run, by node: {grew}; trained on {trained}")
-    assert grew["head"] < 256 << 10, grew  # descriptors and small actor state only
+    # descriptors and small actor state only, for each start: the resume after a lost node starts the workers and
+    # the pipeline again
+    starts = 1 + sum("resumed_from" in r for r in rows(tmp_path / "mn"))
+    assert grew["head"] < starts * (256 << 10), grew
     workers = sorted((v for k, v in grew.items() if k != "head"), reverse=True)
     assert sum(workers) >= trained, grew  # the blocks were made and pulled on the worker nodes
     if seq_len == 64:  # the same run on one node trains the same steps
