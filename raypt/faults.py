@@ -5,7 +5,8 @@
 POINT is `step` (right after optimizer step STEP) or `save` (while writing the checkpoint of step STEP: this rank's
 shard written, the marker not yet). The rank RANK sends itself SIGKILL there, once: PATH is created first, and a fault whose
 file exists does not fire again, so the worker group Ray restarts runs on. POINT `nan` instead makes rank RANK's loss
-NaN in step STEP, or in each of several (`nan:3,5:1`; no file needed). The driver forwards the variables to the workers; without them nothing here runs.
+NaN in step STEP, or in each of several (`nan:3,5:1`; no file needed). The driver forwards the variables to the
+workers; without them nothing here runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def _fault() -> tuple[str, set[int], int] | None:
 
 def maybe_kill(point: str, step: int, rank: int) -> None:
     once, fault = os.environ.get("RAYPT_FAULT_FILE"), _fault()
-    if not fault or fault[0] != point or step not in fault[1] or fault[2] != rank or not once or Path(once).exists():
+    fires = fault is not None and fault[0] == point and step in fault[1] and fault[2] == rank
+    if not fires or not once or Path(once).exists():
         return
     Path(once).write_text(os.environ["RAYPT_FAULT"] + "\n")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -42,7 +42,8 @@ def submit(env, storage, steps: int) -> subprocess.CompletedProcess:
     """The README's command: `ray job submit --working-dir . -- bash -c "python -m raypt.demo && python -m
     raypt.train --config configs/demo.yaml"` (the demo corpus is written in the job's own working directory)."""
     entry = ["bash", "-c", f"python -m raypt.demo && python -m raypt.train --config configs/demo.yaml "
-             f"--set train.max_steps={steps} --set train.warmup_steps=2 --set train.log_every=5 --set train.eval_every=10 "
+             f"--set train.max_steps={steps} --set train.warmup_steps=2 --set train.log_every=5 "
+             f"--set train.eval_every=10 "
              f"--set train.checkpoint_every=10 --set run.storage_path={storage}"]
     for attempt in range(10):  # the job agent can take a few seconds to come up after `ray start`
         r = subprocess.run([str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", *entry], cwd=ROOT,

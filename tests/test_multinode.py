@@ -92,9 +92,11 @@ def lose_a_training_node(cluster, run_dir: Path, after_step: int) -> threading.T
     every process on it end, as when a spot node is reclaimed)."""
     from ray.util.state import list_actors
 
+    def logged() -> int:
+        return max((r["step"] for r in rows(run_dir)), default=0) if (run_dir / "metrics.jsonl").exists() else 0
+
     def go():
-        while not any(r.get("step", 0) >= after_step for r in (rows(run_dir) if (run_dir / "metrics.jsonl").exists()
-                                                               else [])):
+        while logged() < after_step:
             time.sleep(0.2)
         node = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0].node_id
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node))
