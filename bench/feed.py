@@ -111,7 +111,7 @@ class NewFeeder:
     def __init__(self, cfg_dict: dict, world: int):
         from raypt.feed import Feeder
 
-        self.f = Feeder(cfg_dict, 0.0)
+        self.f = Feeder(cfg_dict)
         self.f.open(Position())
 
     def ready(self) -> bool:

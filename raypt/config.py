@@ -164,8 +164,10 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
-    """Ray Train workers (one per GPU when use_gpu)."""
+    num_workers: int | list[int] = 2
+    """Ray Train workers (one per GPU when use_gpu); [min, max]: elastic, any size in the range (Ray Train starts
+    as many as the cluster holds, shrinks the group when a node is lost and grows it when nodes return, each time
+    from the latest checkpoint); the global batch and the data order stay the same at every size."""
     use_gpu: bool = False
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
     cpus_per_worker: float = 1
@@ -182,6 +184,18 @@ class ScalingConfig:
     fsdp_sync_every_micro_batch: bool = False
     """fsdp with gradient accumulation: reduce-scatter gradients after every micro-batch, so they stay sharded
     (1/W of the memory); false: only after the last one, accumulating a full unsharded gradient in between."""
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 @dataclass
@@ -316,20 +330,37 @@ def validate(cfg: Config) -> list[str]:
     if d.max_doc_chars < 1024:
         p.append(f"data.max_doc_chars must be >= 1024, got {d.max_doc_chars}")
     t, m, sc = cfg.train, cfg.model, cfg.scaling
-    if sc.num_workers < 1:
-        p.append(f"scaling.num_workers must be >= 1, got {sc.num_workers}")
+    workers_ok = (len(sc.num_workers) == 2 and 1 <= sc.num_workers[0] <= sc.num_workers[1]
+                  if isinstance(sc.num_workers, list) else sc.num_workers >= 1)
+    if not workers_ok:
+        p.append(f"scaling.num_workers must be a count >= 1 or [min, max] with 1 <= min <= max, got {sc.num_workers}")
     if t.max_steps < 1:
         p.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     if t.micro_batch_size < 1:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if t.global_batch_tokens is not None and t.global_batch_tokens % d.seq_len:
         p.append(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.seq_len ({d.seq_len})")
-    per_step = t.micro_batch_size * max(1, sc.num_workers)
-    if global_batch_size(cfg) % per_step:
-        p.append(
-            f"the global batch ({global_batch_size(cfg)} sequences) must be a multiple of train.micro_batch_size x "
-            f"scaling.num_workers = {per_step}; change one of them"
-        )
+    batch_ok = workers_ok and t.micro_batch_size >= 1 and global_batch_size(cfg) >= 1
+    if batch_ok and not sc.elastic:
+        per_step = t.micro_batch_size * sc.num_workers
+        if global_batch_size(cfg) % per_step:
+            p.append(
+                f"the global batch ({global_batch_size(cfg)} sequences) must be a multiple of train.micro_batch_size x "
+                f"scaling.num_workers = {per_step}; change one of them"
+            )
+    elif batch_ok:
+        sizes = range(sc.min_workers, sc.max_workers + 1)
+        good = [w for w in sizes if splits(global_batch_size(cfg), w, t.micro_batch_size)]
+        if len(good) < len(sizes):
+            p.append(
+                f"the global batch ({global_batch_size(cfg)} sequences) cannot be cut into the same number of "
+                f"micro-batches of at most {t.micro_batch_size} on every worker for each size in scaling.num_workers "
+                f"{sc.num_workers}; sizes that work: {good or 'none'}: narrow the range, or raise "
+                "train.global_batch_size or train.micro_batch_size"
+            )
+        if sc.fsdp_shard_size is not None:
+            p.append("scaling.fsdp_shard_size needs a fixed scaling.num_workers (the shard groups must divide it); "
+                     "with an elastic range, shard over all workers (fsdp_shard_size: null)")
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.sample_tokens < 0:
@@ -348,7 +379,8 @@ def validate(cfg: Config) -> list[str]:
     if m.lora and not m.name_or_path:
         p.append("model.lora adapts a pretrained model: set model.name_or_path, or train a scratch model fully "
                  "(model.lora: false)")
-    if sc.fsdp_shard_size is not None and (sc.fsdp_shard_size < 1 or sc.num_workers % sc.fsdp_shard_size):
+    if workers_ok and not sc.elastic and sc.fsdp_shard_size is not None and (
+            sc.fsdp_shard_size < 1 or sc.num_workers % sc.fsdp_shard_size):
         p.append(f"scaling.fsdp_shard_size {sc.fsdp_shard_size} must divide scaling.num_workers {sc.num_workers} "
                  "(e.g. the GPUs of one node)")
     if m.lora and m.lora_r < 1:
@@ -385,9 +417,18 @@ def global_batch_size(cfg: Config) -> int:
     return t.global_batch_tokens // cfg.data.seq_len if t.global_batch_tokens else t.global_batch_size
 
 
-def grad_accum_steps(cfg: Config) -> int:
-    """Micro-batches each worker accumulates per optimizer step."""
-    return max(1, global_batch_size(cfg) // (cfg.train.micro_batch_size * cfg.scaling.num_workers))
+def grad_accum_steps(cfg: Config, world_size: int | None = None) -> int:
+    """Micro-batches each of `world_size` workers (default: the most the run allows) accumulates per optimizer step:
+    the same on every worker (FSDP's collectives pair up forward by forward), enough for the largest share."""
+    share = -(-global_batch_size(cfg) // (world_size or cfg.scaling.max_workers))
+    return -(-share // cfg.train.micro_batch_size)
+
+
+def splits(global_batch: int, world_size: int, micro_batch_size: int) -> bool:
+    """Whether every worker's share of the global batch (`stream.rank_rows`) fills each of the common number of
+    micro-batches with at least one sequence."""
+    share = -(-global_batch // world_size)
+    return global_batch // world_size >= -(-share // micro_batch_size)
 
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]):

@@ -66,17 +66,12 @@ class Feeder:
     """Owns the run's training order; ranks ask it for the shuffle windows (`window`) and fetch the blocks
     themselves. A Ray actor (`raypt.train` starts it next to the driver, with no CPU)."""
 
-    def __init__(self, cfg_dict: dict, reserved_cpus: float, encoder=None, stats=None):
+    def __init__(self, cfg_dict: dict, encoder=None, stats=None):
         init_ray()  # this process's DataContext; quiet user errors
-        with warnings.catch_warnings():  # (deprecated for label selectors, which need labelled nodes; kept to 2027)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # The pipeline never takes the training workers' CPUs, even before they start (`open(warm=True)`):
-            # a task waiting in the turnstile would otherwise hold one while training, which it waits for, cannot start.
-            ray.data.DataContext.get_current().execution_options.exclude_resources = ray.data.ExecutionResources(
-                cpu=reserved_cpus)
         self.cfg = config_from_dict(cfg_dict)
         d = self.cfg.data
-        self.world_size, self.reserved, self.encoder = self.cfg.scaling.num_workers, reserved_cpus, encoder
+        self.encoder = encoder
+        self._workers(self.cfg.scaling.max_workers)
         self.min_blocks, self.seed = order_args(self.cfg)
         self.planned = units_of(self.cfg)  # listed once: every pass and resume reuses it
         self.num_units = len(self.planned[1])
@@ -92,6 +87,17 @@ class Feeder:
         self.kept, self.base, self.asked = [], 0, {}
         self.cum = [0]  # tokens in the windows before window k of the opened stream
         self.rate_from = None  # (when, tokens before window k - 1) at rank 0's first ask for a window k >= 2
+
+    def _workers(self, world_size: int) -> None:
+        """The size of the worker group the stream is for (an elastic run's changes with every start), and the CPUs
+        its workers hold: the pipeline never takes them, even before they start (`open(warm=True)`); a task waiting
+        in the turnstile would otherwise hold one while training, which it waits for, cannot start."""
+        sc = self.cfg.scaling
+        self.world_size, self.reserved = world_size, 0.0 if self.cfg.data.materialize else world_size * sc.cpus_per_worker
+        with warnings.catch_warnings():  # (deprecated for label selectors, which need labelled nodes; kept to 2027)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ray.data.DataContext.get_current().execution_options.exclude_resources = ray.data.ExecutionResources(
+                cpu=self.reserved)
 
     def ready(self) -> int:
         """Units in one pass (the driver waits on this: it surfaces listing errors and the materialize step)."""
@@ -122,10 +128,12 @@ class Feeder:
         return (Unit(s, self.materialized[int(order[s])].blocks, self.materialized[int(order[s])].data)
                 for s in range(first, self.num_units))
 
-    def open(self, pos: Position, warm: bool = False) -> None:
-        """Restart the order at `pos` (the checkpoint's). `warm`: the driver's guess of where rank 0 will open,
-        before the workers start; the pipeline starts now and makes the first window while they start up. Rank 0's
-        own `open` then keeps that stream if it asks for the same position before any rank asked for a window."""
+    def open(self, pos: Position, world_size: int | None = None, warm: bool = False) -> None:
+        """Restart the order at `pos` (the checkpoint's) for a group of `world_size` workers (default: the most the
+        run allows). `warm`: the driver's guess of where rank 0 will open, before the workers start; the pipeline
+        starts now and makes the first window while they start up. Rank 0's own `open` then keeps that stream if it
+        asks for the same position before any rank asked for a window."""
+        self._workers(world_size or self.cfg.scaling.max_workers)
         if not warm and self.wins is not None and pos == self.opened and not self.asked:
             return
         if pos.unit > self.num_units or (pos.unit == self.num_units and pos.offset > 0):

@@ -44,8 +44,9 @@ class Context(Protocol):
         """Wrap for DDP; identity in one process and for a model FSDP already sharded."""
 
     def train_steps(self, cfg: Config, position: Position, step: int) -> Iterator[tuple[list[torch.Tensor], Position]]:
-        """From `position` on, endlessly: this worker's micro-batches ((micro_batch_size, seq_len) int64 tensors) of
-        each next step (`step + 1`, ...), with the data position after that step's global batch."""
+        """From `position` on, endlessly: this worker's micro-batches ((at most micro_batch_size, seq_len) int64
+        tensors, `grad_accum_steps(cfg, world_size)` of them) of each next step (`step + 1`, ...), with the data
+        position after that step's global batch."""
 
     def eval_blocks(self) -> np.ndarray | None:
         """This worker's share of the fixed eval set, (n, seq_len), the same n on every rank, or None."""
@@ -65,14 +66,17 @@ def train(cfg: Config, ctx: Context) -> dict:
     ckpt = Checkpointer(ctx.storage, rank=ctx.rank, local_rank=ctx.local_rank, keep=cfg.run.checkpoints_to_keep,
                         async_save=ctx.device.type == "cuda" if cfg.run.async_checkpoint is None
                         else cfg.run.async_checkpoint)
-    state = resume(cfg, ckpt, model, optimizer, metrics, ctx.data_fingerprint)
+    state = resume(cfg, ckpt, model, optimizer, metrics, ctx.data_fingerprint, ctx.world_size)
 
-    tokens_per_step = global_batch_size(cfg) * cfg.data.seq_len
+    batch = global_batch_size(cfg)
+    tokens_per_step = batch * cfg.data.seq_len
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
                 and not parallel.is_sharded(model) else contextlib.nullcontext())  # FSDP: its bf16 policy; CPU: fp32
     guard = StepGuard(t, ctx.device, ctx.rank, ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     peak, config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
+    # the eval set is eval_batches micro-batches per worker of the largest group, the same blocks at any size
+    eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
     nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
     steps = ctx.train_steps(cfg, state.position, state.step)  # starts where the checkpoint's data ended
     model.train()
@@ -82,7 +86,8 @@ def train(cfg: Config, ctx: Context) -> dict:
         step_loss = torch.zeros((), device=ctx.device)  # stays on the device until a log step
         for i, x in enumerate(micro):
             with parallel.accumulating(model, i == len(micro) - 1, cfg.scaling.fsdp_sync_every_micro_batch), autocast:
-                loss = model(input_ids=x, labels=x).loss / len(micro)  # the model shifts labels itself
+                loss = weighted(model(input_ids=x, labels=x).loss, len(x), batch, ctx.world_size)  # (labels shifted
+                # by the model itself)
             if state.step + 1 in nan_steps:
                 loss = loss * float("nan")
             loss.backward()
@@ -110,7 +115,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             })
             steps_since_log, t_log = 0, time.perf_counter()
         t_pause = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
-        if eval_now and (last_eval := evaluate(model, ctx, t.micro_batch_size, t.eval_batches, autocast)):
+        if eval_now and (last_eval := evaluate(model, ctx, t.micro_batch_size, eval_rows, autocast)):
             metrics.log(state.step, last_eval)
         if ckpt_now:
             t_ckpt = time.perf_counter()
@@ -129,6 +134,18 @@ def train(cfg: Config, ctx: Context) -> dict:
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
 
 
+def micro_batches(rows: torch.Tensor, cfg: Config, world_size: int) -> list[torch.Tensor]:
+    """A rank's rows of one step cut into its micro-batches: as even as can be, the same count on every rank."""
+    return list(rows.tensor_split(grad_accum_steps(cfg, world_size)))
+
+
+def weighted(loss: torch.Tensor, rows: int, batch: int, world_size: int) -> torch.Tensor:
+    """A micro-batch's mean loss weighted by its share of the global batch, times the world size (DDP and FSDP
+    average gradients over the ranks): ranks holding different numbers of rows still add up to the batch's mean.
+    When the batch splits evenly this is loss / accumulation steps."""
+    return loss / (batch / (world_size * rows))
+
+
 def setup_model(cfg: Config, ctx: Context, tok):
     """The model on this worker: whole and wrapped in DDP, or built sharded by FSDP2 (never whole on any rank)."""
     shard = (parallel.fsdp_sharder(cfg.scaling, ctx.device, ctx.world_size) if cfg.scaling.strategy == "fsdp"
@@ -143,7 +160,7 @@ def setup_model(cfg: Config, ctx: Context, tok):
 
 
 def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLogger,
-           fingerprint: dict | None = None) -> TrainState:
+           fingerprint: dict | None = None, world_size: int = 1) -> TrainState:
     """The run's newest complete checkpoint, else run.resume_from, loaded into model and optimizer; else a fresh
     state. A checkpoint whose data fingerprint differs from `fingerprint` is refused, or with run.data_changed:
     restart, keeps its model and optimizer and starts the new data's order from the beginning."""
@@ -159,8 +176,9 @@ def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLo
         from raypt.corpus import CorpusError
 
         raise CorpusError(data_changed_message(name, changes))
-    metrics.event(state.step, f"resuming from {name}: step {state.step}, {state.tokens_seen:,} tokens seen, data at "
-                  f"epoch {state.epoch}, unit {state.unit}, block {state.offset}", resumed_from=source)
+    metrics.event(state.step, f"resuming from {name} on {world_size} worker{'s' * (world_size > 1)}: step {state.step}, "
+                  f"{state.tokens_seen:,} tokens seen, data at epoch {state.epoch}, unit {state.unit}, block "
+                  f"{state.offset}", resumed_from=source, workers=world_size)
     if changes:
         state.position = Position()
         metrics.event(state.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is restart, "
@@ -177,19 +195,24 @@ def data_changed_message(name: str, changes: list[str]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, ctx: Context, micro_batch_size: int, max_batches: int, autocast) -> dict | None:
-    """Mean loss and perplexity over this worker's eval blocks, averaged over all ranks by token count. Every rank
-    runs the same number of forwards (FSDP gathers parameters collectively)."""
+def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast) -> dict | None:
+    """Mean loss and perplexity over this worker's eval blocks (at most `max_rows`), averaged over all ranks by token
+    count. Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank with fewer
+    blocks (an elastic group whose size does not divide the eval set) repeats its first micro-batch, counted zero."""
     blocks = ctx.eval_blocks()
     if blocks is None:
         return None
+    blocks = blocks[:max_rows]
+    mine = -(-len(blocks) // micro_batch_size)
+    forwards = int(parallel.all_reduce(torch.tensor(mine, device=ctx.device), op=torch.distributed.ReduceOp.MAX))
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss x tokens, tokens)
-    for i in range(0, min(len(blocks), micro_batch_size * max_batches), micro_batch_size):
-        x = torch.tensor(blocks[i : i + micro_batch_size], dtype=torch.long, device=ctx.device)  # (a read-only view)
+    for i in range(forwards):
+        rows = blocks[i * micro_batch_size : (i + 1) * micro_batch_size] if i < mine else blocks[:micro_batch_size]
+        x = torch.tensor(rows, dtype=torch.long, device=ctx.device)  # (a read-only view)
         with autocast:
             loss = unwrap(model)(input_ids=x, labels=x).loss  # DDP: the module itself; FSDP: the sharded model
-        n = x.shape[0] * (x.shape[1] - 1)  # predicted positions
+        n = x.shape[0] * (x.shape[1] - 1) * (i < mine)  # predicted positions
         total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=ctx.device)])
     model.train()
     loss_sum, n = parallel.all_reduce(total).tolist()
@@ -250,10 +273,9 @@ class LocalContext:
         min_blocks, seed = order_args(cfg)
         units = [Unit(0, len(self._train), self._train)]
         windows = stream_windows(lambda epoch, first: units[first:], position, min_blocks)
-        accum = grad_accum_steps(cfg)
         for rows, pos in RankStream(windows, position.offset, global_batch_size(cfg), self.rank, self.world_size, seed):
             mine = torch.as_tensor(gather(rows, lambda u: u.data), dtype=torch.long, device=self.device)
-            yield list(mine.chunk(accum)), pos
+            yield micro_batches(mine, cfg, self.world_size), pos
 
     def eval_blocks(self):
         return self._eval

@@ -93,7 +93,7 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
     params = sum(p.numel() for p in model.parameters())
-    gpus = gpus or cfg.scaling.num_workers
+    gpus = gpus or cfg.scaling.max_workers
     sc = cfg.scaling
     fsdp = sc.strategy == "fsdp"
     shard = (sc.fsdp_shard_size or gpus) if fsdp else 1
@@ -117,7 +117,7 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         layer = sum(p.numel() for p in model.model.layers[0].parameters())
         root = params - layer * hf.num_hidden_layers
         gathered = (params * 2 if not sc.reshard_after_forward else (root + 2 * layer) * 2) + layer * 4
-        if grad_accum_steps(cfg) > 1 and not sc.fsdp_sync_every_micro_batch:
+        if grad_accum_steps(cfg, gpus) > 1 and not sc.fsdp_sync_every_micro_batch:
             grads_shard = 1  # accumulated unsharded between reduce-scatters: a full gradient per GPU
 
     # Activations of one micro-batch (bf16): per layer and token a Llama saves ~6d + 2 kv_dim + 4I values.
@@ -159,7 +159,7 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
         f"{p.activations_ckpt_gb:.2f} GB with gradient checkpointing, {p.activations_no_ckpt_gb:.2f} GB without)"
         f" = {p.total_gb:.2f} GB",
         f"batch: {p.tokens_per_step:,} tokens per optimizer step ({global_batch_size(cfg)} sequences, "
-        f"{grad_accum_steps(cfg)} accumulation steps on {cfg.scaling.num_workers} workers)",
+        f"{grad_accum_steps(cfg, p.gpus)} accumulation steps on {p.gpus} workers)",
         f"budget: {p.steps:,} steps = {p.tokens / 1e9:.3f} B tokens",
         f"speed: {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({p.flops_per_token / 1e9:.2f} GFLOPs/token) -> "
         f"{p.hours:.1f} h on {p.gpus} GPUs = {p.gpu_hours:,.0f} GPU-hours",
@@ -175,7 +175,7 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raypt.plan", description=__doc__.split("\n\n")[0])
     add_config_args(ap)
-    ap.add_argument("--gpus", type=int, help="GPUs (default: scaling.num_workers)")
+    ap.add_argument("--gpus", type=int, help="GPUs (default: scaling.num_workers, the most of an elastic range)")
     ap.add_argument("--gpu-mem", type=float, help="GB of memory per GPU, to check the fit")
     ap.add_argument("--vocab-size", type=int,
                     help="tokenizer size for a scratch model (default: tokenizer.path's, else tokenizer.vocab_size)")

@@ -10,7 +10,8 @@ One definition serves the Ray run (`raypt.feed`), the in-process loop (`raypt.lo
   read in its own permutation seeded by (seed, pass, first unit): a batch mixes many documents, every pass differs,
   yet block i of the stream is the same in every run;
 - global batch s is the next `global_batch` blocks of the stream and rank r of W takes its r-th slice
-  (`RankStream`), so the summed gradient is the same for any W;
+  (`RankStream`; slices differ by at most one block when W does not divide the batch), so the summed gradient is
+  the same for any W, and an elastic run that shrinks or grows goes on with the same batches;
 - a `Position` (pass, first unit of the window holding the next block, blocks of it consumed) is saved with every
   checkpoint; resuming re-forms that window from its first unit, so at most one window is read again.
 
@@ -155,17 +156,24 @@ Slice = list[tuple[Window, np.ndarray]]
 """Rows of a rank's share of one step: (window, row indices into the window's units laid end to end), in order."""
 
 
+def rank_rows(global_batch: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(first row, rows) of rank `rank`'s slice of a global batch: consecutive slices, the first
+    `global_batch % world_size` ranks one row more than the rest."""
+    base, extra = divmod(global_batch, world_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 class RankStream:
     """Rank `rank`'s slice of each global batch of `global_batch` blocks, from `offset` blocks into the first window,
     with the position after the whole batch. Windows are pulled only as the stream reaches them."""
 
     def __init__(self, wins: Iterator[Window], offset: int, global_batch: int, rank: int, world_size: int,
                  seed: int | None):
-        if global_batch % world_size:
-            raise ValueError(f"a global batch of {global_batch} does not split over {world_size} ranks")
+        if global_batch < world_size:
+            raise ValueError(f"a global batch of {global_batch} leaves some of {world_size} ranks without a block")
         self.wins, self.seed = wins, seed
-        self.mine = global_batch // world_size
-        self.before, self.after = rank * self.mine, (world_size - rank - 1) * self.mine
+        self.before, self.mine = rank_rows(global_batch, world_size, rank)
+        self.after = global_batch - self.before - self.mine
         self.window: Window | None = None
         self.order, self.at, self._skip_first = None, 0, offset
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -69,22 +70,25 @@ class RayContext:
         fetches them from where they were made."""
         import torch.distributed as dist
 
-        accum = grad_accum_steps(cfg)
+        from raypt.loop import micro_batches
+
         if self.rank == 0:  # a (re)started worker group: the stream restarts at the checkpoint's position
-            ray.get(self._feeder.open.remote(position))
+            ray.get(self._feeder.open.remote(position, self.world_size))
         if dist.is_initialized():
             dist.barrier()
         for blocks, pos in RankFeed(self._feeder, cfg, self.rank, self.world_size, position):
             # int32 rows gathered from the object store -> int64; pinned, the host-to-GPU copy overlaps compute
             x = torch.from_numpy(blocks).long()
             x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
-            yield list(x.chunk(accum)), pos
+            yield micro_batches(x, cfg, self.world_size), pos
 
     def eval_blocks(self):
-        """This rank's own share of the eval set (one object per rank)."""
+        """This rank's own share of the eval set: one of its objects (one per worker of the largest group), or every
+        world_size-th of them in a smaller elastic group."""
         if self._eval_refs is None:
             return None
-        return ray.get(self._eval_refs[self.rank])
+        mine = ray.get(self._eval_refs[self.rank :: self.world_size])
+        return mine[0] if len(mine) == 1 else np.concatenate(mine)
 
 
 def _copy(uri: str, local: Path) -> None:
@@ -140,13 +144,13 @@ def preflight(cfg: Config, reserved: float) -> None:
     total = ray.cluster_resources().get("CPU", 0)
     grows = total - reserved < max(0.25, d.cpus_per_tokenize_worker) and cluster_can_grow()
     if grows:
-        print(f"the cluster has {total:g} CPUs now: its autoscaler adds nodes as the run asks for them ({sc.num_workers} "
+        print(f"the cluster has {total:g} CPUs now: its autoscaler adds nodes as the run asks for them ({sc.max_workers} "
               f"training workers of {sc.cpus_per_worker:g} CPUs{', GPUs' * sc.use_gpu}, and the data pipeline)",
               flush=True)
     if d.pretokenized:
         if total - reserved < 0.25 and not grows:  # (the text pipeline's own check: data.pool_plan)
             raise CorpusError(
-                f"the {sc.num_workers} training workers reserve {reserved:g} of the cluster's {total:g} CPUs, "
+                f"the {sc.max_workers} training workers reserve {reserved:g} of the cluster's {total:g} CPUs, "
                 "leaving none to stream data to them; set data.materialize: true (read all data first), lower "
                 "scaling.cpus_per_worker, or add CPUs")
         if not Path(d.pretokenized, "train").is_dir() and "://" not in d.pretokenized:
@@ -166,11 +170,13 @@ def run(cfg: Config) -> dict:
     if latest := checkpoint.latest(run_dir):
         print(f"run {cfg.run.name!r} already has checkpoints in {run_dir}: resuming from the latest, "
               f"{latest.rsplit('/', 1)[-1]} (use another run.name to start over)", flush=True)
-    print(f"global batch {global_batch_size(cfg)} sequences x {cfg.data.seq_len} tokens = "
-          f"{global_batch_size(cfg) * cfg.data.seq_len:,} tokens/step; {cfg.scaling.num_workers} workers x "
-          f"micro-batch {cfg.train.micro_batch_size} x {grad_accum_steps(cfg)} accumulation steps", flush=True)
     sc = cfg.scaling
-    reserved = 0.0 if cfg.data.materialize else sc.num_workers * sc.cpus_per_worker
+    print(f"global batch {global_batch_size(cfg)} sequences x {cfg.data.seq_len} tokens = "
+          f"{global_batch_size(cfg) * cfg.data.seq_len:,} tokens/step; " + ", or ".join(
+              f"{w} workers x micro-batch {cfg.train.micro_batch_size} x {grad_accum_steps(cfg, w)} accumulation steps"
+              for w in dict.fromkeys([sc.max_workers, sc.min_workers]))
+          + (f" (elastic: any size from {sc.min_workers} to {sc.max_workers})" if sc.elastic else ""), flush=True)
+    reserved = 0.0 if cfg.data.materialize else sc.max_workers * sc.cpus_per_worker
     preflight(cfg, reserved)
     model_preflight(cfg.model, cfg.data.seq_len)
     if cfg.run.resume_from and not latest:
@@ -196,15 +202,16 @@ def run(cfg: Config) -> dict:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     stats = PipelineStats.options(scheduling_strategy=here).remote()  # counters and turnstiles of every pipeline
     feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
-        cfg.to_dict(), reserved, encoder, stats)
-    evals = eval_chunks(cfg, sc.num_workers, encoder, stats)  # (while the feeder starts)
+        cfg.to_dict(), encoder, stats)
+    evals = eval_chunks(cfg, sc.max_workers, encoder, stats)  # (while the feeder starts)
     ray.get(feeder.ready.remote())
     feeder.open.remote(start, warm=True)  # the first window is made while the workers start
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals,
                            "data": data_fp},
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=(sc.min_workers, sc.max_workers) if sc.elastic
+                                               else sc.max_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker={"CPU": sc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage,

@@ -99,6 +99,26 @@ def test_global_batch_must_split_into_micro_batches():
     assert global_batch_size(cfg) == 32 and grad_accum_steps(cfg) == 4
 
 
+def test_an_elastic_range_needs_a_global_batch_every_size_can_cut():
+    """Any size in [min, max] may run: each must give every worker the same number of non-empty micro-batches."""
+    from raypt.config import grad_accum_steps
+
+    cfg = load_config(None, ["data.train_paths=[a]", "scaling.num_workers=[1, 4]", "train.global_batch_size=8",
+                             "train.micro_batch_size=2"])
+    assert (cfg.scaling.min_workers, cfg.scaling.max_workers, cfg.scaling.elastic) == (1, 4, True)
+    assert [grad_accum_steps(cfg, w) for w in (1, 2, 3, 4)] == [4, 2, 2, 1]  # 3 workers: 3+3+2 rows, 2 micro-batches
+    with pytest.raises(ConfigError) as e:  # 7 rows over 6 workers: 2+1+1+..., two micro-batches of 1 leave one empty
+        load_config(None, ["data.train_paths=[a]", "scaling.num_workers=[6, 7]", "train.global_batch_size=7",
+                           "train.micro_batch_size=1"])
+    assert "for each size in scaling.num_workers [6, 7]; sizes that work: [7]" in str(e.value)
+    for bad in ("[0, 2]", "[3, 2]", "[2]"):
+        with pytest.raises(ConfigError, match="must be a count >= 1 or \\[min, max\\]"):
+            load_config(None, ["data.train_paths=[a]", f"scaling.num_workers={bad}"])
+    with pytest.raises(ConfigError, match="fsdp_shard_size needs a fixed scaling.num_workers"):
+        load_config(None, ["data.train_paths=[a]", "scaling.num_workers=[2, 4]", "train.global_batch_size=8",
+                           "scaling.strategy=fsdp", "scaling.fsdp_shard_size=2"])
+
+
 @pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs",
                                  "s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=wJalrSECRET",
                                  "gs://bucket/runs?token=wJalrSECRET"])

@@ -224,8 +224,9 @@ def test_a_pass_after_the_first_sizes_its_tokenize_pool_to_what_training_reads(r
 
     text = write_shards(tmp_path / "text", make_docs(120, seed=3), shards=4)
     cfg = load_config(None, [f"data.train_paths=[{text}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=32",
-                             "data.unit_bytes=1024", "data.shuffle_tokens=3200", "scaling.num_workers=1"])
-    feeder = ray.remote(Feeder).options(num_cpus=0).remote(cfg.to_dict(), 0.0)
+                             "data.unit_bytes=1024", "data.shuffle_tokens=3200", "scaling.num_workers=1",
+                             "scaling.cpus_per_worker=0"])  # (no training worker holds a CPU here)
+    feeder = ray.remote(Feeder).options(num_cpus=0).remote(cfg.to_dict())
     assert ray.get(feeder.ready.remote()) >= 4
     ray.get(feeder.open.remote(Position()))
     k = 0

@@ -243,3 +243,33 @@ def test_resume_from_refuses_foreign_and_half_written_checkpoints(tokenizer_dir,
     out = train(cfg_for(tokenizer_dir, f"run.resume_from={good}"), LocalContext(tmp_path / "c", data))
     rows, _ = metrics(tmp_path / "c")
     assert rows[0]["step"] == 21 and out["step"] == 40
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_every_world_size_computes_the_global_batchs_gradient(tokenizer_dir, world):
+    """What an elastic run relies on: each rank's slice of the global batch (uneven when the size does not divide it),
+    cut into the same number of micro-batches on every rank, each loss weighted by its share; summed over the ranks
+    and averaged as DDP/FSDP do, the gradient is the whole batch's."""
+    from raypt.loop import micro_batches, weighted
+    from raypt.stream import rank_rows
+
+    cfg = cfg_for(tokenizer_dir, "scaling.num_workers=[1, 5]", "train.global_batch_size=8", "train.micro_batch_size=2")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), seq_len=32,
+                        device=torch.device("cpu"), seed=0)[0]
+    batch = torch.as_tensor(blocks(tokenizer_dir, 8, 32, seed=1), dtype=torch.long)
+
+    model(input_ids=batch, labels=batch).loss.backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    counts = set()
+    for r in range(world):
+        first, n = rank_rows(8, world, r)
+        micro = micro_batches(batch[first : first + n], cfg, world)
+        counts.add(len(micro))
+        assert all(len(x) for x in micro) and max(len(x) for x in micro) <= 2
+        for x in micro:
+            weighted(model(input_ids=x, labels=x).loss, len(x), 8, world).backward()
+    assert len(counts) == 1  # every rank runs the same number of forwards
+    for p, g in zip(model.parameters(), whole):
+        torch.testing.assert_close(p.grad / world, g, rtol=1e-5, atol=1e-7)

@@ -74,13 +74,18 @@ def test_resuming_at_any_position_continues_the_same_stream(window, seed):
         assert resumed == stream[k + 1 : k + 1 + n], k
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 8])
 def test_rank_slices_of_a_global_batch_are_the_batch_for_any_world_size(world):
+    """Also when the world size does not divide the batch (an elastic run at 3 or 5 workers): slices differ by at
+    most one block, and together they are the batch."""
     whole = take(blocks(window=6, seed=2, batch=8), 12)  # 96 blocks: over two passes
     ranks = [take(blocks(window=6, seed=2, batch=8, rank=r, world=world), 12) for r in range(world)]
     for s, (batch, pos) in enumerate(whole):
         assert sum((ranks[r][s][0] for r in range(world)), []) == batch
         assert all(ranks[r][s][1] == pos for r in range(world))  # every rank saves the same position
+        assert {len(ranks[r][s][0]) for r in range(world)} <= {8 // world, -(-8 // world)}
+    with pytest.raises(ValueError, match="without a block"):
+        next(blocks(batch=8, world=9))
 
 
 def test_sequencer_restores_the_order_whatever_the_arrival():
