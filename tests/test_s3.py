@@ -6,10 +6,7 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -20,34 +17,51 @@ from conftest import S3_SECRET
 pytestmark = pytest.mark.slow
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def read_s3(uri: str) -> bytes:
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
 
 
-def test_s3_storage_checkpoints_resume_and_secrets(ray_local, s3_server, tmp_path, tokenizer_dir, monkeypatch, capfd):
-    (tmp_path / "pretok" / "train").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    blocks = rng.integers(3, 300, size=(64, 32)).astype(np.int32)
-    pq.write_table(pa.table({"input_ids": pa.array(list(blocks), pa.list_(pa.int32()))}),
-                   tmp_path / "pretok" / "train" / "part-0.parquet")
-    # the model to continue from lives in the bucket too (copied once per node before loading), with its tokenizer,
-    # which the run uses: no tokenizer.path
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    fs, path = pafs.FileSystem.from_uri(f"s3://{s3_server}/models/tiny")
-    pafs.copy_files(str(tmp_path / "model"), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    storage = f"s3://{s3_server}/runs"
-    argv = []
-    for s in (f"data.pretokenized={tmp_path / 'pretok'}", "data.seq_len=32",
-              f"model.name_or_path=s3://{s3_server}/models/tiny",
-              f"run.storage_path={storage}", "run.name=s3run", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-              "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=6",
-              "train.checkpoint_every=3", "train.log_every=1", "train.eval_every=0"):
+def upload(local: Path, uri: str) -> None:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, corpus, tiny_pretrained) -> str:
+    """The bucket as a recipe expects it: the corpus's TXT shards under corpus/, a (tiny) model to continue, with its
+    tokenizer, under models/."""
+    upload(corpus, f"s3://{s3_server}/corpus")
+    upload(Path(tiny_pretrained), f"s3://{s3_server}/models/tiny")
+    return s3_server
+
+
+def recipe(name: str, bucket: str, tmp_path: Path, *sets: str) -> list[str]:
+    """`configs/NAME.yaml` with its bucket made the test's, the 8B model made tiny, and a run of 2-CPU size."""
+    text = (ROOT / "configs" / f"{name}.yaml").read_text()
+    assert "s3://YOUR-BUCKET/" in text and "model.name_or_path" not in sets
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(text.replace("s3://YOUR-BUCKET/models/Meta-Llama-3.1-8B", f"s3://{bucket}/models/tiny")
+                      .replace("s3://YOUR-BUCKET/", f"s3://{bucket}/"))
+    argv = ["--config", str(config)]
+    for s in ("data.seq_len=32", "scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5",
+              "train.global_batch_tokens=256", "train.micro_batch_size=2", "train.warmup_steps=1",
+              "train.log_every=1", "train.sample_tokens=0", *sets):
         argv += ["--set", s]
+    return argv
+
+
+def test_s3_storage_checkpoints_resume_and_secrets(ray_local, bucket, tmp_path, tokenizer_dir, monkeypatch, capfd):
+    """The QLoRA recipe (`configs/llama3-8b-qlora-cpt.yaml`) as written, its s3:// corpus, model and storage in the
+    test's bucket: the model's own tokenizer (no tokenizer.path), checkpoints, metrics and final/ in the bucket, a
+    re-run resumes from it."""
+    storage = f"s3://{bucket}/runs"
+    argv = recipe("llama3-8b-qlora-cpt", bucket, tmp_path, "run.name=s3run", "train.max_steps=6",
+                  "train.checkpoint_every=3", "run.max_failures=0")
 
     # the first attempt dies after step 4 (no restarts allowed): checkpoint 3 is in the bucket
     monkeypatch.setenv("RAYPT_FAULT", "step:4:0")
@@ -70,7 +84,9 @@ def test_s3_storage_checkpoints_resume_and_secrets(ray_local, s3_server, tmp_pat
     fs, path = pafs.FileSystem.from_uri(f"{storage}/s3run/final")
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     assert AutoModelForCausalLM.from_pretrained(local) is not None
-    assert AutoTokenizer.from_pretrained(local).get_vocab() == tok.get_vocab()  # the model's own tokenizer
+    assert AutoTokenizer.from_pretrained(local).get_vocab() == AutoTokenizer.from_pretrained(
+        tokenizer_dir).get_vocab()  # the model's own tokenizer
+    assert [r for r in rows if "eval_loss" in r]  # the corpus's eval split, from the bucket
 
     # the secret key was in every process's environment, and is in no output and no Ray log
     assert S3_SECRET not in out + err
@@ -78,6 +94,19 @@ def test_s3_storage_checkpoints_resume_and_secrets(ray_local, s3_server, tmp_pat
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and S3_SECRET.encode() in p.read_bytes()]
     assert not leaked, leaked
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == S3_SECRET  # (the test really ran with it set)
+
+
+def test_the_full_fsdp_recipe_trains_from_the_bucket(ray_local, bucket, tmp_path):
+    """`configs/llama3-8b-full-fsdp.yaml` (FSDP2, a gradient reduce-scatter every micro-batch, asynchronous
+    checkpoints) from its bucket: 2 steps, each saved, and the final model in the bucket."""
+    storage = f"s3://{bucket}/runs"
+    argv = recipe("llama3-8b-full-fsdp", bucket, tmp_path, "run.name=fsdp-recipe", "scaling.fsdp_shard_size=null",
+                  "train.micro_batch_size=1", "train.max_steps=2", "train.checkpoint_every=1")
+    assert train.main(argv) == 0
+    rows = [json.loads(x) for x in read_s3(f"{storage}/fsdp-recipe/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and [r for r in rows if "eval_loss" in r]
+    assert checkpoint.latest(f"{storage}/fsdp-recipe") == f"{storage}/fsdp-recipe/checkpoint_000002"
+    assert read_s3(f"{storage}/fsdp-recipe/final/config.json")
 
 
 def test_a_model_uploaded_again_to_the_same_uri_is_fetched_again(s3_server, tmp_path, monkeypatch):
