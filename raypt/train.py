@@ -137,10 +137,39 @@ def ensure_tokenizer(cfg: Config) -> None:
                         text_field=cfg.data.text_field, decode_errors=cfg.data.decode_errors)
 
 
+def worker_room(need: dict[str, float], nodes: list[tuple[dict, int]]) -> int:
+    """How many training workers that each need `need` fit on `nodes`: (resources of a node, how many such nodes)."""
+    per_node = [min(int(res.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0) for res, _ in nodes]
+    return sum(n * count for n, (_, count) in zip(per_node, nodes))
+
+
+def node_types() -> tuple[list[tuple[dict, int]], str] | None:
+    """The nodes the cluster has or can have, as (resources, how many at most), and what they are, in words; None
+    when that cannot be known before asking (Ray's v1 autoscaler publishes no node type's resources)."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()  # KubeRay and the v2 autoscaler publish their node groups
+    if config is not None and config.node_group_configs:
+        return ([(dict(g.resources), g.max_count if g.max_count >= 0 else 1 << 20) for g in config.node_group_configs],
+                "the node types of its autoscaler")
+    if cluster_can_grow():
+        return None
+    return [(n["Resources"], 1) for n in ray.nodes() if n["Alive"]], "the cluster's nodes (it cannot grow)"
+
+
 def preflight(cfg: Config, reserved: float) -> None:
-    """Refuse, before any worker starts, a run whose training workers would leave no CPU to stream data; on a cluster
-    that an autoscaler can grow, say that the nodes come as the run asks for them."""
+    """Refuse, before any worker starts, a run whose training workers fit on no node the cluster has or can have
+    (Ray would wait for them forever), or would leave no CPU to stream data; on a cluster that an autoscaler can
+    grow, say that the nodes come as the run asks for them."""
     d, sc = cfg.data, cfg.scaling
+    need = {"CPU": sc.cpus_per_worker, "GPU": 1.0 if sc.use_gpu else 0.0}
+    if (known := node_types()) and (room := worker_room(need, known[0])) < sc.min_workers:
+        wants = ", ".join(f"{v:g} {k}" for k, v in need.items() if v)
+        raise UserError(
+            f"the run needs {sc.min_workers} training workers of {wants} each, and {known[1]} hold {room}: "
+            + ("set scaling.use_gpu: false or add GPU nodes" if sc.use_gpu and not any(
+                r.get("GPU") for r, _ in known[0]) else "lower scaling.num_workers or scaling.cpus_per_worker, or "
+               "add nodes"))
     total = ray.cluster_resources().get("CPU", 0)
     grows = total - reserved < max(0.25, d.cpus_per_tokenize_worker) and cluster_can_grow()
     if grows:

@@ -112,10 +112,12 @@ def test_fsdp_equals_one_process(reference, storage, tokenizer_dir, data):
     assert [e["eval_loss"] for e in fsdp_evals[-2:]] == pytest.approx([e["eval_loss"] for e in one_evals], rel=1e-5)
 
     # Weight decay on the same parameters: after 12 steps at lr 3e-3 with decay 0.5, a matrix that missed it would
-    # differ by ~2%; every weight of the exported models agrees to 1e-5.
+    # differ by ~2% (~1e-3 for these weights); every weight of the exported models agrees to 1e-5 (the two runs sum
+    # their micro-batches in another order, and AdamW's step turns a few ulps of gradient into ~5e-6 on a weight
+    # here and there).
     models = {n: AutoModelForCausalLM.from_pretrained(storage / n / "final").state_dict() for n in ("fsdp", "one")}
     for key in models["fsdp"]:
-        torch.testing.assert_close(models["fsdp"][key], models["one"][key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(models["fsdp"][key], models["one"][key], rtol=1e-5, atol=1e-5, msg=key)
 
     assert_one_shard_per_rank(storage / "fsdp" / "checkpoint_000012")  # sharded checkpoints
 

@@ -172,3 +172,40 @@ def test_no_cpu_left_to_stream_data_is_refused_before_training(ray_local, tmp_pa
     err = capsys.readouterr().err
     assert "set data.materialize: true" in err and "scaling.cpus_per_worker" in err
     assert not (tmp_path / "raypt").exists()
+
+
+@pytest.mark.parametrize("sets, fix", [(["scaling.use_gpu=true"], "set scaling.use_gpu: false or add GPU nodes"),
+                                       (["scaling.num_workers=[3, 4]"], "lower scaling.num_workers")])
+def test_workers_no_node_can_hold_are_refused_before_anything_starts(ray_local, tmp_path, pretokenized, tokenizer_dir,
+                                                                     sets, fix, capsys):
+    """On a cluster that cannot grow (here: one node of 2 CPUs), Ray would wait for such workers forever."""
+    assert train.main(refused_argv(tmp_path, pretokenized, tokenizer_dir, *sets)) == 2
+    err = capsys.readouterr().err
+    assert "the cluster's nodes (it cannot grow) hold " in err and fix in err and "Traceback" not in err
+    assert not (tmp_path / "raypt").exists()
+
+
+def test_workers_no_node_type_can_hold_are_refused_on_a_cluster_that_grows(ray_local, tmp_path, pretokenized,
+                                                                           tokenizer_dir, capsys):
+    """KubeRay and Ray's v2 autoscaler publish their node groups in the GCS (written here as they write it, and
+    taken back after): GPU workers on a cluster whose node types have no GPU are refused before anything starts."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY as KEY, GCS_AUTOSCALER_STATE_NAMESPACE as NS
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    groups = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="cpu16", resources={"CPU": 16}, max_count=10)])
+    _internal_kv_put(KEY, groups.SerializeToString(), namespace=NS)
+    try:
+        code = train.main(refused_argv(tmp_path, pretokenized, tokenizer_dir, "scaling.use_gpu=true"))
+    finally:
+        _internal_kv_del(KEY, namespace=NS)
+    err = capsys.readouterr().err
+    assert code == 2 and ("the run needs 2 training workers of 1 CPU, 1 GPU each, and the node types of its "
+                          "autoscaler hold 0: set scaling.use_gpu: false or add GPU nodes") in err
+
+
+def refused_argv(tmp_path, pretokenized, tokenizer_dir, *sets) -> list[str]:
+    return [a for s in [f"data.pretokenized={pretokenized}", f"tokenizer.path={tokenizer_dir}", f"data.seq_len={SEQ}",
+                        f"run.storage_path={tmp_path}", "scaling.cpus_per_worker=1", "train.global_batch_size=12",
+                        "train.micro_batch_size=1", "data.materialize=true", *sets] for a in ("--set", s)]
