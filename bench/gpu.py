@@ -2,14 +2,14 @@
 
     python bench/gpu.py --out DIR [--steps 30]
 
-1. throughput: a scratch Llama (preset llama-1b: 12 x 1024, 0.25 B parameters with this vocabulary) in bf16
+1. throughput: a scratch Llama (preset llama-12x1024: 0.25 B parameters with this vocabulary) in bf16
    autocast, seq 2048, micro-batch 8: tokens/s and MFU over the steps after warm-up, peak memory;
 2. resume on CUDA: 20 steps straight vs 10 + resume from the step-10 checkpoint: per-step loss difference;
 3. non-finite guard on CUDA (fused AdamW's found_inf): a NaN injected in step 4 stops with the step named; in skip
    mode the step is skipped, counted, and the weights stay finite;
 4. QLoRA: a small Llama saved locally, loaded in nf4 (bitsandbytes, double quant, bf16 compute) with LoRA r=8 on all
    projections: trains, loss falls, and final/ holds the adapter and a merged bf16 model;
-5. FSDP2 on CUDA (one rank: bf16 mixed-precision policy) and the sharded checkpoint of the llama-1b preset with its
+5. FSDP2 on CUDA (one rank: bf16 mixed-precision policy) and the sharded checkpoint of the llama-12x1024 preset with its
    AdamW state: seconds training is blocked by a synchronous save and by an async one (device-to-host copy only).
 
 Prints one JSON object of the numbers (also written to DIR/gpu.json).
@@ -63,7 +63,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-DEVICE, PRESET, SEQ, MICRO = "cuda", "llama-1b", 2048, 8
+DEVICE, PRESET, SEQ, MICRO = "cuda", "llama-12x1024", 2048, 8
 
 
 def throughput(tok: str, vocab: int, out: Path, steps: int) -> dict:

@@ -89,7 +89,10 @@ class ModelConfig:
     """A pretrained model directory (or s3://, gs:// URI, downloaded once per node) to continue from; null builds
     a Llama from scratch out of `preset` and the overrides below."""
     preset: str = "tiny"
-    """Scratch architecture: tiny, small, llama-1b (see raypt/model.py PRESETS)."""
+    """Scratch architecture: tiny, small, llama-12x1024 (the classic example), llama3.2-1b, llama3-8b (the shapes of
+    those models; see raypt/model.py PRESETS)."""
+    vocab_size: Optional[int] = None
+    """Scratch model: rows of the embedding (null: the tokenizer's size; larger, e.g. a round 128256, is allowed)."""
     num_hidden_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     intermediate_size: Optional[int] = None
@@ -376,6 +379,8 @@ def validate(cfg: Config) -> list[str]:
     if m.quantize and sc.strategy == "fsdp":
         p.append("scaling.strategy fsdp cannot shard model.quantize's 4-bit weights (bitsandbytes packs them in "
                  "uint8 tensors FSDP2 cannot split); use scaling.strategy: ddp, whose 4-bit base fits one GPU")
+    if m.vocab_size is not None and m.name_or_path:
+        p.append("model.vocab_size sizes a scratch model's embedding; a pretrained model keeps its own (remove it)")
     if m.lora and not m.name_or_path:
         p.append("model.lora adapts a pretrained model: set model.name_or_path, or train a scratch model fully "
                  "(model.lora: false)")

@@ -13,16 +13,25 @@ from raypt.errors import UserError
 
 log = logging.getLogger("raypt")
 
-# Scratch architectures; model.* keys override any field.
+# Scratch architectures; model.* keys override any field. Parameter counts (`python -m raypt.plan`) with a 128,256-token
+# vocabulary (Llama 3's; a scratch model's comes from its tokenizer unless model.vocab_size says otherwise).
 PRESETS = {
     "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=172, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True),
     "small": dict(num_hidden_layers=4, hidden_size=256, intermediate_size=688, num_attention_heads=8,
                   num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=True),
-    # The classic 1B-class example: 12 layers, hidden 1024, intermediate 4096, 8 KV heads.
-    "llama-1b": dict(num_hidden_layers=12, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                     num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False),
+    # The classic example's LlamaConfig: 12 layers, hidden 1024, intermediate 4096, 8 KV heads; 0.19 B parameters
+    # without embeddings (0.21 B with a 8k vocabulary, 0.45 B with 128k).
+    "llama-12x1024": dict(num_hidden_layers=12, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                          num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False),
+    # Llama-3.2-1B's shape: 1,235,814,400 parameters with its vocabulary.
+    "llama3.2-1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                        num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True),
+    # Llama-3-8B's shape: 8,030,261,248 parameters with its vocabulary.
+    "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False),
 }
+RENAMED = {"llama-1b": "llama-12x1024 (the same 12 x 1024 shape: 0.2 B parameters; llama3.2-1b is a 1 B-class one)"}
 OVERRIDABLE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                "rope_theta", "tie_word_embeddings")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,8 +53,15 @@ class ModelInfo:
 def scratch_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer=None):
     from transformers import LlamaConfig
 
+    if cfg.preset in RENAMED:
+        raise ModelError(f"model.preset {cfg.preset!r} is now called {RENAMED[cfg.preset]}")
     if cfg.preset not in PRESETS:
         raise ModelError(f"model.preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
+    if cfg.vocab_size is not None:
+        if cfg.vocab_size < vocab_size:
+            raise ModelError(f"model.vocab_size {cfg.vocab_size} is below the tokenizer's {vocab_size} tokens; raise it "
+                             "or leave it out (null: the tokenizer's size)")
+        vocab_size = cfg.vocab_size
     arch = dict(PRESETS[cfg.preset])
     arch.update({k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k) is not None})
     if arch["hidden_size"] % arch["num_attention_heads"] or arch["num_attention_heads"] % arch["num_key_value_heads"]:

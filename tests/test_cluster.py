@@ -136,7 +136,7 @@ def test_scratch_recipe():
 
     arch = scratch_config(cfg.model, vocab_size=32000, seq_len=cfg.data.seq_len)
     assert (arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size, arch.num_key_value_heads) == \
-        (12, 1024, 4096, 8)
+        (16, 2048, 8192, 8)
     assert cfg.scaling.use_gpu and cfg.tokenizer.vocab_size
 
 

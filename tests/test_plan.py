@@ -66,3 +66,27 @@ def test_recipes_plan_and_a_misfit_is_flagged(capsys):
                  "--gpu-mem", "80"]) == 1
     assert "DOES NOT FIT in 80 GB" in capsys.readouterr().out
     assert not plan(full, gpu_mem_gb=80).fits
+
+
+@pytest.mark.parametrize("preset, params", [("llama3.2-1b", 1_235_814_400), ("llama3-8b", 8_030_261_248),
+                                            ("llama-12x1024", 12 * (2 * 1024 * 1024 + 2 * 512 * 1024 + 3 * 1024 * 4096
+                                                                     + 2 * 1024) + 1024 + 2 * 128256 * 1024)])
+def test_presets_are_the_shapes_they_name(preset, params, capsys):
+    """Built on the meta device with Llama 3's vocabulary: Llama-3.2-1B's and Llama-3-8B's published parameter
+    counts; the classic example's 12 x 1024 shape counted by hand."""
+    sets = ["data.train_paths=[x]", f"model.preset={preset}", "model.vocab_size=128256"]
+    assert plan(load_config(None, sets)).params == params
+    assert main([a for s in sets for a in ("--set", s)]) == 0
+    assert f"model: {params / 1e9:.3f} B parameters" in capsys.readouterr().out
+
+
+def test_a_renamed_preset_and_a_vocabulary_below_the_tokenizers_are_clear_errors():
+    from raypt.config import ConfigError
+    from raypt.model import ModelError, scratch_config
+
+    with pytest.raises(ModelError, match="is now called llama-12x1024"):
+        scratch_config(load_config(None, ["data.train_paths=[x]", "model.preset=llama-1b"]).model, 100, 8)
+    with pytest.raises(ModelError, match="model.vocab_size 64 is below the tokenizer's 100 tokens"):
+        scratch_config(load_config(None, ["data.train_paths=[x]", "model.vocab_size=64"]).model, 100, 8)
+    with pytest.raises(ConfigError, match="a pretrained model keeps its own"):
+        load_config(None, ["data.train_paths=[x]", "model.vocab_size=64", "model.name_or_path=/m"])
