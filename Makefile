@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/feed.py
 	$(BIN)/python bench/actor_start.py
+	$(BIN)/python bench/loss.py
 
 bench-data: $(VENV)/.installed
 	$(BIN)/python bench/data.py

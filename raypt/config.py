@@ -105,6 +105,9 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
+    loss: Literal["chunked", "hf"] = "chunked"
+    """chunked: the LM head and cross-entropy a chunk of positions at a time, gradients computed in the same pass
+    (never the full (batch, seq, vocab) logits; Llama, Mistral, Qwen2/3); hf: the model's own forward and loss."""
     trust_remote_code: bool = False
     """Run model code shipped inside the checkpoint; off unless you trust its author."""
     lora: bool = False

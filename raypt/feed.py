@@ -93,7 +93,8 @@ class Feeder:
         its workers hold: the pipeline never takes them, even before they start (`open(warm=True)`); a task waiting
         in the turnstile would otherwise hold one while training, which it waits for, cannot start."""
         sc = self.cfg.scaling
-        self.world_size, self.reserved = world_size, 0.0 if self.cfg.data.materialize else world_size * sc.cpus_per_worker
+        self.world_size = world_size
+        self.reserved = 0.0 if self.cfg.data.materialize else world_size * sc.cpus_per_worker
         with warnings.catch_warnings():  # (deprecated for label selectors, which need labelled nodes; kept to 2027)
             warnings.simplefilter("ignore", DeprecationWarning)
             ray.data.DataContext.get_current().execution_options.exclude_resources = ray.data.ExecutionResources(

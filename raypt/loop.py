@@ -176,9 +176,9 @@ def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLo
         from raypt.corpus import CorpusError
 
         raise CorpusError(data_changed_message(name, changes))
-    metrics.event(state.step, f"resuming from {name} on {world_size} worker{'s' * (world_size > 1)}: step {state.step}, "
-                  f"{state.tokens_seen:,} tokens seen, data at epoch {state.epoch}, unit {state.unit}, block "
-                  f"{state.offset}", resumed_from=source, workers=world_size)
+    metrics.event(state.step, f"resuming from {name} on {world_size} worker{'s' * (world_size > 1)}: step "
+                  f"{state.step}, {state.tokens_seen:,} tokens seen, data at epoch {state.epoch}, unit {state.unit}, "
+                  f"block {state.offset}", resumed_from=source, workers=world_size)
     if changes:
         state.position = Position()
         metrics.event(state.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is restart, "

@@ -59,8 +59,8 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer=No
         raise ModelError(f"model.preset {cfg.preset!r} is not one of {', '.join(PRESETS)}")
     if cfg.vocab_size is not None:
         if cfg.vocab_size < vocab_size:
-            raise ModelError(f"model.vocab_size {cfg.vocab_size} is below the tokenizer's {vocab_size} tokens; raise it "
-                             "or leave it out (null: the tokenizer's size)")
+            raise ModelError(f"model.vocab_size {cfg.vocab_size} is below the tokenizer's {vocab_size} tokens; raise "
+                             "it or leave it out (null: the tokenizer's size)")
         vocab_size = cfg.vocab_size
     arch = dict(PRESETS[cfg.preset])
     arch.update({k: getattr(cfg, k) for k in OVERRIDABLE if getattr(cfg, k) is not None})
@@ -134,6 +134,14 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
         with torch.device("meta"):  # a skeleton: no memory, no init work
             model = _skeleton(cfg, vocab_size, seq_len, tokenizer)
     _check_positions(model.config, seq_len)
+    if cfg.loss == "chunked":
+        from raypt.loss import supported, use_chunked_loss
+
+        if supported(model):
+            use_chunked_loss(model)
+        elif rank == 0:
+            log.warning("model.loss: chunked is not available for %s: it computes its full logits (model.loss: hf)",
+                        type(model).__name__)
     if cfg.gradient_checkpointing and not cfg.quantize:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -173,9 +173,9 @@ def preflight(cfg: Config, reserved: float) -> None:
     total = ray.cluster_resources().get("CPU", 0)
     grows = total - reserved < max(0.25, d.cpus_per_tokenize_worker) and cluster_can_grow()
     if grows:
-        print(f"the cluster has {total:g} CPUs now: its autoscaler adds nodes as the run asks for them ({sc.max_workers} "
-              f"training workers of {sc.cpus_per_worker:g} CPUs{', GPUs' * sc.use_gpu}, and the data pipeline)",
-              flush=True)
+        print(f"the cluster has {total:g} CPUs now: its autoscaler adds nodes as the run asks for them "
+              f"({sc.max_workers} training workers of {sc.cpus_per_worker:g} CPUs{', GPUs' * sc.use_gpu}, and the data "
+              "pipeline)", flush=True)
     if d.pretokenized:
         if total - reserved < 0.25 and not grows:  # (the text pipeline's own check: data.pool_plan)
             raise CorpusError(

@@ -273,3 +273,44 @@ def test_every_world_size_computes_the_global_batchs_gradient(tokenizer_dir, wor
     assert len(counts) == 1  # every rank runs the same number of forwards
     for p, g in zip(model.parameters(), whole):
         torch.testing.assert_close(p.grad / world, g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_chunked_loss_is_hfs_loss_and_gradients(tokenizer_dir, tied, lora):
+    """model.loss: chunked never makes the (batch, seq, vocab) logits, and gives HF's own loss and gradients (fp32,
+    rel 1e-5), here 7 positions a chunk (so chunks straddle sequences), ignoring exactly the -100 labels."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from raypt.loss import supported, use_chunked_loss
+
+    cfg = cfg_for(tokenizer_dir, "model.loss=hf", f"model.tie_word_embeddings={str(tied).lower()}")
+    torch.manual_seed(0)
+    hf = build_model(cfg.model, vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), seq_len=32,
+                     device=torch.device("cpu"), seed=0)[0]
+    chunked = copy.deepcopy(hf)
+    assert supported(chunked)
+    use_chunked_loss(chunked, chunk=7)
+    if lora:
+        def adapted(m):
+            torch.manual_seed(1)  # the same adapters on both
+            return get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], lora_dropout=0.0))
+
+        hf, chunked = adapted(hf), adapted(chunked)
+    x = torch.as_tensor(blocks(tokenizer_dir, 3, 32, seed=2), dtype=torch.long)
+    labels = x.clone()
+    labels[0, 5:9] = -100  # (not predicted)
+    losses = []
+    for m in (hf, chunked):
+        out = m(input_ids=x, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    assert chunked(input_ids=x, labels=labels).logits is None  # no logits made
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (hf, chunked)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert torch.equal(chunked(input_ids=x).logits, hf(input_ids=x).logits)  # without labels: the model's own forward
