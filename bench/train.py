@@ -5,8 +5,9 @@
 
 Same tiny Llama (4 layers, d=256, 8 heads, 4 KV heads, 8k vocab), same initial weights (saved once), same blocks of
 256 tokens in the same order, batch 8, AdamW (0.9, 0.95), constant LR, clip 1.0, fp32 on CPU. Each runs in its own
-fresh process. Reported: steady-state tokens/s (steps after --warmup), the ratios, and the first losses side by side
-(they must agree to float noise).
+fresh process. raypt runs three ways: one worker holding every CPU, and with scaling as a user leaves it (1 CPU
+reserved) with one thread (what Ray alone sets) and with its default threads. Reported: steady-state tokens/s (steps
+after --warmup), the ratios, and the first losses side by side (they must agree to float noise).
 """
 
 from __future__ import annotations
@@ -124,10 +125,12 @@ def hf_trainer(tmp: Path) -> dict:
     return {"losses": losses, "step_s": times}
 
 
-def raypt_settings(tmp: Path, steps: int) -> list[str]:
+def raypt_settings(tmp: Path, steps: int, scaling: tuple[str, ...] = (f"scaling.cpus_per_worker={os.cpu_count()}",)
+                   ) -> list[str]:
+    """One worker on blocks read before training; `scaling`: the worker's CPUs and threads."""
     return [f"data.pretokenized={tmp / 'data'}", "data.materialize=true", f"data.seq_len={SEQ}",
-            f"model.name_or_path={tmp / 'init'}", "model.dtype=float32", "scaling.num_workers=1",
-            f"scaling.cpus_per_worker={os.cpu_count()}", f"train.max_steps={steps}",
+            f"model.name_or_path={tmp / 'init'}", "model.dtype=float32", "scaling.num_workers=1", *scaling,
+            f"train.max_steps={steps}",
             f"train.global_batch_size={BATCH}", f"train.micro_batch_size={BATCH}", f"train.lr={LR}",
             "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.weight_decay=0.0", "train.log_every=1",
             "train.eval_every=0", "train.checkpoint_every=0", "train.eval_batches=1",
@@ -153,12 +156,12 @@ def raypt_in_process(tmp: Path) -> dict:
     return metrics_of(tmp / "runs" / "local")
 
 
-def raypt_run(tmp: Path, steps: int) -> dict:
-    argv = [a for s in raypt_settings(tmp, steps) + ["run.name=bench"] for a in ("--set", s)]
+def raypt_run(tmp: Path, steps: int, name: str, scaling: tuple[str, ...]) -> dict:
+    argv = [a for s in raypt_settings(tmp, steps, scaling) + [f"run.name={name}"] for a in ("--set", s)]
     run = subprocess.run([sys.executable, "-m", "raypt.train", *argv], capture_output=True, text=True, cwd=ROOT)
     if run.returncode != 0:
         sys.exit(f"raypt failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
-    return metrics_of(tmp / "runs" / "bench")
+    return metrics_of(tmp / "runs" / name)
 
 
 def main() -> int:
@@ -185,7 +188,10 @@ def main() -> int:
             if out.returncode != 0:
                 sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
             res[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        res["raypt"] = raypt_run(tmp, args.steps)
+        res["raypt"] = raypt_run(tmp, args.steps, "bench", (f"scaling.cpus_per_worker={os.cpu_count()}",))
+        # scaling as a user leaves it (1 CPU reserved per worker): one thread, as Ray alone sets it, and raypt's default
+        res["ray1"] = raypt_run(tmp, args.steps, "ray1", ("scaling.cpu_threads=1",))
+        res["default"] = raypt_run(tmp, args.steps, "default", ())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -193,8 +199,10 @@ def main() -> int:
     print(f"tiny Llama 4x256, seq {SEQ}, batch {BATCH}, {args.steps} steps, fp32 CPU ({os.cpu_count()} cores); "
           f"tokens/s over steps {args.warmup + 1}-{args.steps}:")
     print("| loop | tokens/s | vs bare loop | vs HF Trainer |\n|---|---:|---:|---:|")
-    names = {"raypt": "raypt (Ray Train, 1 worker)", "local": "raypt loop in-process (no Ray)",
-             "hf": "HF Trainer", "bare": "bare PyTorch loop"}
+    names = {"raypt": f"raypt (Ray Train, 1 worker of {os.cpu_count()} CPUs)",
+             "default": "raypt, default scaling (1 CPU reserved; threads: the node's CPUs)",
+             "ray1": "raypt, default scaling with 1 thread (as Ray alone sets it)",
+             "local": "raypt loop in-process (no Ray)", "hf": "HF Trainer", "bare": "bare PyTorch loop"}
     for k, name in names.items():
         print(f"| {name} | {tps[k]:,.0f} | {tps[k] / tps['bare']:.3f} | {tps[k] / tps['hf']:.3f} |")
     n = min(50, *(len(v["losses"]) for v in res.values()))

@@ -178,6 +178,10 @@ class ScalingConfig:
     """Train on GPUs (NCCL) instead of CPUs (gloo)."""
     cpus_per_worker: float = 1
     """CPUs reserved per worker."""
+    cpu_threads: Optional[int] = None
+    """CPU training: intra-op threads per worker; null: the node's CPUs divided among the run's workers on it (Ray
+    alone would give a worker as many threads as the CPUs it reserves, one by default, though the data pipeline's
+    actors sleep most of the time)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """ddp: a full replica per worker; fsdp: FSDP2, every decoder layer and the root sharded over the workers
     (parameters, gradients and AdamW state: 1/W each), one layer gathered at a time."""

@@ -45,6 +45,13 @@ class RayContext:
         self.cfg, self.rank, self.world_size = cfg, c.get_world_rank(), c.get_world_size()
         self.local_rank = c.get_local_rank()
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            threads = cfg.scaling.cpu_threads or cpu_threads(c.get_local_world_size())
+            torch.set_num_threads(threads)
+            if self.rank == 0:
+                print(f"training on {threads} CPU thread{'s' * (threads > 1)} per worker"
+                      + ("" if cfg.scaling.cpu_threads else " (the node's CPUs over its workers; scaling.cpu_threads)"),
+                      flush=True)
         self._feeder, self._eval_refs, self.data_fingerprint = feeder, eval_refs, data_fingerprint
         self.storage = run_dir
         self._remote = run_dir if "://" in run_dir else None
@@ -89,6 +96,16 @@ class RayContext:
             return None
         mine = ray.get(self._eval_refs[self.rank :: self.world_size])
         return mine[0] if len(mine) == 1 else np.concatenate(mine)
+
+
+def cpu_threads(local_workers: int) -> int:
+    """This node's CPUs (as Ray counts them, and no more than this process may run on) divided among the run's
+    workers on it."""
+    import os
+
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node), 1)
+    return max(1, int(min(cpus, len(os.sched_getaffinity(0))) // max(1, local_workers)))
 
 
 def _copy(uri: str, local: Path) -> None:
@@ -145,16 +162,25 @@ def worker_room(need: dict[str, float], nodes: list[tuple[dict, int]]) -> int:
 
 def node_types() -> tuple[list[tuple[dict, int]], str] | None:
     """The nodes the cluster has or can have, as (resources, how many at most), and what they are, in words; None
-    when that cannot be known before asking (Ray's v1 autoscaler publishes no node type's resources)."""
+    when that cannot be known before asking."""
     from ray._private.state import state
 
     config = state.get_cluster_config()  # KubeRay and the v2 autoscaler publish their node groups
     if config is not None and config.node_group_configs:
         return ([(dict(g.resources), g.max_count if g.max_count >= 0 else 1 << 20) for g in config.node_group_configs],
                 "the node types of its autoscaler")
-    if cluster_can_grow():
+    if not cluster_can_grow():
+        return [(n["Resources"], 1) for n in ray.nodes() if n["Alive"]], "the cluster's nodes (it cannot grow)"
+    # The v1 autoscaler publishes no node type's resources; `ray up` leaves its config, the types' resources filled in
+    # by the cloud provider, on the head node, where a submitted job's driver runs (Ray Tune reads it there too).
+    bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()
+    if not bootstrap.is_file():
         return None
-    return [(n["Resources"], 1) for n in ray.nodes() if n["Alive"]], "the cluster's nodes (it cannot grow)"
+    import yaml
+
+    c = yaml.safe_load(bootstrap.read_text()) or {}
+    return ([(t.get("resources") or {}, t.get("max_workers", 0) + (name == c.get("head_node_type")))
+             for name, t in (c.get("available_node_types") or {}).items()], "the node types of its autoscaler")
 
 
 def preflight(cfg: Config, reserved: float) -> None:

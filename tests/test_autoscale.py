@@ -1,7 +1,7 @@
 """A cold autoscaling cluster, as `ray up cluster/...yaml` leaves it: a head with no CPU, worker nodes only when a job
 asks. Ray's fake multi-node provider (what `ray.cluster_utils.AutoscalingCluster` wraps) adds real raylets on this
 machine; `python -m raypt.train` on streamed text starts with no CPU in the cluster, the autoscaler adds the nodes,
-the run finishes."""
+the run finishes; a run no node type can hold is refused at once."""
 
 import os
 import shutil
@@ -54,19 +54,37 @@ def cold_cluster():
                     "--port", str(gcs), "--temp-dir", temp, "--include-dashboard", "false", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     env["RAY_ADDRESS"] = address
+    env["RAY_AUTH_TOKEN_PATH"] = str(Path.home() / ".ray" / "auth_token")  # (what `ray start` made, before HOME moves)
+    env["HOME"] = str(Path(temp, "home"))  # the driver's: where `ray up` leaves its config on the head node
+    Path(env["HOME"]).mkdir()
+    shutil.copy(config, Path(env["HOME"], "ray_bootstrap_config.yaml"))
     yield env
     end_processes(temp, f":{gcs} ")
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_streaming_run_starts_on_a_cluster_with_no_cpu_and_the_autoscaler_adds_nodes(cold_cluster, corpus,
-                                                                                      tokenizer_dir, tmp_path):
+def train(env: dict, corpus: Path, tokenizer_dir: str, tmp_path: Path, *more: str) -> subprocess.CompletedProcess:
     sets = [f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=32",
             f"run.storage_path={tmp_path}", "run.name=cold", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
             "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=4", "train.eval_every=0",
-            "train.sample_tokens=0"]
-    r = subprocess.run([sys.executable, "-m", "raypt.train", *[a for s in sets for a in ("--set", s)]], env=cold_cluster,
-                       capture_output=True, text=True, timeout=600)
+            "train.sample_tokens=0", *more]
+    return subprocess.run([sys.executable, "-m", "raypt.train", *[a for s in sets for a in ("--set", s)]], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_workers_no_node_type_can_hold_are_refused_before_the_autoscaler_is_asked(cold_cluster, corpus,
+                                                                                  tokenizer_dir, tmp_path):
+    """The `ray up` autoscaler publishes no node type's resources; its config on the head says them (the cloud
+    provider's fill-out included). GPU workers on a cluster of 2-CPU types would be waited for forever."""
+    r = train(cold_cluster, corpus, tokenizer_dir, tmp_path, "scaling.use_gpu=true")
+    assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
+    assert ("the run needs 2 training workers of 1 CPU, 1 GPU each, and the node types of its autoscaler hold 0: "
+            "set scaling.use_gpu: false or add GPU nodes") in r.stderr
+
+
+def test_streaming_run_starts_on_a_cluster_with_no_cpu_and_the_autoscaler_adds_nodes(cold_cluster, corpus,
+                                                                                      tokenizer_dir, tmp_path):
+    r = train(cold_cluster, corpus, tokenizer_dir, tmp_path)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "the cluster has 0 CPUs now: its autoscaler adds nodes as the run asks for them" in out

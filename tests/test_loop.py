@@ -76,16 +76,16 @@ def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tmp_path):
 
 
 def test_labels_are_shifted_once(tokenizer_dir):
-    """labels = input_ids; the HF model shifts. The loss must equal next-token cross-entropy computed by hand."""
+    """labels = input_ids; the model shifts. The loss the loop trains on (model.loss: chunked, the default) must
+    equal next-token cross-entropy computed by hand from the model's logits."""
     cfg = cfg_for(tokenizer_dir)
     model, _ = build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))
     x = torch.as_tensor(blocks(tokenizer_dir, 2, 32), dtype=torch.long)
-    out = model(input_ids=x, labels=x)
-    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
-                                               x[:, 1:].reshape(-1))
-    unshifted = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), x.reshape(-1))
-    assert out.loss.item() == pytest.approx(manual.item(), rel=1e-5)
-    assert out.loss.item() != pytest.approx(unshifted.item(), rel=1e-3)
+    loss, logits = model(input_ids=x, labels=x).loss, model(input_ids=x).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    unshifted = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(unshifted.item(), rel=1e-3)
 
 
 def test_lora_trains_only_adapters(tokenizer_dir, tmp_path):
