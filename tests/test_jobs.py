@@ -62,6 +62,7 @@ def test_job_submit_runs_the_demo_and_a_resubmission_resumes(head, tmp_path):
     assert (run / "final" / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
     assert (run / "checkpoint_000010" / "COMPLETE").exists()
     assert "done: 10 steps" in r.stdout and "sample:" in r.stdout
+    assert "training on 1 CPU thread per worker (the node's CPUs over its workers" in r.stdout  # 2 CPUs, 2 workers
 
     r = submit(head, storage, steps=20)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
