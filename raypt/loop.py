@@ -86,8 +86,8 @@ def train(cfg: Config, ctx: Context) -> dict:
         step_loss = torch.zeros((), device=ctx.device)  # stays on the device until a log step
         for i, x in enumerate(micro):
             with parallel.accumulating(model, i == len(micro) - 1, cfg.scaling.fsdp_sync_every_micro_batch), autocast:
-                loss = weighted(model(input_ids=x, labels=x).loss, len(x), batch, ctx.world_size)  # (labels shifted
-                # by the model itself)
+                # (the model shifts the labels itself)
+                loss = weighted(model(input_ids=x, labels=x).loss, len(x), batch, ctx.world_size)
             if state.step + 1 in nan_steps:
                 loss = loss * float("nan")
             loss.backward()

@@ -69,7 +69,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     (IGNORE: not counted), `chunk` rows at a time (default: CHUNK_BYTES of fp32 logits)."""
     chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     grad = torch.is_grad_enabled()  # (no gradient in eval, none for a frozen head under LoRA)
-    return LinearCrossEntropy.apply(h, weight, targets, chunk, (grad and h.requires_grad, grad and weight.requires_grad))
+    need = (grad and h.requires_grad, grad and weight.requires_grad)
+    return LinearCrossEntropy.apply(h, weight, targets, chunk, need)
 
 
 def supported(model: torch.nn.Module) -> bool:

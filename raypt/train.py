@@ -156,7 +156,8 @@ def ensure_tokenizer(cfg: Config) -> None:
 
 def worker_room(need: dict[str, float], nodes: list[tuple[dict, int]]) -> int:
     """How many training workers that each need `need` fit on `nodes`: (resources of a node, how many such nodes)."""
-    per_node = [min(int(res.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0) for res, _ in nodes]
+    per_node = [min((int(res.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0), default=1 << 20)
+                for res, _ in nodes]
     return sum(n * count for n, (_, count) in zip(per_node, nodes))
 
 
@@ -179,8 +180,9 @@ def node_types() -> tuple[list[tuple[dict, int]], str] | None:
     import yaml
 
     c = yaml.safe_load(bootstrap.read_text()) or {}
-    return ([(t.get("resources") or {}, t.get("max_workers", 0) + (name == c.get("head_node_type")))
-             for name, t in (c.get("available_node_types") or {}).items()], "the node types of its autoscaler")
+    types = (c.get("available_node_types") or {}).items()
+    return ([(t.get("resources") or {}, t.get("max_workers", c.get("max_workers", 0)) + (n == c.get("head_node_type")))
+             for n, t in types], "the node types of its autoscaler")
 
 
 def preflight(cfg: Config, reserved: float) -> None:
