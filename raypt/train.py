@@ -30,6 +30,7 @@ from raypt.data import (cluster_can_grow, fingerprint, init_ray, plan, pool_plan
                         user_error)
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
+from raypt.metrics import emit
 from raypt.pipeline_stats import PipelineStats
 from raypt.model import preflight as model_preflight
 from raypt.stream import Position, fingerprint_changes, touched_files
@@ -49,9 +50,8 @@ class RayContext:
             threads = cfg.scaling.cpu_threads or cpu_threads(c.get_local_world_size())
             torch.set_num_threads(threads)
             if self.rank == 0:
-                print(f"training on {threads} CPU thread{'s' * (threads > 1)} per worker"
-                      + ("" if cfg.scaling.cpu_threads else " (the node's CPUs over its workers; scaling.cpu_threads)"),
-                      flush=True)
+                emit(f"training on {threads} CPU thread{'s' * (threads > 1)} per worker"
+                     + ("" if cfg.scaling.cpu_threads else " (the node's CPUs over its workers; scaling.cpu_threads)"))
         self._feeder, self._eval_refs, self.data_fingerprint = feeder, eval_refs, data_fingerprint
         self.storage = run_dir
         self._remote = run_dir if "://" in run_dir else None
