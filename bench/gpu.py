@@ -3,7 +3,8 @@
     python bench/gpu.py --out DIR [--steps 30]
 
 1. throughput: a scratch Llama (preset llama-12x1024: 0.25 B parameters with this vocabulary) in bf16
-   autocast, seq 2048, micro-batch 8: tokens/s and MFU over the steps after warm-up, peak memory;
+   autocast, seq 2048, micro-batch 8: tokens/s and MFU over the steps after warm-up, peak memory; then Llama-3.2-1B's
+   shape with its 128k vocabulary, HF's own loss against raypt's chunked one;
 2. resume on CUDA: 20 steps straight vs 10 + resume from the step-10 checkpoint: per-step loss difference;
 3. non-finite guard on CUDA (fused AdamW's found_inf): a NaN injected in step 4 stops with the step named; in skip
    mode the step is skipped, counted, and the weights stay finite;
@@ -79,6 +80,31 @@ def throughput(tok: str, vocab: int, out: Path, steps: int) -> dict:
             "mfu": round(float(np.median([x["mfu"] for x in r])), 4) if "mfu" in r[0] else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
             "loss_first_last": [rows(out / "speed")[0]["loss"], r[-1]["loss"]]}
+
+
+def throughput_1b(tok: str, out: Path, steps: int) -> dict:
+    """Llama-3.2-1B's shape with its 128k vocabulary (model.vocab_size), bf16 autocast: HF's own loss (the full fp32
+    logits) against raypt's chunked one, one after the other in this process (the same blocks)."""
+    preset, vocab, seq, micro = ("llama3.2-1b", 128256, 2048, 8) if DEVICE == "cuda" else ("tiny", 16384, 64, 2)
+    got = {}
+    for loss in ("hf", "chunked"):
+        cfg = cfg_for(tok, f"model.preset={preset}", f"model.vocab_size={vocab}", f"model.loss={loss}",
+                      f"data.seq_len={seq}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+                      f"train.max_steps={steps}", "train.lr=3e-4")
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            train(cfg, LocalContext(out / f"speed-1b-{loss}", blocks(vocab, micro * steps, seq), device=DEVICE))
+        except torch.OutOfMemoryError as e:
+            got[loss] = {"error": f"out of memory: {e}"[:300]}
+            continue
+        r = rows(out / f"speed-1b-{loss}")[5:]
+        got[loss] = {"tokens_per_s": round(float(np.median([x["tokens_per_s"] for x in r]))),
+                     "mfu": round(float(np.median([x["mfu"] for x in r])), 4) if "mfu" in r[0] else None,
+                     "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
+                     "loss_last": r[-1]["loss"]}
+    return {"model": f"{preset} preset, vocab {vocab}, bf16 autocast", "seq_len": seq, "micro_batch": micro, **got}
 
 
 def resume(tok: str, vocab: int, out: Path) -> dict:
@@ -209,6 +235,7 @@ def main() -> int:
     vocab = len(AutoTokenizer.from_pretrained(tok))
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "vocab": vocab}
     for name, fn in [("throughput", lambda: throughput(tok, vocab, out, args.steps)),
+                     ("throughput_1b", lambda: throughput_1b(tok, out, args.steps)),
                      ("resume", lambda: resume(tok, vocab, out)), ("nan_guard", lambda: nan_guard(tok, vocab, out)),
                      ("qlora", lambda: qlora(tok, vocab, out)),
                      ("checkpoint", lambda: checkpoint_save(tok, vocab, out))]:
