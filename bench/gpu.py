@@ -67,19 +67,26 @@ def rows(run_dir: Path) -> list[dict]:
 DEVICE, PRESET, SEQ, MICRO = "cuda", "llama-12x1024", 2048, 8
 
 
-def throughput(tok: str, vocab: int, out: Path, steps: int) -> dict:
-    seq, micro = SEQ, MICRO
-    cfg = cfg_for(tok, f"model.preset={PRESET}", f"data.seq_len={seq}", f"train.micro_batch_size={micro}",
-                  f"train.global_batch_size={micro}", f"train.max_steps={steps}", "train.lr=3e-4")
+def speed(tok: str, run_dir: Path, vocab: int, seq: int, micro: int, steps: int, *sets: str) -> dict:
+    """Train `steps` steps of one micro-batch each in this process: median tokens/s and MFU after warm-up (kernel
+    selection, allocator growth), peak device memory, first and last loss."""
+    cfg = cfg_for(tok, f"data.seq_len={seq}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
+                  f"train.max_steps={steps}", "train.lr=3e-4", *sets)
     if DEVICE == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    train(cfg, LocalContext(out / "speed", blocks(vocab, micro * steps, seq), device=DEVICE))
-    r = rows(out / "speed")[5:]  # after warm-up (kernel selection, allocator growth)
-    return {"model": f"{PRESET} preset, bf16 autocast", "seq_len": seq, "micro_batch": micro,
-            "tokens_per_s": round(float(np.median([x["tokens_per_s"] for x in r]))),
+    train(cfg, LocalContext(run_dir, blocks(vocab, micro * steps, seq), device=DEVICE))
+    every = rows(run_dir)
+    r = every[5:]
+    return {"tokens_per_s": round(float(np.median([x["tokens_per_s"] for x in r]))),
             "mfu": round(float(np.median([x["mfu"] for x in r])), 4) if "mfu" in r[0] else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
-            "loss_first_last": [rows(out / "speed")[0]["loss"], r[-1]["loss"]]}
+            "loss_first_last": [every[0]["loss"], r[-1]["loss"]]}
+
+
+def throughput(tok: str, vocab: int, out: Path, steps: int) -> dict:
+    return {"model": f"{PRESET} preset, bf16 autocast", "seq_len": SEQ, "micro_batch": MICRO,
+            **speed(tok, out / "speed", vocab, SEQ, MICRO, steps, f"model.preset={PRESET}")}
 
 
 def throughput_1b(tok: str, out: Path, steps: int) -> dict:
@@ -88,22 +95,11 @@ def throughput_1b(tok: str, out: Path, steps: int) -> dict:
     preset, vocab, seq, micro = ("llama3.2-1b", 128256, 2048, 8) if DEVICE == "cuda" else ("tiny", 16384, 64, 2)
     got = {}
     for loss in ("hf", "chunked"):
-        cfg = cfg_for(tok, f"model.preset={preset}", f"model.vocab_size={vocab}", f"model.loss={loss}",
-                      f"data.seq_len={seq}", f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
-                      f"train.max_steps={steps}", "train.lr=3e-4")
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         try:
-            train(cfg, LocalContext(out / f"speed-1b-{loss}", blocks(vocab, micro * steps, seq), device=DEVICE))
+            got[loss] = speed(tok, out / f"speed-1b-{loss}", vocab, seq, micro, steps, f"model.preset={preset}",
+                              f"model.vocab_size={vocab}", f"model.loss={loss}")
         except torch.OutOfMemoryError as e:
             got[loss] = {"error": f"out of memory: {e}"[:300]}
-            continue
-        r = rows(out / f"speed-1b-{loss}")[5:]
-        got[loss] = {"tokens_per_s": round(float(np.median([x["tokens_per_s"] for x in r]))),
-                     "mfu": round(float(np.median([x["mfu"] for x in r])), 4) if "mfu" in r[0] else None,
-                     "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
-                     "loss_last": r[-1]["loss"]}
     return {"model": f"{preset} preset, vocab {vocab}, bf16 autocast", "seq_len": seq, "micro_batch": micro, **got}
 
 

@@ -430,17 +430,21 @@ def global_batch_size(cfg: Config) -> int:
 
 
 def grad_accum_steps(cfg: Config, world_size: int | None = None) -> int:
-    """Micro-batches each of `world_size` workers (default: the most the run allows) accumulates per optimizer step:
-    the same on every worker (FSDP's collectives pair up forward by forward), enough for the largest share."""
-    share = -(-global_batch_size(cfg) // (world_size or cfg.scaling.max_workers))
-    return -(-share // cfg.train.micro_batch_size)
+    """Micro-batches each of `world_size` workers (default: the most the run allows) accumulates per optimizer step."""
+    return micro_batches_per_rank(global_batch_size(cfg), world_size or cfg.scaling.max_workers,
+                                  cfg.train.micro_batch_size)
+
+
+def micro_batches_per_rank(global_batch: int, world_size: int, micro_batch_size: int) -> int:
+    """The same on every worker (FSDP's collectives pair up forward by forward), enough for the largest share."""
+    largest = -(-global_batch // world_size)  # (ceiling divisions)
+    return -(-largest // micro_batch_size)
 
 
 def splits(global_batch: int, world_size: int, micro_batch_size: int) -> bool:
     """Whether every worker's share of the global batch (`stream.rank_rows`) fills each of the common number of
     micro-batches with at least one sequence."""
-    share = -(-global_batch // world_size)
-    return global_batch // world_size >= -(-share // micro_batch_size)
+    return global_batch // world_size >= micro_batches_per_rank(global_batch, world_size, micro_batch_size)
 
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]):

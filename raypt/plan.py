@@ -21,18 +21,12 @@ from pathlib import Path
 import torch
 
 from raypt.config import Config, add_config_args, config_from_args, global_batch_size, grad_accum_steps
-from raypt.model import ModelError
+from raypt.model import PRESETS, ModelError
 
 GB = 1024**3
-# Architectures of common open models, for planning from a remote path without downloading it.
-KNOWN = {
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-                         max_position_embeddings=131072),
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
-                         max_position_embeddings=131072),
-}
+# Architectures of common open models (the presets of their shapes), for planning from a remote path by its name.
+KNOWN = {name: dict(PRESETS[preset], vocab_size=128256, max_position_embeddings=131072)
+         for name, preset in (("llama-3.1-8b", "llama3-8b"), ("llama-3.2-1b", "llama3.2-1b"))}
 
 
 @dataclass

@@ -114,13 +114,12 @@ def test_a_model_uploaded_again_to_the_same_uri_is_fetched_again(s3_server, tmp_
 
     monkeypatch.setenv("RAYPT_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{s3_server}/models/changing"
-    fs, path = pafs.FileSystem.from_uri(uri)
     got = []
     for layers in (1, 2):
         src = tmp_path / f"m{layers}"
         LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                                      num_attention_heads=2, num_key_value_heads=1)).save_pretrained(src)
-        pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        upload(src, uri)
         got.append(local_model_dir(uri))
         assert local_model_dir(uri) == got[-1]  # cached: the same copy while the files are unchanged
     assert got[0] != got[1]
@@ -140,8 +139,7 @@ def test_a_models_uri_without_tokenizer_path_gives_its_tokenizer_and_nothing_els
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(src)
     (src / "model.safetensors").write_bytes(b"\0" * 1000)  # (stands in for the weights)
     uri = f"s3://{s3_server}/models/with-tokenizer"
-    fs, path = pafs.FileSystem.from_uri(uri)
-    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    upload(src, uri)
 
     cfg = load_config(None, [f"model.name_or_path={uri}", "data.train_paths=[x]"])
     spec, local = encoder_spec(cfg), encoder_spec(load_config(None, [f"tokenizer.path={tokenizer_dir}",
@@ -150,6 +148,7 @@ def test_a_models_uri_without_tokenizer_path_gives_its_tokenizer_and_nothing_els
     copied = Path(local_tokenizer_dir(uri))
     assert "model.safetensors" not in {p.name for p in copied.iterdir()} and (copied / "tokenizer.json").exists()
 
+    fs = pafs.FileSystem.from_uri(uri)[0]
     fs.create_dir(f"{s3_server}/models/weights-only")
     with fs.open_output_stream(f"{s3_server}/models/weights-only/model.safetensors") as f:
         f.write(b"\0")
