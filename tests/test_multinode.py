@@ -84,12 +84,13 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def losses(run_dir: Path) -> list[float]:
-    """Per step; a step logged twice (before a failure and after the resume) must log the same loss both times."""
+def losses(run_dir: Path, rel: float = 0.0) -> list[float]:
+    """Per step; a step logged twice (before a failure and after the resume) must log the same loss both times:
+    exactly, or within `rel` where the replay ran on a different number of workers (another summation order)."""
     by_step = {}
     for r in rows(run_dir):
         if "loss" in r:
-            assert by_step.setdefault(r["step"], r["loss"]) == r["loss"], r
+            assert by_step.setdefault(r["step"], r["loss"]) == pytest.approx(r["loss"], rel=rel), r
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -99,16 +100,19 @@ def node_cpus(node) -> float:
 
 def lose_a_training_node(cluster, run_dir: Path, after_step: int) -> threading.Thread:
     """Once the run has logged `after_step`, remove a worker node that holds a training worker (its raylet and
-    every process on it end, as when a spot node is reclaimed)."""
+    every process on it end, as when a spot node is reclaimed). The node is found at step 1, so that the removal
+    itself is quick; on a fast machine the run may still log a step or two more before it is gone."""
     from ray.util.state import list_actors
 
     def logged() -> int:
-        return max((r["step"] for r in rows(run_dir)), default=0) if (run_dir / "metrics.jsonl").exists() else 0
+        return max((r.get("step", 0) for r in rows(run_dir)), default=0) if (run_dir / "metrics.jsonl").exists() else 0
 
     def go():
-        while logged() < after_step:
+        while logged() < 1:
             time.sleep(0.2)
         node = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])[0].node_id
+        while logged() < after_step:
+            time.sleep(0.05)
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node))
 
     t = threading.Thread(target=go, daemon=True)
@@ -147,4 +151,4 @@ def test_an_elastic_run_goes_on_with_the_workers_left_and_trains_the_same_batche
     loss.join(timeout=1)
     resumed = [(Path(r["resumed_from"]).name, r["workers"]) for r in rows(tmp_path / "el") if "resumed_from" in r]
     assert resumed == [("checkpoint_000003", 1)]
-    assert one_node == pytest.approx(losses(tmp_path / "el"), rel=1e-5)
+    assert one_node == pytest.approx(losses(tmp_path / "el", rel=1e-5), rel=1e-5)
