@@ -1,5 +1,5 @@
 """Training-loop benchmark: raypt (1 Ray Train worker) vs the Hugging Face Trainer vs a bare PyTorch loop
-(plus raypt's loop in one process without Ray, to tell the loop's cost from Ray's).
+(plus raypt's loop in one process without Ray, to tell the loop's cost from Ray's), each also compiled.
 
     python bench/train.py [--steps 60] [--warmup 10]
 
@@ -61,14 +61,16 @@ def prepare(tmp: Path, steps: int) -> None:
                      ).save_pretrained(tmp / "init")
 
 
-def bare(tmp: Path) -> dict:
-    """The limit: a plain PyTorch loop over the same blocks."""
+def bare(tmp: Path, compiled: bool = False) -> dict:
+    """The limit: a plain PyTorch loop over the same blocks (`compiled`: the whole model under torch.compile)."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp / "init", dtype=torch.float32)
     model.config._attn_implementation = "sdpa"
+    if compiled:
+        model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
     blocks = torch.as_tensor(np.load(tmp / "blocks.npy"), dtype=torch.long)
     losses, times = [], []
@@ -168,11 +170,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the tokens/s")
-    ap.add_argument("--only", choices=("bare", "hf", "local"), help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=("bare", "bare_compiled", "hf", "local"), help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:  # a child process: one method, result as JSON
-        fn = {"bare": bare, "hf": hf_trainer, "local": raypt_in_process}[args.only]
+        fn = {"bare": bare, "bare_compiled": lambda t: bare(t, compiled=True), "hf": hf_trainer,
+              "local": raypt_in_process}[args.only]
         print(json.dumps(fn(Path(args.tmp))))
         return 0
     if not CORPUS.is_dir():
@@ -182,7 +185,7 @@ def main() -> int:
     try:
         prepare(tmp, args.steps)
         res = {}
-        for name in ("bare", "hf", "local"):
+        for name in ("bare", "bare_compiled", "hf", "local"):
             out = subprocess.run([sys.executable, __file__, "--only", name, "--tmp", str(tmp)], capture_output=True,
                                  text=True, cwd=ROOT)
             if out.returncode != 0:
@@ -192,22 +195,30 @@ def main() -> int:
         # scaling as a user leaves it (1 CPU reserved per worker): one thread, as Ray alone sets it, and raypt's default
         res["ray1"] = raypt_run(tmp, args.steps, "ray1", ("scaling.cpu_threads=1",))
         res["default"] = raypt_run(tmp, args.steps, "default", ())
+        res["compiled"] = raypt_run(tmp, args.steps, "compiled", (f"scaling.cpus_per_worker={os.cpu_count()}",
+                                                                   "train.compile=true"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     tps = {k: SEQ * BATCH * len(v["step_s"][args.warmup:]) / sum(v["step_s"][args.warmup:]) for k, v in res.items()}
     print(f"tiny Llama 4x256, seq {SEQ}, batch {BATCH}, {args.steps} steps, fp32 CPU ({os.cpu_count()} cores); "
           f"tokens/s over steps {args.warmup + 1}-{args.steps}:")
-    print("| loop | tokens/s | vs bare loop | vs HF Trainer |\n|---|---:|---:|---:|")
+    print("| loop | tokens/s | vs bare loop | vs HF Trainer | vs bare compiled |\n|---|---:|---:|---:|---:|")
     names = {"raypt": f"raypt (Ray Train, 1 worker of {os.cpu_count()} CPUs)",
              "default": "raypt, default scaling (1 CPU reserved; threads: the node's CPUs)",
              "ray1": "raypt, default scaling with 1 thread (as Ray alone sets it)",
-             "local": "raypt loop in-process (no Ray)", "hf": "HF Trainer", "bare": "bare PyTorch loop"}
+             "local": "raypt loop in-process (no Ray)", "hf": "HF Trainer", "bare": "bare PyTorch loop",
+             "compiled": f"raypt, train.compile (1 worker of {os.cpu_count()} CPUs)",
+             "bare_compiled": "bare PyTorch loop, torch.compile(model)"}
     for k, name in names.items():
-        print(f"| {name} | {tps[k]:,.0f} | {tps[k] / tps['bare']:.3f} | {tps[k] / tps['hf']:.3f} |")
+        print(f"| {name} | {tps[k]:,.0f} | {tps[k] / tps['bare']:.3f} | {tps[k] / tps['hf']:.3f} "
+              f"| {tps[k] / tps['bare_compiled']:.3f} |")
     n = min(50, *(len(v["losses"]) for v in res.values()))
     worst = max(abs(res["raypt"]["losses"][i] - res[k]["losses"][i]) for i in range(n) for k in ("bare", "hf", "local"))
-    print(f"\nfirst {n} losses (max |raypt - other| = {worst:.2e}):\nstep  raypt     HF        bare")
+    rel = max(abs(res[k]["losses"][i] / res[e]["losses"][i] - 1) for i in range(n)
+              for k, e in (("compiled", "raypt"), ("bare_compiled", "bare")))
+    print(f"\nfirst {n} losses (max |raypt - other| = {worst:.2e}; compiled vs eager: max relative difference "
+          f"{rel:.1e}):\nstep  raypt     HF        bare")
     for i in range(n):
         print(f"{i + 1:4d}  {res['raypt']['losses'][i]:.5f}  {res['hf']['losses'][i]:.5f}  {res['bare']['losses'][i]:.5f}")
     return 0

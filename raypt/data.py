@@ -31,6 +31,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,12 +95,15 @@ class TokenizePack:
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool starts
         self.d = cfg.data
         self.encode = encoder.encoder(self.d.max_doc_chars)
-        self.stats = stats
-        stats.ready(time.time())
+        self.stats, self.t_ready, self.told = stats, time.time(), set()
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:  # (a generator: Ray Data then keeps a raised
         # CorpusError as the cause of the error the consumer sees)
-        self.stats.turn(int(batch["seq"][0]))
+        stats = dataclasses.replace(self.stats, pipe=int(batch["pipe"][0]))  # (one pool may serve several splits)
+        if stats.pipe not in self.told:
+            stats.ready(self.t_ready)
+            self.told.add(stats.pipe)
+        stats.turn(int(batch["seq"][0]))
         t0 = time.perf_counter()
         counts: Counter = Counter()
         unit, packer, parts = int(batch["index"][0]), BlockPacker(self.d.seq_len), []
@@ -115,8 +119,11 @@ class TokenizePack:
                     docs, chars = [], 0
         if docs:
             parts.append(self._blocks(docs, packer, counts))
-        self.stats.add(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
-        yield unit_table(np.concatenate(parts) if parts else np.empty((0, self.d.seq_len), TOKEN_DTYPE), unit)
+        blocks = np.concatenate(parts) if parts else np.empty((0, self.d.seq_len), TOKEN_DTYPE)
+        if out := str(batch["out"][0]):  # `python -m raypt.data --out`: the unit's file, written here
+            write_unit(blocks, out)
+        stats.add(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
+        yield unit_table(blocks[:0] if out else blocks, unit)
 
     def _blocks(self, docs: list[str], packer: BlockPacker, counts: Counter) -> np.ndarray:
         tokens = self.encode(docs)
@@ -124,6 +131,17 @@ class TokenizePack:
         counts["tokens"] += len(tokens)
         counts["blocks"] += len(blocks)
         return blocks
+
+
+def write_unit(blocks: np.ndarray, path: str) -> None:
+    """One unit's blocks as a Parquet file (local path or URI): an `input_ids` column of fixed-size int32 lists,
+    which any Arrow reader takes (and `read_pretokenized` reads back as this unit)."""
+    fs, inner = filesystem(path)
+    fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    flat = pa.array(np.ascontiguousarray(blocks, TOKEN_DTYPE).reshape(-1))
+    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, blocks.shape[1])})
+    with fs.open_output_stream(inner) as f:
+        pq.write_table(table, f)
 
 
 def read_pretokenized(batch: dict, seq_len: int, stats: Stats) -> Iterator[pa.Table]:
@@ -262,15 +280,26 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
         return SplitData(blocks, listing, stats, (0, 0), len(units))
     fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed)
     encoder = encoder or encoder_spec(cfg)  # (a tokenizer problem fails here, not inside every actor)
-    items = [{"index": order[s], "seq": s, "unit": [dataclasses.asdict(seg) for seg in units[order[s]]]}
-             for s in seqs]
-    blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    items = [unit_item(order[s], s, units[order[s]], stats) for s in seqs]
+    return SplitData(pack(cfg, items, (fewest, most), encoder, stats), listing, stats, (fewest, most), len(units))
+
+
+def unit_item(index: int, seq: int, unit: list[Segment], stats: Stats, out: str = "") -> dict:
+    """The pipeline's input row for one unit: its segments, its place in the pass, its pipeline's counters, and
+    the Parquet file to write it to (`--out`; "": stream its blocks instead)."""
+    return {"index": index, "seq": seq, "unit": [dataclasses.asdict(seg) for seg in unit], "pipe": stats.pipe,
+            "out": out}
+
+
+def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: EncoderSpec, stats: Stats):
+    """Units (`unit_item`) -> tagged blocks, by an autoscaling pool of `TokenizePack` actors."""
+    d = cfg.data
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
-        compute=ray.data.ActorPoolStrategy(min_size=fewest, max_size=most, max_concurrent_calls_per_actor=1),
+        compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1], max_concurrent_calls_per_actor=1),
         fn_constructor_kwargs=dict(cfg=cfg, encoder=encoder, threads=max(1, int(d.cpus_per_tokenize_worker)),
                                    stats=stats),
     )
-    return SplitData(blocks, listing, stats, (fewest, most), len(units))
 
 
 def fingerprint(cfg: Config, encoder: EncoderSpec | None = None) -> dict:
@@ -352,20 +381,46 @@ def check_not_empty(summary: dict, split: str, cfg: Config) -> None:
         )
 
 
-def write_pretokenized(cfg: Config, out: str) -> dict:
-    """Run the pipeline for every split that has paths; write Parquet blocks and summary.json under `out`."""
+def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None) -> dict:
+    """Tokenize and pack every split that has paths in one pipeline (one actor pool, started once), each actor
+    writing its units' blocks to ``out/<split>/unit-NNNNNN.parquet`` (nothing passes through this process or the
+    object store); write config.yaml and summary.json. `encoder`: the `encoder_spec`, when the caller has it."""
     out_dir = Path(out)
+    splits = [s for s in SPLITS if s == "train" or cfg.data.eval_paths]
+    for split in splits:
+        if (out_dir / split).exists() and any((out_dir / split).iterdir()):
+            raise CorpusError(f"--out {out}: {out_dir / split} already holds files, which would mix with this "
+                              "run's units; give a new directory or delete it")
+    planned = {split: plan(cfg, split) for split in splits}
+    encoder = encoder or encoder_spec(cfg)
+    stats_actor, items, parts = None, [], {}
+    for split in splits:
+        listing, units = planned[split]
+        stats = Stats.open(stats_actor, None, 0)
+        stats_actor = stats.actor
+        items += [unit_item(i, i, u, stats, str((out_dir / split / f"unit-{i:06d}.parquet").resolve()))
+                  for i, u in enumerate(units)]
+        parts[split] = SplitData(None, listing, stats, (0, 0), len(units))
+    actors = pool_plan(cfg, len(items))
+    t0 = time.perf_counter()
+    for _ in pack(cfg, items, actors, encoder, parts["train"].stats).iter_internal_ref_bundles():
+        pass  # (one empty table per unit)
+    seconds = time.perf_counter() - t0
+    summary = {"seq_len": cfg.data.seq_len, "tokenizer": tokenizer_path(cfg), "tokenize_actors": actors[1],
+               "seconds": round(seconds, 2)}
+    for split in splits:
+        summary[split] = summarize(dataclasses.replace(parts[split], actors=actors), cfg.data.seq_len, seconds)
+        check_not_empty(summary[split], split, cfg)
+    tokens = sum(summary[split]["tokens"] for split in splits)
+    summary["tokens_per_s"] = round(tokens / seconds) if seconds > 0 else None
+    first, last = zip(*(parts[split].stats.span() for split in splits))
+    steady = max(t for t in last if t) - min(t for t in first if t) if any(last) and any(first) else None
+    summary["steady_tokens_per_s"] = round(tokens / steady) if steady else None
+    for split in splits:  # (one pipeline: its time and rates are the whole's)
+        for key in ("seconds", "tokens_per_s", "steady_tokens_per_s", "tokenize_actors"):
+            summary[split].pop(key)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    summary = {"seq_len": cfg.data.seq_len, "tokenizer": tokenizer_path(cfg)}
-    for split in SPLITS:
-        if split == "eval" and not cfg.data.eval_paths:
-            continue
-        t0 = time.perf_counter()
-        sd = build_dataset(cfg, split)
-        sd.dataset.select_columns(["input_ids"]).write_parquet(str((out_dir / split).resolve()))
-        summary[split] = summarize(sd, cfg.data.seq_len, time.perf_counter() - t0)
-        check_not_empty(summary[split], split, cfg)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
 
@@ -378,14 +433,15 @@ def format_summary(summary: dict) -> str:
             continue
         lines.append(
             f"{split}: {s['files']} files, {s['documents']:,} documents -> {s['tokens']:,} tokens -> "
-            f"{s['blocks']:,} blocks of {summary['seq_len']} ({s['dropped_tokens']:,} tail tokens dropped) "
-            f"in {s['seconds']} s, {s['tokens_per_s']:,} tokens/s"
+            f"{s['blocks']:,} blocks of {summary['seq_len']} ({s['dropped_tokens']:,} tail tokens dropped)"
         )
         if s["skipped"]:
             lines.append("  skipped: " + ", ".join(f"{k}={v}" for k, v in s["skipped"].items()))
         if s["hidden_files_skipped"]:
             lines.append(f"  hidden files not read ({len(s['hidden_files_skipped'])}): "
                          + ", ".join(s["hidden_files_skipped"][:5]) + (" ..." if len(s["hidden_files_skipped"]) > 5 else ""))
+    lines.append(f"{summary['seconds']} s with {summary['tokenize_actors']} tokenize actors at most: "
+                 f"{summary['tokens_per_s']:,} tokens/s ({summary['steady_tokens_per_s'] or 0:,} once started)")
     return "\n".join(lines)
 
 
@@ -441,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = absolute_paths(config_from_args(args))
     print("resolved config:\n" + cfg.to_yaml(), flush=True)
-    init_ray()
+    with ThreadPoolExecutor(1) as pool:
+        encoder = pool.submit(encoder_spec, cfg)  # (loading transformers overlaps Ray's start)
+        init_ray()
     try:
-        summary = write_pretokenized(cfg, args.out)
+        summary = write_pretokenized(cfg, args.out, encoder.result())
     except Exception as e:
         if (err := user_error(e)) is None:
             raise

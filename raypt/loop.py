@@ -152,11 +152,21 @@ def setup_model(cfg: Config, ctx: Context, tok):
              else None)
     model, info = build_model(cfg.model, vocab_size=len(tok), seq_len=cfg.data.seq_len, device=ctx.device,
                               tokenizer=tok, seed=cfg.run.seed, shard=shard, rank=ctx.rank)
+    compiled = compiling(cfg, ctx.device)
+    if compiled:
+        parallel.compile_layers(model)
     if ctx.rank == 0:
         emit(f"model: {info.total_params:,} parameters, {info.trainable_params:,} trainable "
              f"({100 * info.trainable_params / info.total_params:.2f}%), {info.flops_per_token / 1e6:,.1f} MFLOPs/token"
-             + (f", FSDP2 over {ctx.world_size} workers" if shard else ""))
+             + (f", FSDP2 over {ctx.world_size} workers" if shard else "") + (", compiled layers" if compiled else ""))
     return ctx.prepare(model), info
+
+
+def compiling(cfg: Config, device: torch.device) -> bool:
+    """train.compile, or its default: on GPU for a model that is not 4-bit."""
+    if cfg.train.compile is not None:
+        return cfg.train.compile
+    return device.type == "cuda" and not cfg.model.quantize
 
 
 def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLogger,

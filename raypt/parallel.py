@@ -57,6 +57,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer's forward, in place. Module hooks (FSDP2's gathers, peft's) and wrappers
+    (DDP, HF's activation checkpointing) run around it uncompiled, parameter names do not change, and the layers,
+    alike but for their weights, share one compiled graph (Dynamo treats a module's parameters as inputs)."""
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -69,6 +69,9 @@ class PipelineStats:
         pipe = self.pipes[p]
         return pipe.counts["tokens"] / pipe.busy_s if pipe.busy_s > 0 and pipe.counts["tokens"] else None
 
+    async def span(self, p: int) -> tuple[float | None, float | None]:
+        return self.pipes[p].first_ready, self.pipes[p].last_add
+
     async def get(self, p: int) -> tuple[dict, float | None]:
         pipe = self.pipes[p]
         steady = pipe.last_add - pipe.first_ready if pipe.last_add and pipe.first_ready else None
@@ -105,3 +108,7 @@ class Stats:
 
     def get(self) -> tuple[dict, float | None]:
         return ray.get(self.actor.get.remote(self.pipe))
+
+    def span(self) -> tuple[float | None, float | None]:
+        """Wall times of the first actor ready and the last unit done."""
+        return ray.get(self.actor.span.remote(self.pipe))

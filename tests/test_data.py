@@ -112,7 +112,7 @@ def test_cli_two_actors_conserves_tokens(ray_local, corpus, tokenizer_dir, tmp_p
     stream, _ = reference_stream([str(corpus / "train")], tokenizer_dir)
     train = s["train"]
     assert train["tokens"] == len(stream) and train["documents"] == 300 and train["files"] == 3
-    assert train["tokenize_actors"] == 2
+    assert s["tokenize_actors"] == 2
     assert train["dropped_tokens"] == train["tokens"] - 16 * train["blocks"]
     assert 0 <= train["dropped_tokens"] < 2 * 16  # one tail per actor at most
     blocks = blocks_of(out)
@@ -121,6 +121,27 @@ def test_cli_two_actors_conserves_tokens(ray_local, corpus, tokenizer_dir, tmp_p
     assert sum((Counter(stream.tolist()) - Counter(blocks.reshape(-1).tolist())).values()) == train["dropped_tokens"]
     assert s["eval"]["documents"] == 40 and len(blocks_of(out, "eval")) == s["eval"]["blocks"]
     assert (out / "config.yaml").exists()
+
+
+def test_cli_writes_each_unit_as_the_stream_makes_it_in_one_pipeline(ray_local, corpus, tokenizer_dir, tmp_path):
+    """`--out` runs train and eval in one actor pool; each unit's file holds exactly the blocks the streaming
+    pipeline makes for that unit, and is named by it. Writing into a directory that already holds a split is
+    refused (the old files would mix with the new units)."""
+    sets = [f"data.train_paths=[{corpus / 'train'}]", f"data.eval_paths=[{corpus / 'eval'}]",
+            f"tokenizer.path={tokenizer_dir}", "data.seq_len=16", "data.num_tokenize_workers=2", "data.unit_bytes=8192"]
+    rc, s, out = run_cli(tmp_path, *sets)
+    assert rc == 0
+    cfg = load_config(None, sets)
+    for split in ("train", "eval"):
+        streamed, ids = in_order(data.build_dataset(cfg, split))
+        files = sorted((out / split).iterdir())
+        assert [f.name for f in files] == [f"unit-{u:06d}.parquet" for u in range(len(files))] and len(files) >= 2
+        written = [np.stack(pq.read_table(f).column("input_ids").to_numpy(zero_copy_only=False)) for f in files]
+        assert ids == list(range(len(files)))
+        for w, b in zip(written, streamed):
+            assert np.array_equal(w, b)
+        assert sum(map(len, written)) == s[split]["blocks"]
+    assert run_cli(tmp_path, *sets)[0] == 2
 
 
 def test_cli_end_to_end_in_a_fresh_process(corpus, tokenizer_dir, tmp_path):
