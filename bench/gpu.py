@@ -4,7 +4,8 @@
 
 1. throughput: a scratch Llama (preset llama-12x1024: 0.25 B parameters with this vocabulary) in bf16
    autocast, seq 2048, micro-batch 8: tokens/s and MFU over the steps after warm-up, peak memory; then Llama-3.2-1B's
-   shape with its 128k vocabulary, HF's own loss against raypt's chunked one;
+   shape with its 128k vocabulary: raypt with HF's own loss, with the chunked one, and with compiled layers, against
+   a bare loop over the whole model under torch.compile;
 2. resume on CUDA: 20 steps straight vs 10 + resume from the step-10 checkpoint: per-step loss difference;
 3. non-finite guard on CUDA (fused AdamW's found_inf): a NaN injected in step 4 stops with the step named; in skip
    mode the step is skipped, counted, and the weights stay finite;
@@ -90,17 +91,63 @@ def throughput(tok: str, vocab: int, out: Path, steps: int) -> dict:
 
 
 def throughput_1b(tok: str, out: Path, steps: int) -> dict:
-    """Llama-3.2-1B's shape with its 128k vocabulary (model.vocab_size), bf16 autocast: HF's own loss (the full fp32
-    logits) against raypt's chunked one, one after the other in this process (the same blocks)."""
+    """Llama-3.2-1B's shape with its 128k vocabulary (model.vocab_size), bf16 autocast, one after the other in this
+    process on the same blocks: raypt's loop with HF's own loss (the full fp32 logits) and with the chunked one, eager
+    and with compiled layers (train.compile), against a bare loop over the whole model under torch.compile."""
     preset, vocab, seq, micro = ("llama3.2-1b", 128256, 2048, 8) if DEVICE == "cuda" else ("tiny", 16384, 64, 2)
     got = {}
-    for loss in ("hf", "chunked"):
+    for name, sets in [("hf", ["model.loss=hf", "train.compile=false"]),
+                       ("chunked", ["model.loss=chunked", "train.compile=false"]),
+                       ("chunked_compiled", ["model.loss=chunked", "train.compile=true"])]:
         try:
-            got[loss] = speed(tok, out / f"speed-1b-{loss}", vocab, seq, micro, steps, f"model.preset={preset}",
-                              f"model.vocab_size={vocab}", f"model.loss={loss}")
+            got[name] = speed(tok, out / f"speed-1b-{name}", vocab, seq, micro, steps, f"model.preset={preset}",
+                              f"model.vocab_size={vocab}", *sets)
         except torch.OutOfMemoryError as e:
-            got[loss] = {"error": f"out of memory: {e}"[:300]}
+            got[name] = {"error": f"out of memory: {e}"[:300]}
+    try:
+        got["bare_compiled"] = bare_compiled(tok, preset, vocab, seq, micro, steps)
+    except torch.OutOfMemoryError as e:
+        got["bare_compiled"] = {"error": f"out of memory: {e}"[:300]}
+    base = got["bare_compiled"].get("tokens_per_s")
+    for name in ("hf", "chunked", "chunked_compiled"):
+        if base and "tokens_per_s" in got[name]:
+            got[name]["vs_bare_compiled"] = round(got[name]["tokens_per_s"] / base, 3)
     return {"model": f"{preset} preset, vocab {vocab}, bf16 autocast", "seq_len": seq, "micro_batch": micro, **got}
+
+
+def bare_compiled(tok: str, preset: str, vocab: int, seq: int, micro: int, steps: int) -> dict:
+    """The limit to hold raypt to: the same scratch model and blocks, `torch.compile(model)` (HF's own loss inside
+    the graph), bf16 autocast, fused AdamW, no logging, no guard; median tokens/s after 5 warm-up steps."""
+    from raypt.model import build_model
+
+    cfg = cfg_for(tok, f"model.preset={preset}", f"model.vocab_size={vocab}", "model.loss=hf")
+    model, info = build_model(cfg.model, vocab_size=vocab, seq_len=seq, device=torch.device(DEVICE))
+    model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=DEVICE == "cuda")
+    data = torch.as_tensor(blocks(vocab, micro * steps, seq), dtype=torch.long, device=DEVICE)
+    autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda")
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        x = data[i * micro : (i + 1) * micro]
+        with autocast:
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    tps = micro * seq / float(np.median(times[5:]))
+    from raypt.metrics import mfu, peak_flops
+
+    peak = peak_flops(torch.device(DEVICE), None)
+    return {"tokens_per_s": round(tps), "mfu": round(mfu(info.flops_per_token, tps, peak), 4) if peak else None,
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None}
 
 
 def resume(tok: str, vocab: int, out: Path) -> dict:

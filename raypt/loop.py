@@ -86,8 +86,9 @@ def train(cfg: Config, ctx: Context) -> dict:
         step_loss = torch.zeros((), device=ctx.device)  # stays on the device until a log step
         for i, x in enumerate(micro):
             with parallel.accumulating(model, i == len(micro) - 1, cfg.scaling.fsdp_sync_every_micro_batch), autocast:
-                # (the model shifts the labels itself)
-                loss = weighted(model(input_ids=x, labels=x).loss, len(x), batch, ctx.world_size)
+                # (the model shifts the labels itself; no KV cache: training never reads one back, and each
+                # layer's cache slot would make a compiled layer's graph that layer's alone)
+                loss = weighted(model(input_ids=x, labels=x, use_cache=False).loss, len(x), batch, ctx.world_size)
             if state.step + 1 in nan_steps:
                 loss = loss * float("nan")
             loss.backward()
@@ -221,7 +222,7 @@ def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast
         rows = blocks[i * micro_batch_size : (i + 1) * micro_batch_size] if i < mine else blocks[:micro_batch_size]
         x = torch.tensor(rows, dtype=torch.long, device=ctx.device)  # (a read-only view)
         with autocast:
-            loss = unwrap(model)(input_ids=x, labels=x).loss  # DDP: the module itself; FSDP: the sharded model
+            loss = unwrap(model)(input_ids=x, labels=x, use_cache=False).loss  # DDP: the module; FSDP: the sharded one
         n = x.shape[0] * (x.shape[1] - 1) * (i < mine)  # predicted positions
         total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=ctx.device)])
     model.train()

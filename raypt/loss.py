@@ -88,7 +88,8 @@ def use_chunked_loss(model: torch.nn.Module, chunk: int | None = None) -> None:
     def forward(self, input_ids=None, labels=None, **kwargs):
         if labels is None:
             return own(self, input_ids=input_ids, **kwargs)
-        hidden = self.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+        kwargs["use_cache"] = False
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
         h, w = hidden[:, :-1].reshape(-1, hidden.shape[-1]), self.lm_head.weight  # position t predicts label t + 1
         if h.dtype != w.dtype and not torch.is_autocast_enabled(h.device.type):
             h = h.to(w.dtype)  # (what the head's own Linear would need too)

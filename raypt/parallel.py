@@ -50,7 +50,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
     hf = hf_model(model)
     names = set(getattr(hf, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # (FSDP2 subclasses)
     if not layers:
         raise ModelError(f"{type(hf).__name__} names no decoder layer class (_no_split_modules); FSDP needs them "
                          "to shard layer by layer: use scaling.strategy: ddp")

@@ -58,10 +58,10 @@ def by_step(rows):
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows}
 
 
-def assert_same(a: dict, b: dict, steps) -> None:
+def assert_same(a: dict, b: dict, steps, rel: float = 1e-5) -> None:
     for s in steps:
-        assert a[s][0] == pytest.approx(b[s][0], rel=1e-5), (s, a[s], b[s])
-        assert a[s][1] == pytest.approx(b[s][1], rel=1e-4), (s, a[s], b[s])
+        assert a[s][0] == pytest.approx(b[s][0], rel=rel), (s, a[s], b[s])
+        assert a[s][1] == pytest.approx(b[s][1], rel=10 * rel), (s, a[s], b[s])
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +122,23 @@ def test_fsdp_equals_one_process(reference, storage, tokenizer_dir, data):
     assert_one_shard_per_rank(storage / "fsdp" / "checkpoint_000012")  # sharded checkpoints
 
 
-@pytest.mark.parametrize("workers, sets", [(1, ["scaling.fsdp_sync_every_micro_batch=true"]),
-                                           (4, ["scaling.fsdp_shard_size=2"])])
-def test_resume_on_another_world_size(reference, storage, tokenizer_dir, data, workers, sets):
+@pytest.mark.parametrize("workers, sets, rel", [(1, ["scaling.fsdp_sync_every_micro_batch=true"], 1e-5),
+                                                (4, ["scaling.fsdp_shard_size=2"], 1e-5),
+                                                (2, ["train.compile=true"], 1e-4),
+                                                (2, ["scaling.strategy=ddp", "train.compile=true"], 1e-4)],
+                         ids=["1", "4-hsdp", "2-compiled", "2-ddp-compiled"])
+def test_resume_on_another_world_size(reference, storage, tokenizer_dir, data, workers, sets, rel, request):
     """A checkpoint written by 2 FSDP workers resumes on 1 (reduce-scattering every one of its 4 micro-batches) and on
     4 as HSDP (2 replicas of 2 shards): DCP reshards, the data order does not depend on the worker count, the losses
-    (and the final eval) are the 2-worker run's."""
-    rows, evals = run(storage, tokenizer_dir, data, f"w{workers}", workers, "scaling.strategy=fsdp", *sets,
+    (and the final eval) are the 2-worker run's. So are those of 2 workers with compiled layers, under FSDP2 and
+    under DDP (to float noise)."""
+    rows, evals = run(storage, tokenizer_dir, data, f"w{request.node.callspec.id}", workers, "scaling.strategy=fsdp", *sets,
                       f"run.resume_from={storage / 'fsdp' / 'checkpoint_000004'}", "train.checkpoint_every=0",
                       "train.eval_every=0")
     resumed = by_step(rows)
     assert sorted(resumed) == list(range(5, STEPS + 1))
-    assert_same(resumed, by_step(reference[0]), range(5, STEPS + 1))
-    assert evals[-1]["eval_loss"] == pytest.approx(reference[1][-1]["eval_loss"], rel=1e-5)
+    assert_same(resumed, by_step(reference[0]), range(5, STEPS + 1), rel)
+    assert evals[-1]["eval_loss"] == pytest.approx(reference[1][-1]["eval_loss"], rel=rel)
 
 
 def test_lora_under_fsdp(ray_local, storage, tokenizer_dir, data, tiny_pretrained):
