@@ -52,15 +52,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(hf, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]  # (FSDP2 subclasses)
     if not layers:
-        raise ModelError(f"{type(hf).__name__} names no decoder layer class (_no_split_modules); FSDP needs them "
-                         "to shard layer by layer: use scaling.strategy: ddp")
+        raise ModelError(f"{type(hf).__name__} names no decoder layer class (_no_split_modules); FSDP and "
+                         "train.compile work layer by layer: use scaling.strategy: ddp and train.compile: false")
     return layers
 
 
 def compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile every decoder layer's forward, in place. Module hooks (FSDP2's gathers, peft's) and wrappers
-    (DDP, HF's activation checkpointing) run around it uncompiled, parameter names do not change, and the layers,
-    alike but for their weights, share one compiled graph (Dynamo treats a module's parameters as inputs)."""
+    """torch.compile every decoder layer's forward, in place. Module hooks (FSDP2's gathers) and wrappers (DDP, HF's
+    activation checkpointing) run around it uncompiled, peft's adapters inside it are compiled with it, parameter
+    names do not change, and the layers, alike but for their weights, share one compiled graph (Dynamo treats a
+    module's parameters as inputs; training must not build a KV cache, whose per-layer slot would be guarded on)."""
     for layer in decoder_layers(model):
         layer.forward = torch.compile(layer.forward)
 
