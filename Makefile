@@ -30,6 +30,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/cpu_share.py
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/feed.py
 	$(BIN)/python bench/actor_start.py
