@@ -349,23 +349,27 @@ def _tokenizer_digest(path: str) -> str:
 
 
 def summarize(split: SplitData, seq_len: int, seconds: float) -> dict:
-    """The split's counters after it has been consumed: documents, skips by reason, tokens, blocks, dropped tail."""
+    """A consumed split's counters (`split_counts`), its pool's size, its time and rates."""
     counts, steady = split.stats.get()
+    tokens = counts.get("tokens", 0)
+    return {**split_counts(counts, split.listing, seq_len), "tokenize_actors": split.actors[1],
+            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds) if seconds > 0 else None,
+            "steady_tokens_per_s": round(tokens / steady) if steady else None}
+
+
+def split_counts(counts: dict, listing: Listing, seq_len: int) -> dict:
+    """A split's counters after it has been consumed: documents, skips by reason, tokens, blocks, dropped tail."""
     c = Counter(counts)
     skipped = {k: v for k, v in sorted(c.items()) if k.startswith("skipped_") or k.startswith("documents_with_")}
     return {
         "files": c["files"],
-        "hidden_files_skipped": split.listing.hidden_skipped,
+        "hidden_files_skipped": listing.hidden_skipped,
         "documents": c["documents"],
         "skipped": skipped,
         "tokens": c["tokens"],
         "blocks": c["blocks"],
         "dropped_tokens": c["tokens"] - c["blocks"] * seq_len,
-        "tokenize_actors": split.actors[1],
         "peak_actor_rss_mb": c["peak_actor_rss_mb"],
-        "seconds": round(seconds, 2),
-        "tokens_per_s": round(c["tokens"] / seconds) if seconds > 0 else None,
-        "steady_tokens_per_s": round(c["tokens"] / steady) if steady else None,
     }
 
 
@@ -393,32 +397,26 @@ def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None
                               "run's units; give a new directory or delete it")
     planned = {split: plan(cfg, split) for split in splits}
     encoder = encoder or encoder_spec(cfg)
-    stats_actor, items, parts = None, [], {}
+    stats, items = {}, []  # one entry per split in one PipelineStats actor
     for split in splits:
-        listing, units = planned[split]
-        stats = Stats.open(stats_actor, None, 0)
-        stats_actor = stats.actor
-        items += [unit_item(i, i, u, stats, str((out_dir / split / f"unit-{i:06d}.parquet").resolve()))
-                  for i, u in enumerate(units)]
-        parts[split] = SplitData(None, listing, stats, (0, 0), len(units))
+        stats[split] = Stats.open(stats["train"].actor if stats else None, None, 0)
+        items += [unit_item(i, i, u, stats[split], str((out_dir / split / f"unit-{i:06d}.parquet").resolve()))
+                  for i, u in enumerate(planned[split][1])]
     actors = pool_plan(cfg, len(items))
     t0 = time.perf_counter()
-    for _ in pack(cfg, items, actors, encoder, parts["train"].stats).iter_internal_ref_bundles():
+    for _ in pack(cfg, items, actors, encoder, stats["train"]).iter_internal_ref_bundles():
         pass  # (one empty table per unit)
     seconds = time.perf_counter() - t0
     summary = {"seq_len": cfg.data.seq_len, "tokenizer": tokenizer_path(cfg), "tokenize_actors": actors[1],
                "seconds": round(seconds, 2)}
     for split in splits:
-        summary[split] = summarize(dataclasses.replace(parts[split], actors=actors), cfg.data.seq_len, seconds)
+        summary[split] = split_counts(stats[split].get()[0], planned[split][0], cfg.data.seq_len)
         check_not_empty(summary[split], split, cfg)
     tokens = sum(summary[split]["tokens"] for split in splits)
-    summary["tokens_per_s"] = round(tokens / seconds) if seconds > 0 else None
-    first, last = zip(*(parts[split].stats.span() for split in splits))
+    first, last = zip(*(s.span() for s in stats.values()))  # (one pool: the rates are the whole pipeline's)
     steady = max(t for t in last if t) - min(t for t in first if t) if any(last) and any(first) else None
+    summary["tokens_per_s"] = round(tokens / seconds) if seconds > 0 else None
     summary["steady_tokens_per_s"] = round(tokens / steady) if steady else None
-    for split in splits:  # (one pipeline: its time and rates are the whole's)
-        for key in ("seconds", "tokens_per_s", "steady_tokens_per_s", "tokenize_actors"):
-            summary[split].pop(key)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
