@@ -65,6 +65,11 @@ class DataConfig:
     ahead: 128 MB), whatever the seq_len."""
     materialize: bool = False
     """Tokenize the whole corpus before training starts (small corpora, several epochs) instead of streaming."""
+    document_masking: bool = False
+    """Each document in a packed block attends only to itself: position ids restart at every document start (the
+    packer's BOS, or the token after its EOS when documents get no BOS) and attention does not cross documents (SDPA,
+    eager and flex attention get a block-diagonal causal mask, flash_attention_2 its varlen path); the first token of
+    a document is not predicted from the one before it."""
 
 
 @dataclass
@@ -343,6 +348,9 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"data.docs_per_batch must be >= 1, got {d.docs_per_batch}")
     if d.max_doc_chars < 1024:
         p.append(f"data.max_doc_chars must be >= 1024, got {d.max_doc_chars}")
+    if d.document_masking and not (cfg.tokenizer.add_bos or cfg.tokenizer.add_eos):
+        p.append("data.document_masking finds documents by their BOS or EOS token, but tokenizer.add_bos and "
+                 "tokenizer.add_eos are both false; turn one of them on, or masking off")
     t, m, sc = cfg.train, cfg.model, cfg.scaling
     workers_ok = (len(sc.num_workers) == 2 and 1 <= sc.num_workers[0] <= sc.num_workers[1]
                   if isinstance(sc.num_workers, list) else sc.num_workers >= 1)

@@ -20,11 +20,12 @@ from raypt import faults, parallel
 from raypt.checkpoint import Checkpointer, TrainState, full_model_state
 from raypt.config import Config, global_batch_size, grad_accum_steps
 from raypt.stream import Position, RankStream, Unit, fingerprint_changes, gather, order_args, stream_windows
+from raypt.loss import IGNORE
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, unwrap
 from raypt.optim import NonFiniteError, StepGuard, build_optimizer, set_lr
 
-__all__ = ["Context", "LocalContext", "NonFiniteError", "train"]
+__all__ = ["Context", "LocalContext", "NonFiniteError", "document_inputs", "train"]
 
 
 class Context(Protocol):
@@ -56,10 +57,12 @@ class Context(Protocol):
 
 
 def train(cfg: Config, ctx: Context) -> dict:
-    from raypt.tokenizer import load_tokenizer, tokenizer_path
+    from raypt.tokenizer import load_tokenizer, special_ids, tokenizer_path
 
     t, rank0 = cfg.train, ctx.rank == 0
     tok = load_tokenizer(tokenizer_path(cfg))
+    tc = cfg.tokenizer
+    docs = special_ids(tok, tc.add_bos, tc.add_eos, tc.bos_id, tc.eos_id) if cfg.data.document_masking else None
     model, info = setup_model(cfg, ctx, tok)
     optimizer = build_optimizer(model, t, ctx.device)
     metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0)
@@ -88,7 +91,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             with parallel.accumulating(model, i == len(micro) - 1, cfg.scaling.fsdp_sync_every_micro_batch), autocast:
                 # (the model shifts the labels itself; no KV cache: training never reads one back, and each
                 # layer's cache slot would make a compiled layer's graph that layer's alone)
-                loss = weighted(model(input_ids=x, labels=x, use_cache=False).loss, len(x), batch, ctx.world_size)
+                loss = weighted(model(**inputs(x, docs), use_cache=False).loss, len(x), batch, ctx.world_size)
             if state.step + 1 in nan_steps:
                 loss = loss * float("nan")
             loss.backward()
@@ -116,7 +119,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             })
             steps_since_log, t_log = 0, time.perf_counter()
         t_pause = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
-        if eval_now and (last_eval := evaluate(model, ctx, t.micro_batch_size, eval_rows, autocast)):
+        if eval_now and (last_eval := evaluate(model, ctx, t.micro_batch_size, eval_rows, autocast, docs)):
             metrics.log(state.step, last_eval)
         if ckpt_now:
             t_ckpt = time.perf_counter()
@@ -133,6 +136,33 @@ def train(cfg: Config, ctx: Context) -> dict:
     export(cfg, ctx, model, tok)
     ctx.sync()
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
+
+
+def inputs(x: torch.Tensor, docs: tuple[int | None, int | None] | None) -> dict:
+    """The model's inputs for a micro-batch of blocks: labels = input_ids (the model shifts them itself), and with
+    document masking (`docs`: the BOS and EOS ids) position ids that restart at every document."""
+    if docs is None:
+        return {"input_ids": x, "labels": x}
+    position_ids, labels = document_inputs(x, *docs)
+    return {"input_ids": x, "labels": labels, "position_ids": position_ids}
+
+
+def document_inputs(x: torch.Tensor, bos_id: int | None, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position ids, labels) of packed blocks `x` (batch, seq) whose documents must not see each other. A document
+    starts where the packer put a BOS (`raypt.packing.concat_documents`), or after an EOS when documents get no BOS;
+    position ids count from 0 at each start, which Hugging Face models turn into a block-diagonal causal mask (SDPA,
+    eager, flex) or flash-attention's varlen path; the label of a start inside the block is IGNORE, so no document's
+    first token is predicted from the one before it. A block's first token always starts a (piece of a) document."""
+    start = torch.zeros_like(x, dtype=torch.bool)
+    if bos_id is not None:
+        start = x == bos_id
+    else:
+        start[:, 1:] = x[:, :-1] == eos_id
+    start[:, 0] = True
+    index = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    position_ids = index - torch.where(start, index, 0).cummax(dim=1).values
+    labels = x.masked_fill(start & (index > 0), IGNORE)
+    return position_ids, labels
 
 
 def micro_batches(rows: torch.Tensor, cfg: Config, world_size: int) -> list[torch.Tensor]:
@@ -206,10 +236,11 @@ def data_changed_message(name: str, changes: list[str]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast) -> dict | None:
+def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast, docs=None) -> dict | None:
     """Mean loss and perplexity over this worker's eval blocks (at most `max_rows`), averaged over all ranks by token
     count. Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank with fewer
-    blocks (an elastic group whose size does not divide the eval set) repeats its first micro-batch, counted zero."""
+    blocks (an elastic group whose size does not divide the eval set) repeats its first micro-batch, counted zero.
+    `docs`: document masking's BOS and EOS ids (`inputs`)."""
     blocks = ctx.eval_blocks()
     if blocks is None:
         return None
@@ -221,10 +252,11 @@ def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast
     for i in range(forwards):
         rows = blocks[i * micro_batch_size : (i + 1) * micro_batch_size] if i < mine else blocks[:micro_batch_size]
         x = torch.tensor(rows, dtype=torch.long, device=ctx.device)  # (a read-only view)
+        batch = inputs(x, docs)
         with autocast:
-            loss = unwrap(model)(input_ids=x, labels=x, use_cache=False).loss  # DDP: the module; FSDP: the sharded one
-        n = x.shape[0] * (x.shape[1] - 1) * (i < mine)  # predicted positions
-        total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=ctx.device)])
+            loss = unwrap(model)(**batch, use_cache=False).loss  # DDP: the module; FSDP: the sharded one
+        n = (batch["labels"][:, 1:] != IGNORE).sum().double() * (i < mine)  # predicted positions
+        total += torch.stack([loss.double() * n, n])
     model.train()
     loss_sum, n = parallel.all_reduce(total).tolist()
     if n == 0:
