@@ -34,10 +34,12 @@ class DataConfig:
     """Files, directories or globs (local, s3://, gs://) of the training corpus."""
     eval_paths: list[str] = field(default_factory=list)
     """Same, for the held-out corpus; empty means no eval."""
-    format: Literal["text", "text_file", "jsonl", "parquet"] = "text"
-    """text: one document per line; text_file: one document per file; jsonl/parquet: `text_field` of each record."""
+    format: Literal["text", "text_file", "jsonl", "parquet", "hf"] = "text"
+    """text: one document per line; text_file: one document per file; jsonl/parquet: `text_field` of each record;
+    hf: a Hugging Face dataset saved with `save_to_disk` (one split's directory: its Arrow shards, each a work unit)
+    or its Parquet files, `text_field` of each row."""
     text_field: str = "text"
-    """Column / key holding the document text for jsonl and parquet."""
+    """Column / key holding the document text for jsonl, parquet and hf."""
     seq_len: int = 512
     """Tokens per training block."""
     decode_errors: Literal["strict", "replace", "skip"] = "strict"

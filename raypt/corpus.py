@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypt.errors import UserError
 
 READ_CHUNK = 4 << 20  # bytes read from a stream at a time; lines longer than this are assembled across chunks
-FORMATS = ("text", "text_file", "jsonl", "parquet")
+FORMATS = ("text", "text_file", "jsonl", "parquet", "hf")
+HF_DATA = (".arrow", ".parquet")
+"""The data files of a Hugging Face dataset directory (`Dataset.save_to_disk` writes Arrow shards and JSON metadata)."""
 
 
 class CorpusError(UserError):
@@ -81,9 +84,10 @@ class Listing:
     """Each file's modification time (seconds since the epoch; 0 where the store gives none)."""
 
 
-def list_files(paths: list[str], what: str = "data.train_paths") -> Listing:
+def list_files(paths: list[str], what: str = "data.train_paths", fmt: str = "text") -> Listing:
     """Expand files, directories (recursively) and globs; a path that matches nothing is an error naming it. Sizes
-    and times come from the listing itself: one request per directory, not one per file."""
+    and times come from the listing itself: one request per directory, not one per file. With `fmt` "hf" a directory
+    gives its Arrow/Parquet data files alone (`_hf_data`)."""
     out, infos = Listing(), {}
     for spec in paths:
         fs, base = filesystem(spec)
@@ -109,6 +113,8 @@ def list_files(paths: list[str], what: str = "data.train_paths") -> Listing:
             infos.update((scheme + i.path, i) for i in found)
             if not candidates:
                 raise CorpusError(f"{what}: the directory {spec!r} contains no file; point it at the corpus shards")
+            if fmt == "hf":
+                candidates = _hf_data(fs, base, spec, candidates, what)
         before = len(out.files)
         for p in sorted(candidates):
             rel = p[len(root):] if p.startswith(root) else p
@@ -123,6 +129,22 @@ def list_files(paths: list[str], what: str = "data.train_paths") -> Listing:
     out.sizes = [infos[f].size or 0 for f in out.files]
     out.mtimes = [infos[f].mtime.timestamp() if infos[f].mtime else 0.0 for f in out.files]
     return out
+
+
+def _hf_data(fs: pafs.FileSystem, base: str, spec: str, files: list[str], what: str) -> list[str]:
+    """A `save_to_disk` directory's data files; a DatasetDict's root is refused (its splits would mix)."""
+    info = fs.get_file_info(f"{base}/dataset_dict.json")
+    if info.type == pafs.FileType.File:
+        with fs.open_input_stream(info.path) as f:
+            splits = json.loads(f.read()).get("splits") or []
+        raise CorpusError(f"{what}: {spec!r} is a DatasetDict saved with save_to_disk (splits: "
+                          f"{', '.join(sorted(splits))}); give one split's directory, e.g. {spec.rstrip('/')}/"
+                          f"{'train' if 'train' in splits else (sorted(splits) or ['SPLIT'])[0]}")
+    data = [f for f in files if f.endswith(HF_DATA)]
+    if not data:
+        raise CorpusError(f"{what}: {spec!r} holds no .arrow or .parquet file; give a directory written by "
+                          "datasets' save_to_disk (or its Parquet files)")
+    return data
 
 
 def _glob_root(pattern: str) -> str:
@@ -194,8 +216,11 @@ def iter_documents(
     fs, inner = filesystem(seg.path)
     if seg.start == 0:
         counts["files"] += 1
-    if fmt == "parquet":
+    if fmt == "parquet" or (fmt == "hf" and seg.path.endswith(".parquet")):
         yield from _parquet_docs(fs, inner, seg.path, text_field, counts)
+        return
+    if fmt == "hf":
+        yield from _arrow_docs(fs, inner, seg.path, text_field, counts)
         return
     if fmt not in FORMATS:
         raise CorpusError(f"data.format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -339,14 +364,41 @@ def _jsonl(lines, seg: Segment, text_field: str, decode_errors: str, counts: Cou
 def _parquet_docs(fs, inner: str, path: str, text_field: str, counts: Counter) -> Iterator[str]:
     with fs.open_input_file(inner) as f:
         pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        if text_field not in names:
-            raise CorpusError(
-                f"{path}: no column {text_field!r} (columns: {', '.join(names)}); set data.text_field to the text column"
-            )
-        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-            for text in batch.column(0).to_pylist():
-                if not isinstance(text, str):
-                    counts["skipped_no_text_field"] += 1
-                elif _keep(text, counts, "skipped_blank_documents"):
-                    yield text
+        _check_column(pf.schema_arrow.names, path, text_field)
+        yield from _texts(pf.iter_batches(columns=[text_field], batch_size=4096), counts)
+
+
+def _arrow_docs(fs, inner: str, path: str, text_field: str, counts: Counter) -> Iterator[str]:
+    """An Arrow IPC file as `datasets` writes its shards (the stream format; the file format is read too), a record
+    batch at a time."""
+    with fs.open_input_file(inner) as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            try:
+                reader = pa.ipc.open_file(f)
+            except pa.ArrowInvalid as e:
+                raise CorpusError(f"{path}: not an Arrow file ({e}); data.format hf reads datasets' save_to_disk "
+                                  "directories") from None
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        _check_column(reader.schema.names, path, text_field)
+        yield from _texts((b.select([text_field]) for b in batches), counts)
+
+
+def _check_column(names: list[str], path: str, text_field: str) -> None:
+    if text_field not in names:
+        raise CorpusError(
+            f"{path}: no column {text_field!r} (columns: {', '.join(names)}); set data.text_field to the text column"
+        )
+
+
+def _texts(batches, counts: Counter) -> Iterator[str]:
+    """The documents of one-column record batches; rows that are not text, or blank, are counted skips."""
+    for batch in batches:
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                counts["skipped_no_text_field"] += 1
+            elif _keep(text, counts, "skipped_blank_documents"):
+                yield text

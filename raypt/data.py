@@ -168,7 +168,7 @@ def plan(cfg: Config, split: str = "train") -> tuple[Listing, list[list[Segment]
     """The split's files and its work units, in plan order. A function of the data alone (never of the cluster),
     so a data position recorded by one run means the same units in the next."""
     paths = cfg.data.train_paths if split == "train" else cfg.data.eval_paths
-    listing = list_files(paths, f"data.{split}_paths")
+    listing = list_files(paths, f"data.{split}_paths", cfg.data.format)
     return listing, plan_units(listing, cfg.data.format, cfg.data.unit_bytes, min_units=MIN_UNITS)
 
 

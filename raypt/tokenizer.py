@@ -169,7 +169,7 @@ def sample_documents(
     sample_bytes: int = 1 << 30, seed: int = 0, batch_docs: int = 1000,
 ) -> Iterator[list[str]]:
     """Batches of documents from the files in a seeded random order, until `sample_bytes` of text has been seen."""
-    files = list_files(paths, "--data").files
+    files = list_files(paths, "--data", fmt).files
     random.Random(seed).shuffle(files)
     seen, batch = 0, []
     for f in files:

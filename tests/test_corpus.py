@@ -135,6 +135,32 @@ def test_parquet(tmp_path):
         docs_of(p, "parquet")
 
 
+def test_hf_saved_dataset(tmp_path):
+    """format: hf reads a `Dataset.save_to_disk` directory: its Arrow shards in order (not its JSON metadata),
+    `text_field` of each row, skips counted; a DatasetDict must be pointed at one split."""
+    from datasets import Dataset, DatasetDict
+
+    texts = [f"doc {i}" for i in range(50)] + ["", None, "last"]
+    ds = Dataset.from_dict({"body": texts, "id": list(range(len(texts)))})
+    ds.save_to_disk(tmp_path / "ds", num_shards=3)
+    listing = list_files([str(tmp_path / "ds")], fmt="hf")
+    assert [f.rsplit("/", 1)[1] for f in listing.files] == [f"data-0000{i}-of-00003.arrow" for i in range(3)]
+    counts = Counter()
+    docs = [d for f in listing.files for d in iter_documents(f, "hf", counts, text_field="body")]
+    assert docs == texts[:50] + ["last"]
+    assert counts["skipped_blank_documents"] == 1 and counts["skipped_no_text_field"] == 1 and counts["files"] == 3
+    with pytest.raises(CorpusError, match="no column 'text'.*body"):
+        docs_of(listing.files[0], "hf")
+    DatasetDict(train=ds, test=ds).save_to_disk(tmp_path / "dd")
+    with pytest.raises(CorpusError, match=r"DatasetDict.*splits: test, train.*dd/train"):
+        list_files([str(tmp_path / "dd")], fmt="hf")
+    assert len(list_files([str(tmp_path / "dd" / "train")], fmt="hf").files) == 1
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "state.json").write_text("{}")
+    with pytest.raises(CorpusError, match="no .arrow or .parquet file"):
+        list_files([str(tmp_path / "meta")], fmt="hf")
+
+
 # ---- work units ------------------------------------------------------------------------------------------------------
 
 

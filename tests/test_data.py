@@ -77,6 +77,25 @@ def test_one_unit_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
     assert (flat[eos_at[eos_at < len(flat) - 1] + 1] == tok.bos_token_id).all()
 
 
+def test_a_saved_hf_dataset_gives_the_blocks_of_the_same_documents_as_jsonl(ray_local, corpus, tokenizer_dir, tmp_path):
+    """format: hf (a `Dataset.save_to_disk` directory, read by the tokenize actors like any shard) and a JSONL file of
+    the same documents give the same blocks, one unit each; the fingerprint lists the Arrow shard."""
+    from datasets import Dataset
+
+    docs = list(iter_documents(str(corpus / "train" / "shard_00.txt"), "text", Counter()))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+    Dataset.from_dict({"id": list(range(len(docs))), "text": docs}).save_to_disk(tmp_path / "hf")
+    got = {}
+    for fmt, path in (("jsonl", tmp_path / "docs.jsonl"), ("hf", tmp_path / "hf")):
+        cfg = load_config(None, [f"data.train_paths=[{path}]", f"data.format={fmt}", f"tokenizer.path={tokenizer_dir}",
+                                 "data.seq_len=32", "data.num_tokenize_workers=1"])
+        split = data.build_dataset(cfg)
+        got[fmt] = np.concatenate(in_order(split)[0])
+        assert split.units == 1 and data.summarize(split, 32, 1.0)["documents"] == len(docs)
+    assert len(got["hf"]) > 50 and np.array_equal(got["hf"], got["jsonl"])
+    assert [f[0].rsplit("/", 1)[1] for f in data.fingerprint(cfg)["files"]] == ["data-00000-of-00001.arrow"]
+
+
 def test_the_stream_is_the_same_in_every_run_each_unit_packed_alone(ray_local, corpus, tokenizer_dir, busy_cpus):
     """2 actors, many ~4 KB units, every core also busy with other work: the block stream is the units' own streams
     cut into blocks, in unit order, the same in every run (what exact resume rests on), and that by construction
