@@ -63,18 +63,30 @@ class TrainState:
     """the first work unit (in the pass's order) of the shuffle window holding the next block,"""
     offset: int = 0
     """and the blocks of that window already consumed."""
+    sources: list[list[int]] | None = None
+    """A mixture's position (`raypt.stream.MixPosition`): [epoch, unit, offset, blocks taken] per source at the start
+    of the mixture window holding the next block (`offset` above: blocks of it consumed; epoch and unit unused)."""
     data: dict | None = None
     """The data fingerprint (`raypt.data.fingerprint`) the position refers to."""
 
     @property
     def position(self):
-        from raypt.stream import Position
+        from raypt.stream import MixPosition, Position
 
+        if self.sources is not None:
+            return MixPosition(tuple(Position(*s[:3]) for s in self.sources), tuple(s[3] for s in self.sources),
+                               self.offset)
         return Position(self.epoch, self.unit, self.offset)
 
     @position.setter
     def position(self, pos) -> None:
-        self.epoch, self.unit, self.offset = pos.epoch, pos.unit, pos.offset
+        from raypt.stream import MixPosition
+
+        if isinstance(pos, MixPosition):
+            self.epoch, self.unit, self.offset = 0, 0, pos.offset
+            self.sources = [[p.epoch, p.unit, p.offset, t] for p, t in zip(pos.sources, pos.taken)]
+        else:
+            self.epoch, self.unit, self.offset, self.sources = pos.epoch, pos.unit, pos.offset, None
 
 
 def dirname(step: int) -> str:

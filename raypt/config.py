@@ -28,13 +28,34 @@ class ConfigError(UserError):
         super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+FORMAT = Literal["text", "text_file", "jsonl", "parquet", "hf"]
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture (`data.sources`)."""
+
+    name: str = ""
+    """Names its metrics (eval_loss/NAME, pass/NAME) and its directory under `raypt.data --out`."""
+    paths: list[str] = field(default_factory=list)
+    """Its training files, directories or globs."""
+    weight: float = 1.0
+    """Its share of every stretch of training blocks: weight / the sum of the weights."""
+    eval_paths: list[str] = field(default_factory=list)
+    """Its held-out text: eval loss and perplexity are logged for it alone."""
+    format: Optional[FORMAT] = None
+    """Default: data.format."""
+    text_field: Optional[str] = None
+    """Default: data.text_field."""
+
+
 @dataclass
 class DataConfig:
     train_paths: list[str] = field(default_factory=list)
-    """Files, directories or globs (local, s3://, gs://) of the training corpus."""
+    """Files, directories or globs (local, s3://, gs://) of the training corpus (one source; `sources` for several)."""
     eval_paths: list[str] = field(default_factory=list)
     """Same, for the held-out corpus; empty means no eval."""
-    format: Literal["text", "text_file", "jsonl", "parquet", "hf"] = "text"
+    format: FORMAT = "text"
     """text: one document per line; text_file: one document per file; jsonl/parquet: `text_field` of each record;
     hf: a Hugging Face dataset saved with `save_to_disk` (one split's directory: its Arrow shards, each a work unit)
     or its Parquet files, `text_field` of each row."""
@@ -67,6 +88,10 @@ class DataConfig:
     ahead: 128 MB), whatever the seq_len."""
     materialize: bool = False
     """Tokenize the whole corpus before training starts (small corpora, several epochs) instead of streaming."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture: several corpora, each global batch drawing blocks from them in proportion to their weights (a
+    deterministic schedule, exactly resumable); a source that runs out starts its next pass. Instead of train_paths
+    and eval_paths."""
     document_masking: bool = False
     """Each document in a packed block attends only to itself: position ids restart at every document start (the
     packer's BOS, or the token after its EOS when documents get no BOS) and attention does not cross documents (SDPA,
@@ -309,10 +334,13 @@ def absolute_paths(cfg: Config) -> Config:
         return p if p is None or "://" in p else os.path.abspath(p)
 
     d, t, m, r = cfg.data, cfg.tokenizer, cfg.model, cfg.run
+    sources = [dataclasses.replace(src, paths=[fix(p) for p in src.paths], eval_paths=[fix(p) for p in src.eval_paths])
+               for src in d.sources]
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(d, train_paths=[fix(p) for p in d.train_paths],
-                                 eval_paths=[fix(p) for p in d.eval_paths], pretokenized=fix(d.pretokenized)),
+                                 eval_paths=[fix(p) for p in d.eval_paths], pretokenized=fix(d.pretokenized),
+                                 sources=sources),
         tokenizer=dataclasses.replace(t, path=fix(t.path)),
         model=dataclasses.replace(m, name_or_path=fix(m.name_or_path) if m.name_or_path and os.path.exists(
             m.name_or_path) else m.name_or_path),
@@ -329,13 +357,54 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def _source_problems(d: DataConfig) -> list[str]:
+    p = []
+    if d.train_paths or d.eval_paths:
+        p.append("data.sources replaces data.train_paths and data.eval_paths: move those paths into a source")
+    names = [src.name for src in d.sources]
+    for i, src in enumerate(d.sources):
+        if not src.name or not src.name.replace("-", "").replace("_", "").isalnum():
+            p.append(f"data.sources[{i}].name must be a non-empty name of letters, digits, '-' or '_' (it names "
+                     f"metrics and directories), got {src.name!r}")
+        elif names.index(src.name) < i:
+            p.append(f"data.sources[{i}].name {src.name!r} is used twice; give each source its own name")
+        if not src.paths and not d.pretokenized:
+            p.append(f"data.sources[{i}].paths is empty: give the source's files, directories or globs")
+        if not src.weight > 0:
+            p.append(f"data.sources[{i}].weight must be > 0, got {src.weight}")
+    return p
+
+
+@dataclass(frozen=True)
+class Source:
+    """One corpus of a run, resolved (`sources`): a mixture's source, or the whole of a one-source run's data."""
+
+    name: str
+    paths: list[str]
+    eval_paths: list[str]
+    weight: float
+    format: str
+    text_field: str
+
+
+def sources(cfg: Config) -> list[Source]:
+    """The run's corpora: data.sources, or one unnamed source made of data.train_paths and data.eval_paths."""
+    d = cfg.data
+    if not d.sources:
+        return [Source("", d.train_paths, d.eval_paths, 1.0, d.format, d.text_field)]
+    return [Source(src.name, src.paths, src.eval_paths, src.weight, src.format or d.format,
+                   src.text_field or d.text_field) for src in d.sources]
+
+
 def validate(cfg: Config) -> list[str]:
     """Cross-field checks; returns the problems (empty when the config is usable)."""
     p = []
     d = cfg.data
-    if not d.train_paths and not d.pretokenized:
+    if d.sources:
+        p.extend(_source_problems(d))
+    elif not d.train_paths and not d.pretokenized:
         p.append("data.train_paths is empty: give at least one file, directory or glob of training text "
-                 "(or data.pretokenized)")
+                 "(or data.pretokenized, or data.sources)")
     if d.seq_len < 2:
         p.append(f"data.seq_len must be at least 2 (a block needs an input and a next token), got {d.seq_len}")
     if d.num_tokenize_workers is not None and d.num_tokenize_workers < 1:
@@ -481,6 +550,13 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]):
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
             kwargs[name] = _build(typ, value, f"{prefix}{name}.", problems)
+            continue
+        item = (typing.get_args(typ) or [None])[0]
+        if typing.get_origin(typ) is list and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                problems.append(f"{prefix}{name} must be a list of mappings ({', '.join(f.name for f in dataclasses.fields(item))}), got {value!r}")
+                continue
+            kwargs[name] = [_build(item, v, f"{prefix}{name}[{i}].", problems) for i, v in enumerate(value)]
             continue
         ok, converted = _check(typ, value)
         if ok:

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from raypt.config import Config, absolute_paths, add_config_args, config_from_args
+from raypt.config import Config, Source, absolute_paths, add_config_args, config_from_args, sources
 from raypt.errors import UserError
 from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
 from raypt.packing import TOKEN_DTYPE, BlockPacker
@@ -108,10 +108,10 @@ class TokenizePack:
         counts: Counter = Counter()
         unit, packer, parts = int(batch["index"][0]), BlockPacker(self.d.seq_len), []
         docs, chars = [], 0
+        fmt, text_field = str(batch["format"][0]), str(batch["text_field"][0])
         for seg in batch["unit"][0]:
-            for doc in iter_documents(
-                Segment(**seg), self.d.format, counts, text_field=self.d.text_field, decode_errors=self.d.decode_errors
-            ):
+            for doc in iter_documents(Segment(**seg), fmt, counts, text_field=text_field,
+                                      decode_errors=self.d.decode_errors):
                 docs.append(doc)
                 chars += len(doc)
                 if len(docs) >= self.d.docs_per_batch or chars >= TEXT_BATCH_CHARS:
@@ -164,17 +164,25 @@ def read_pretokenized(batch: dict, seq_len: int, stats: Stats) -> Iterator[pa.Ta
     yield unit_table(blocks, unit)
 
 
-def plan(cfg: Config, split: str = "train") -> tuple[Listing, list[list[Segment]]]:
-    """The split's files and its work units, in plan order. A function of the data alone (never of the cluster),
-    so a data position recorded by one run means the same units in the next."""
-    paths = cfg.data.train_paths if split == "train" else cfg.data.eval_paths
-    listing = list_files(paths, f"data.{split}_paths", cfg.data.format)
-    return listing, plan_units(listing, cfg.data.format, cfg.data.unit_bytes, min_units=MIN_UNITS)
+def plan(cfg: Config, split: str = "train", src: Source | None = None) -> tuple[Listing, list[list[Segment]]]:
+    """A source's split: its files and its work units, in plan order (default source: the run's first). A function
+    of the data alone (never of the cluster), so a data position recorded by one run means the same units in the
+    next."""
+    src = src or sources(cfg)[0]
+    paths = src.paths if split == "train" else src.eval_paths
+    where = f"data.{split}_paths" if not src.name else f"data.sources[{src.name}].{'paths' if split == 'train' else 'eval_paths'}"
+    listing = list_files(paths, where, src.format)
+    return listing, plan_units(listing, src.format, cfg.data.unit_bytes, min_units=MIN_UNITS)
 
 
-def pretokenized_files(cfg: Config, split: str = "train") -> Listing:
+def split_dir(root: str, split: str, src: Source) -> str:
+    """Where `raypt.data --out` puts a source's split: ROOT/split, or ROOT/split/NAME for a mixture's source."""
+    return f"{root}/{split}/{src.name}" if src.name else f"{root}/{split}"
+
+
+def pretokenized_files(cfg: Config, split: str = "train", src: Source | None = None) -> Listing:
     """The Parquet files of a pre-tokenized split, sorted: its units."""
-    path = f"{cfg.data.pretokenized}/{split}"
+    path = split_dir(cfg.data.pretokenized, split, src or sources(cfg)[0])
     listing = list_files([path], "data.pretokenized")
     keep = [i for i, f in enumerate(listing.files) if f.endswith(".parquet")]
     if not keep:
@@ -184,12 +192,12 @@ def pretokenized_files(cfg: Config, split: str = "train") -> Listing:
                    [listing.mtimes[i] for i in keep])
 
 
-def units_of(cfg: Config, split: str = "train") -> tuple[Listing, list]:
-    """A split's listing and its units: the text plan (`plan`), or a pre-tokenized split's Parquet files."""
+def units_of(cfg: Config, split: str = "train", src: Source | None = None) -> tuple[Listing, list]:
+    """A source's split: its listing and its units, the text plan (`plan`) or a pre-tokenized split's Parquet files."""
     if cfg.data.pretokenized:
-        listing = pretokenized_files(cfg, split)
+        listing = pretokenized_files(cfg, split, src)
         return listing, listing.files
-    return plan(cfg, split)
+    return plan(cfg, split, src)
 
 
 HEADROOM = 2.0
@@ -203,29 +211,51 @@ def actors_needed(train_tokens_per_s: float | None, actor_tokens_per_s: float | 
     return max(1, math.ceil(HEADROOM * train_tokens_per_s / actor_tokens_per_s))
 
 
-def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int | None = None) -> tuple[int, int]:
+def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int | None = None,
+              source: int = 0) -> tuple[int, int]:
     """(fewest, most) tokenize actors. Ray Data's autoscaling pool grows from two actors while work is queued, up to
     one single-threaded actor per free CPU (measured faster than fewer actors with more tokenizer threads: the
     per-token Python work then also runs in parallel), `data.max_tokenize_workers`, the units, and `needed` (the rate
-    target, `actors_needed`, once the run has measured it); `data.num_tokenize_workers` fixes the size.
-    `reserved_cpus` are held by training workers. On a cluster an autoscaler can grow, CPUs it lacks now are no
-    error: the pool's pending actors are what makes it add nodes, so it asks for two until the rate is measured."""
+    target, `actors_needed`, once the run has measured it); `data.num_tokenize_workers` fixes the size. A mixture's
+    sources stream side by side, each from its own pool (`source`: which one): the actors are shared out by weight
+    (`mixture_caps`), so no pool can hold the CPUs another one waits for. `reserved_cpus` are held by training
+    workers. On a cluster an autoscaler can grow, CPUs it lacks now are no error: the pool's pending actors are what
+    makes it add nodes, so it asks for two until the rate is measured."""
     d = cfg.data
     total = ray.cluster_resources().get("CPU", 0)
     free = total - reserved_cpus
-    if free < d.cpus_per_tokenize_worker:
-        if not cluster_can_grow():
-            raise CorpusError(
-                f"no CPU left for tokenize actors: training workers reserve {reserved_cpus:g} of the cluster's "
-                f"{total:g} CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker "
-                "or data.cpus_per_tokenize_worker, or add CPU nodes"
-            )
+    grows = free < d.cpus_per_tokenize_worker and cluster_can_grow()
+    if free < d.cpus_per_tokenize_worker and not grows:
+        raise CorpusError(
+            f"no CPU left for tokenize actors: training workers reserve {reserved_cpus:g} of the cluster's "
+            f"{total:g} CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker "
+            "or data.cpus_per_tokenize_worker, or add CPU nodes"
+        )
+    if grows:
         free = d.cpus_per_tokenize_worker * (needed or 2)
+    weights = [src.weight for src in sources(cfg)]
     if d.num_tokenize_workers:
-        n = min(d.num_tokenize_workers, units)
+        n = min(mixture_caps(d.num_tokenize_workers, weights)[source], units)
         return n, n
-    most = max(1, min(units, int(free // d.cpus_per_tokenize_worker), d.max_tokenize_workers, needed or units))
+    cap = int(free // d.cpus_per_tokenize_worker)
+    if len(weights) > 1 and not grows:
+        cap = mixture_caps(cap, weights)[source]
+    most = max(1, min(units, cap, d.max_tokenize_workers, needed or units))
     return min(2, most), most
+
+
+def mixture_caps(actors: int, weights: list[float]) -> list[int]:
+    """`actors` shared out among a mixture's sources by weight, at least one each (one source: all of them)."""
+    if len(weights) == 1:
+        return [actors]
+    if actors < len(weights):
+        raise CorpusError(f"the mixture's {len(weights)} sources stream side by side, each needing a tokenize actor, "
+                          f"and the free CPUs hold {actors}; lower data.cpus_per_tokenize_worker (e.g. 0.5), set "
+                          "data.materialize: true, or add CPUs")
+    caps = [max(1, int(actors * w / sum(weights))) for w in weights]
+    while sum(caps) > actors:
+        caps[caps.index(max(caps))] -= 1
+    return caps
 
 
 def cluster_can_grow() -> bool:
@@ -256,19 +286,20 @@ class SplitData:
 def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, order: list[int] | None = None,
                   first: int = 0, ahead: int | None = None, planned: tuple[Listing, list] | None = None,
                   needed: int | None = None, stats: ray.actor.ActorHandle | None = None,
-                  encoder: EncoderSpec | None = None) -> SplitData:
+                  encoder: EncoderSpec | None = None, src: Source | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
     `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
     start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
     caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`);
     `stats`: the `PipelineStats` actor to count in (default: a new one); `encoder`: the run's `encoder_spec`, when the
-    caller has it (a process without transformers imported then never imports it). Nothing runs until consumed."""
-    d = cfg.data
-    listing, units = planned or units_of(cfg, split)
+    caller has it (a process without transformers imported then never imports it); `src`: the source (default: the
+    run's first). Nothing runs until consumed."""
+    d, src = cfg.data, src or sources(cfg)[0]
+    listing, units = planned or units_of(cfg, split, src)
     order = list(range(len(units))) if order is None else [int(u) for u in order]
     if first >= len(order):
-        raise CorpusError(f"data.{split}_paths has {len(units)} work units; a data position at unit {first} is "
+        raise CorpusError(f"data.{split}_paths{f' of source {src.name}' if src.name else ''} has {len(units)} work units; a data position at unit {first} is "
                           "past its end (did the corpus change since the checkpoint?)")
     stats = Stats.open(stats, ahead, first)
     seqs = range(first, len(order))
@@ -278,17 +309,17 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
             read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=0.25,  # light: a Parquet read
             fn_kwargs=dict(seq_len=d.seq_len, stats=stats))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
-    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed)
+    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed, sources(cfg).index(src))
     encoder = encoder or encoder_spec(cfg)  # (a tokenizer problem fails here, not inside every actor)
-    items = [unit_item(order[s], s, units[order[s]], stats) for s in seqs]
+    items = [unit_item(order[s], s, units[order[s]], stats, src) for s in seqs]
     return SplitData(pack(cfg, items, (fewest, most), encoder, stats), listing, stats, (fewest, most), len(units))
 
 
-def unit_item(index: int, seq: int, unit: list[Segment], stats: Stats, out: str = "") -> dict:
-    """The pipeline's input row for one unit: its segments, its place in the pass, its pipeline's counters, and
-    the Parquet file to write it to (`--out`; "": stream its blocks instead)."""
+def unit_item(index: int, seq: int, unit: list[Segment], stats: Stats, src: Source, out: str = "") -> dict:
+    """The pipeline's input row for one unit: its segments and how to read them, its place in the pass, its
+    pipeline's counters, and the Parquet file to write it to (`--out`; "": stream its blocks instead)."""
     return {"index": index, "seq": seq, "unit": [dataclasses.asdict(seg) for seg in unit], "pipe": stats.pipe,
-            "out": out}
+            "format": src.format, "text_field": src.text_field, "out": out}
 
 
 def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: EncoderSpec, stats: Stats):
@@ -304,26 +335,36 @@ def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: Encod
 
 def fingerprint(cfg: Config, encoder: EncoderSpec | None = None) -> dict:
     """What the data order of a run depends on: the files (path, size; mtime too, reported only), the unit plan, the tokenizer's files
-    and special tokens, and every data setting that changes the blocks or their order. Saved in each checkpoint; a
-    resume against a different fingerprint is refused (`run.data_changed`). `encoder`: the run's `encoder_spec`, when
-    the caller has it (the tokenizer is not loaded again)."""
+    and special tokens, and every data setting that changes the blocks or their order; for a mixture, each source's
+    files, plan and weight. Saved in each checkpoint; a resume against a different fingerprint is refused
+    (`run.data_changed`). `encoder`: the run's `encoder_spec`, when the caller has it (the tokenizer is not loaded
+    again)."""
     d = cfg.data
     fp: dict = {"order_version": ORDER_VERSION, "seq_len": d.seq_len, "shuffle": d.shuffle,
                 "shuffle_tokens": d.shuffle_tokens, "seed": cfg.run.seed}
-    listing, units = units_of(cfg)
     if d.pretokenized:
         fp["pretokenized"] = d.pretokenized
     else:
         encoder = encoder or encoder_spec(cfg)
-        fp.update(format=d.format, text_field=d.text_field, decode_errors=d.decode_errors, unit_bytes=d.unit_bytes,
-                  max_doc_chars=d.max_doc_chars, tokenizer=_tokenizer_digest(encoder.path),
-                  bos_eos=[encoder.bos_id, encoder.eos_id])
+        fp.update(decode_errors=d.decode_errors, unit_bytes=d.unit_bytes, max_doc_chars=d.max_doc_chars,
+                  tokenizer=_tokenizer_digest(encoder.path), bos_eos=[encoder.bos_id, encoder.eos_id])
+    srcs = sources(cfg)
+    if len(srcs) == 1 and not srcs[0].name:
+        fp.update(_source_fingerprint(cfg, srcs[0]))
+    else:
+        fp["sources"] = {src.name: {"weight": src.weight, **_source_fingerprint(cfg, src)} for src in srcs}
+    return fp
+
+
+def _source_fingerprint(cfg: Config, src: Source) -> dict:
+    listing, units = units_of(cfg, "train", src)
+    fp: dict = {} if cfg.data.pretokenized else {"format": src.format, "text_field": src.text_field}
     files = [[f, s, round(m, 3)] for f, s, m in zip(listing.files, listing.sizes, listing.mtimes)]
     # (paths and sizes decide; a new mtime alone, say a corpus written again with the same bytes, is only reported)
     fp["num_files"], fp["files_sha256"] = len(files), _digest(json.dumps([f[:2] for f in files]))
     if len(files) <= FINGERPRINT_FILES:  # small enough to keep: a refused resume can then name the file
         fp["files"] = files
-    if not d.pretokenized:
+    if not cfg.data.pretokenized:
         fp["units_sha256"] = _digest(json.dumps([[dataclasses.astuple(s) for s in u] for u in units]))
     return fp
 
@@ -373,50 +414,54 @@ def split_counts(counts: dict, listing: Listing, seq_len: int) -> dict:
     }
 
 
-def check_not_empty(summary: dict, split: str, cfg: Config) -> None:
+def check_not_empty(summary: dict, split: str, cfg: Config, src: Source | None = None) -> None:
     if summary["blocks"] == 0:
         hint = ""
         if summary["skipped"]:
             hint = f" (skipped: {summary['skipped']})"
+        what = (f"data.sources[{src.name}].{'paths' if split == 'train' else 'eval_paths'}" if src and src.name
+                else f"data.{split}_paths")
         raise CorpusError(
-            f"data.{split}_paths yields no block of data.seq_len={cfg.data.seq_len} tokens: "
+            f"{what} yields no block of data.seq_len={cfg.data.seq_len} tokens: "
             f"{summary['documents']} documents gave {summary['tokens']} tokens{hint}; "
             "add text or lower data.seq_len"
         )
 
 
 def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None) -> dict:
-    """Tokenize and pack every split that has paths in one pipeline (one actor pool, started once), each actor
-    writing its units' blocks to ``out/<split>/unit-NNNNNN.parquet`` (nothing passes through this process or the
-    object store); write config.yaml and summary.json. `encoder`: the `encoder_spec`, when the caller has it."""
-    out_dir = Path(out)
-    splits = [s for s in SPLITS if s == "train" or cfg.data.eval_paths]
-    for split in splits:
-        if (out_dir / split).exists() and any((out_dir / split).iterdir()):
-            raise CorpusError(f"--out {out}: {out_dir / split} already holds files, which would mix with this "
+    """Tokenize and pack every split of every source that has paths in one pipeline (one actor pool, started once),
+    each actor writing its units' blocks to ``out/<split>/unit-NNNNNN.parquet`` (a mixture's source:
+    ``out/<split>/<name>/...``; nothing passes through this process or the object store); write config.yaml and
+    summary.json. `encoder`: the `encoder_spec`, when the caller has it."""
+    parts = {split_dir(out, split, src).removeprefix(f"{out}/"): (split, src) for src in sources(cfg)
+             for split in SPLITS if split == "train" or src.eval_paths}  # "train", "eval/news", ...
+    for key in parts:
+        if (Path(out) / key).is_dir() and any(f.is_file() for f in (Path(out) / key).iterdir()):
+            raise CorpusError(f"--out {out}: {Path(out) / key} already holds files, which would mix with this "
                               "run's units; give a new directory or delete it")
-    planned = {split: plan(cfg, split) for split in splits}
+    planned = {key: plan(cfg, split, src) for key, (split, src) in parts.items()}
     encoder = encoder or encoder_spec(cfg)
-    stats, items = {}, []  # one entry per split in one PipelineStats actor
-    for split in splits:
-        stats[split] = Stats.open(stats["train"].actor if stats else None, None, 0)
-        items += [unit_item(i, i, u, stats[split], str((out_dir / split / f"unit-{i:06d}.parquet").resolve()))
-                  for i, u in enumerate(planned[split][1])]
+    stats, items = {}, []  # one entry per part in one PipelineStats actor
+    for key, (split, src) in parts.items():
+        stats[key] = Stats.open(next(iter(stats.values())).actor if stats else None, None, 0)
+        items += [unit_item(i, i, u, stats[key], src, str((Path(out) / key / f"unit-{i:06d}.parquet").resolve()))
+                  for i, u in enumerate(planned[key][1])]
     actors = pool_plan(cfg, len(items))
     t0 = time.perf_counter()
-    for _ in pack(cfg, items, actors, encoder, stats["train"]).iter_internal_ref_bundles():
+    for _ in pack(cfg, items, actors, encoder, next(iter(stats.values()))).iter_internal_ref_bundles():
         pass  # (one empty table per unit)
     seconds = time.perf_counter() - t0
     summary = {"seq_len": cfg.data.seq_len, "tokenizer": tokenizer_path(cfg), "tokenize_actors": actors[1],
                "seconds": round(seconds, 2)}
-    for split in splits:
-        summary[split] = split_counts(stats[split].get()[0], planned[split][0], cfg.data.seq_len)
-        check_not_empty(summary[split], split, cfg)
-    tokens = sum(summary[split]["tokens"] for split in splits)
+    for key, (split, src) in parts.items():
+        summary[key] = split_counts(stats[key].get()[0], planned[key][0], cfg.data.seq_len)
+        check_not_empty(summary[key], split, cfg, src)
+    tokens = sum(summary[key]["tokens"] for key in parts)
     first, last = zip(*(s.span() for s in stats.values()))  # (one pool: the rates are the whole pipeline's)
     steady = max(t for t in last if t) - min(t for t in first if t) if any(last) and any(first) else None
     summary["tokens_per_s"] = round(tokens / seconds) if seconds > 0 else None
     summary["steady_tokens_per_s"] = round(tokens / steady) if steady else None
+    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -425,9 +470,8 @@ def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None
 
 def format_summary(summary: dict) -> str:
     lines = []
-    for split in SPLITS:
-        s = summary.get(split)
-        if not s:
+    for split, s in summary.items():
+        if not isinstance(s, dict):
             continue
         lines.append(
             f"{split}: {s['files']} files, {s['documents']:,} documents -> {s['tokens']:,} tokens -> "

@@ -22,13 +22,18 @@ from collections.abc import Iterator
 import numpy as np
 import ray
 
-from raypt.config import config_from_dict, global_batch_size
+from functools import partial
+
+from raypt.config import config_from_dict, global_batch_size, sources
 from raypt.corpus import CorpusError
 from raypt.data import HEADROOM, actors_needed, build_dataset, init_ray, table_blocks, unit_tag, units_of
 from raypt.pipeline_stats import PipelineStats, Stats
-from raypt.stream import (EmptyStream, Position, RankStream, Sequencer, Unit, Window, gather, order_args,
-                          stream_windows, unit_order)
+from raypt.stream import (EmptyStream, MixPosition, Position, RankStream, Sequencer, Unit, Window, gather,
+                          mix_windows, order_args, stream_windows, unit_order)
 
+MIX_WINDOW_STEPS = 16
+"""A mixture's windows hold this many global batches (its sources' own windows are shuffled; the mixture interleaves
+them block by block): each rank asks the Feeder for a window once per this many steps."""
 AHEAD = 64
 """Units the pipeline may run past the first one its consumer still waits for (the re-sequencing buffer's bound)."""
 
@@ -73,13 +78,14 @@ class Feeder:
         self.encoder = encoder
         self._workers(self.cfg.scaling.max_workers)
         self.min_blocks, self.seed = order_args(self.cfg)
-        self.planned = units_of(self.cfg)  # listed once: every pass and resume reuses it
-        self.num_units = len(self.planned[1])
+        self.sources = sources(self.cfg)  # one, or a mixture's
+        self.planned = [units_of(self.cfg, "train", src) for src in self.sources]  # listed once: every pass and
+        self.num_units = [len(units) for _, units in self.planned]  # resume reuses them
         self.stats_actor = stats or PipelineStats.remote()  # counts and turnstiles of all this run's pipelines
         self.stats: list[Stats] = []  # the pipelines started so far
         self.pools: list = []  # and their tokenize pools' (fewest, most) actors
         self.train_rate = None  # tokens/s rank 0 has been asking for windows at, since the stream was last opened
-        self.materialized = self._materialize() if d.materialize else None
+        self.materialized = [self._materialize(i) for i in range(len(self.sources))] if d.materialize else None
         self.wins, self.opened = None, None
         self._reset()
 
@@ -100,15 +106,19 @@ class Feeder:
             ray.data.DataContext.get_current().execution_options.exclude_resources = ray.data.ExecutionResources(
                 cpu=self.reserved)
 
-    def ready(self) -> int:
-        """Units in one pass (the driver waits on this: it surfaces listing errors and the materialize step)."""
+    def ready(self) -> list[int]:
+        """Units in one pass of each source (the driver waits on this: it surfaces listing errors and the
+        materialize step)."""
         return self.num_units
 
-    def _pipeline(self, order: np.ndarray, first: int) -> Iterator[Unit]:
+    def _pipeline(self, i: int, order: np.ndarray, first: int) -> Iterator[Unit]:
+        """Source i's units `order[first:]`, tokenized by a pool sized to its share of what training reads."""
         actor_rate = self.stats[-1].actor_rate() if self.stats else None
-        needed = actors_needed(self.train_rate, actor_rate)
+        share = self.sources[i].weight / sum(src.weight for src in self.sources)
+        needed = actors_needed(self.train_rate and self.train_rate * share, actor_rate)
         split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD,
-                              planned=self.planned, needed=needed, stats=self.stats_actor, encoder=self.encoder)
+                              planned=self.planned[i], needed=needed, stats=self.stats_actor, encoder=self.encoder,
+                              src=self.sources[i])
         self.stats.append(split.stats)
         self.pools.append(split.actors)
         if needed:  # (never for pre-tokenized data: no actor tokenizes)
@@ -118,16 +128,16 @@ class Feeder:
                   flush=True)
         return units_in_order(split.dataset, order, first, split.stats)
 
-    def _materialize(self) -> dict[int, Unit]:
-        """Every unit tokenized once, before training; later passes re-order the references."""
-        return {u.data[0]: u for u in self._pipeline(np.arange(self.num_units), 0)}
+    def _materialize(self, i: int) -> dict[int, Unit]:
+        """Every unit of source i tokenized once, before training; later passes re-order the references."""
+        return {u.data[0]: u for u in self._pipeline(i, np.arange(self.num_units[i]), 0)}
 
-    def _read_pass(self, epoch: int, first: int) -> Iterator[Unit]:
-        order = unit_order(self.num_units, epoch, self.seed)
+    def _read_pass(self, i: int, epoch: int, first: int) -> Iterator[Unit]:
+        order = unit_order(self.num_units[i], epoch, self.seed)
         if self.materialized is None:
-            return self._pipeline(order, first)
-        return (Unit(s, self.materialized[int(order[s])].blocks, self.materialized[int(order[s])].data)
-                for s in range(first, self.num_units))
+            return self._pipeline(i, order, first)
+        done = self.materialized[i]
+        return (Unit(s, done[int(order[s])].blocks, done[int(order[s])].data) for s in range(first, len(order)))
 
     def open(self, pos: Position, world_size: int | None = None, warm: bool = False) -> None:
         """Restart the order at `pos` (the checkpoint's) for a group of `world_size` workers (default: the most the
@@ -135,17 +145,25 @@ class Feeder:
         starts now and makes the first window while they start up. Rank 0's own `open` then keeps that stream if it
         asks for the same position before any rank asked for a window."""
         self._workers(world_size or self.cfg.scaling.max_workers)
+        n = len(self.sources)
+        if n > 1 and pos == Position():  # a mixture's start (a fresh run, or run.data_changed: restart)
+            pos = MixPosition((Position(),) * n, (0,) * n)
         if not warm and self.wins is not None and pos == self.opened and not self.asked:
             return
-        if pos.unit > self.num_units or (pos.unit == self.num_units and pos.offset > 0):
+        at = pos.sources if isinstance(pos, MixPosition) else (pos,)
+        if len(at) != n or any(p.unit > u or (p.unit == u and p.offset > 0) for p, u in zip(at, self.num_units)):
             if warm:
                 return  # (rank 0 meets it and reports it)
-            raise CorpusError(f"the checkpoint's data position (unit {pos.unit}) is past the {self.num_units} work "
-                              "units of the training data: the corpus changed since it was saved; start a new run.name "
-                              "or restore the corpus")
+            raise CorpusError(f"the checkpoint's data position ({pos}) does not fit the {self.num_units} work units "
+                              f"of the training data's {n} source(s): the corpus changed since it was saved; start a "
+                              "new run.name or restore the corpus")
         self.close()
         self._reset()
-        self.wins, self.opened = stream_windows(self._read_pass, pos, self.min_blocks), pos
+        streams = [stream_windows(partial(self._read_pass, i), p, self.min_blocks) for i, p in enumerate(at)]
+        size = MIX_WINDOW_STEPS * global_batch_size(self.cfg)
+        self.wins = streams[0] if n == 1 else mix_windows(streams, pos, [src.weight for src in self.sources], size,
+                                                          self.seed)
+        self.opened = pos
         if warm:
             try:
                 self._pull()
@@ -221,7 +239,7 @@ class RankFeed:
     def _take(self) -> None:
         """The window asked for last, with its units' transfer started; and ask for the next."""
         w = ray.get(self.pending.pop())
-        refs = [r for u in w.units for r in u.data[1]]
+        refs = list(dict.fromkeys(r for u in w.units for r in u.data[1]))  # (a mixture may hold a unit twice)
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)  # starts the pull, returns at once
         self.ready.append(w)
@@ -245,8 +263,8 @@ class RankFeed:
 
     def __next__(self) -> tuple[np.ndarray, Position]:
         rows, pos = next(self.steps)
-        if self.pending and ray.wait(self.pending, timeout=0)[0]:  # the next window is known: pull it now
-            self._take()
+        if not self.ready and self.pending and ray.wait(self.pending, timeout=0)[0]:
+            self._take()  # the next window is known: pull it now (one ahead, never more)
         blocks = gather(rows, self._fetch)
         live = {u.data[1] for w, _ in rows for u in w.units}
         for key in [k for k in self.cache if k not in live]:  # units of windows this rank is done with
@@ -254,23 +272,32 @@ class RankFeed:
         return blocks, pos
 
 
-def eval_chunks(cfg, world_size: int, encoder=None, stats=None) -> list | None:
-    """The fixed eval set (the first blocks of the eval split, in unit order), cut into one object per rank so that
-    each rank reads only its own share."""
+def eval_chunks(cfg, world_size: int, encoder=None, stats=None) -> dict[str, list] | None:
+    """Each source's fixed eval set (the first blocks of its eval split, in unit order), by source name ("": a
+    one-source run), cut into one object per rank so that each rank reads only its own share; None: no eval data."""
+    sets = {}
+    for src in sources(cfg):
+        if (refs := _eval_chunks(cfg, src, world_size, encoder, stats)) is not None:
+            sets[src.name] = refs
+    return sets or None
+
+
+def _eval_chunks(cfg, src, world_size: int, encoder=None, stats=None) -> list | None:
     d, t = cfg.data, cfg.train
     if d.pretokenized:
         import pyarrow.fs as pafs
 
         from raypt.corpus import filesystem
+        from raypt.data import split_dir
 
-        fs, path = filesystem(f"{d.pretokenized}/eval")
+        fs, path = filesystem(split_dir(d.pretokenized, "eval", src))
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return None
-    elif not d.eval_paths:
+    elif not src.eval_paths:
         return None
     per_rank = t.eval_batches * t.micro_batch_size
     need = per_rank * world_size
-    split = build_dataset(cfg, "eval", encoder=encoder, stats=stats)
+    split = build_dataset(cfg, "eval", encoder=encoder, stats=stats, src=src)
     parts, have = [], 0
     units = units_in_order(split.dataset, np.arange(split.units), 0)
     for u in units:

@@ -18,8 +18,8 @@ import torch
 
 from raypt import faults, parallel
 from raypt.checkpoint import Checkpointer, TrainState, full_model_state
-from raypt.config import Config, global_batch_size, grad_accum_steps
-from raypt.stream import Position, RankStream, Unit, fingerprint_changes, gather, order_args, stream_windows
+from raypt.config import Config, global_batch_size, grad_accum_steps, sources
+from raypt.stream import MixPosition, Position, RankStream, Unit, fingerprint_changes, gather, order_args, stream_windows
 from raypt.loss import IGNORE
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, unwrap
@@ -49,8 +49,9 @@ class Context(Protocol):
         tensors, `grad_accum_steps(cfg, world_size)` of them) of each next step (`step + 1`, ...), with the data
         position after that step's global batch."""
 
-    def eval_blocks(self) -> np.ndarray | None:
-        """This worker's share of the fixed eval set, (n, seq_len), the same n on every rank, or None."""
+    def eval_blocks(self) -> dict[str, np.ndarray] | None:
+        """This worker's share of each fixed eval set, (n, seq_len) with the same n on every rank, by source name
+        ("": a one-source run), or None."""
 
     def sync(self) -> None:
         """Mirror run_dir to the run's storage when that is not a local path."""
@@ -115,7 +116,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             metrics.log(state.step, {
                 "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(), "skipped_steps": guard.skipped or None,
                 "tokens_seen": state.tokens_seen, "tokens_per_s": tps,
-                "mfu": mfu(info.flops_per_token, tps / ctx.world_size, peak),
+                "mfu": mfu(info.flops_per_token, tps / ctx.world_size, peak), **passes(cfg, position),
             })
             steps_since_log, t_log = 0, time.perf_counter()
         t_pause = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
@@ -136,6 +137,13 @@ def train(cfg: Config, ctx: Context) -> dict:
     export(cfg, ctx, model, tok)
     ctx.sync()
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
+
+
+def passes(cfg: Config, position) -> dict:
+    """A mixture's pass over each source (1: the first), pass/NAME: how often a small source has been upsampled."""
+    if not isinstance(position, MixPosition):
+        return {}
+    return {f"pass/{src.name}": p.epoch + 1 for src, p in zip(sources(cfg), position.sources)}
 
 
 def inputs(x: torch.Tensor, docs: tuple[int | None, int | None] | None) -> dict:
@@ -218,8 +226,8 @@ def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLo
 
         raise CorpusError(data_changed_message(name, changes))
     metrics.event(state.step, f"resuming from {name} on {world_size} worker{'s' * (world_size > 1)}: step "
-                  f"{state.step}, {state.tokens_seen:,} tokens seen, data at epoch {state.epoch}, unit {state.unit}, "
-                  f"block {state.offset}", resumed_from=source, workers=world_size)
+                  f"{state.step}, {state.tokens_seen:,} tokens seen, data at {where(cfg, state.position)}",
+                  resumed_from=source, workers=world_size)
     if changes:
         state.position = Position()
         metrics.event(state.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is restart, "
@@ -227,6 +235,14 @@ def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLo
                       data_changed=changes)
     state.data = fingerprint
     return state
+
+
+def where(cfg: Config, pos) -> str:
+    """A data position in words."""
+    if isinstance(pos, MixPosition):
+        return "; ".join(f"{src.name} pass {p.epoch + 1} unit {p.unit} block {p.offset} ({t:,} blocks taken)"
+                         for src, p, t in zip(sources(cfg), pos.sources, pos.taken)) + f"; mixture block {pos.offset}"
+    return f"epoch {pos.epoch}, unit {pos.unit}, block {pos.offset}"
 
 
 def data_changed_message(name: str, changes: list[str]) -> str:
@@ -237,18 +253,34 @@ def data_changed_message(name: str, changes: list[str]) -> str:
 
 @torch.no_grad()
 def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast, docs=None) -> dict | None:
-    """Mean loss and perplexity over this worker's eval blocks (at most `max_rows`), averaged over all ranks by token
-    count. Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank with fewer
-    blocks (an elastic group whose size does not divide the eval set) repeats its first micro-batch, counted zero.
-    `docs`: document masking's BOS and EOS ids (`inputs`)."""
-    blocks = ctx.eval_blocks()
-    if blocks is None:
+    """Mean loss and perplexity over this worker's eval blocks (at most `max_rows` of each set), averaged over all
+    ranks by token count: eval_loss and eval_ppl over every set, and eval_loss/NAME, eval_ppl/NAME for each source of
+    a mixture. `docs`: document masking's BOS and EOS ids (`inputs`)."""
+    sets = ctx.eval_blocks()
+    if sets is None:
         return None
-    blocks = blocks[:max_rows]
+    model.eval()
+    sums = {name: _eval_sums(model, ctx, blocks[:max_rows], micro_batch_size, autocast, docs)
+            for name, blocks in sets.items()}
+    model.train()
+    totals = {"": [sum(v) for v in zip(*sums.values())]}  # every set together; then each source's own
+    if len(sums) > 1 or "" not in sums:
+        totals.update(sums)
+    out = {}
+    for name, (loss_sum, n) in totals.items():
+        if n:
+            suffix = f"/{name}" if name else ""
+            out.update({f"eval_loss{suffix}": loss_sum / n, f"eval_ppl{suffix}": math.exp(min(loss_sum / n, 50))})
+    return out or None
+
+
+def _eval_sums(model, ctx: Context, blocks: np.ndarray, micro_batch_size: int, autocast, docs) -> list[float]:
+    """(loss x predicted tokens, predicted tokens) of an eval set, summed over all ranks. Every rank runs the same
+    number of forwards (FSDP gathers parameters collectively): a rank with fewer blocks (an elastic group whose size
+    does not divide the eval set) repeats its first micro-batch, counted zero."""
     mine = -(-len(blocks) // micro_batch_size)
     forwards = int(parallel.all_reduce(torch.tensor(mine, device=ctx.device), op=torch.distributed.ReduceOp.MAX))
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss x tokens, tokens)
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     for i in range(forwards):
         rows = blocks[i * micro_batch_size : (i + 1) * micro_batch_size] if i < mine else blocks[:micro_batch_size]
         x = torch.tensor(rows, dtype=torch.long, device=ctx.device)  # (a read-only view)
@@ -257,11 +289,7 @@ def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast
             loss = unwrap(model)(**batch, use_cache=False).loss  # DDP: the module; FSDP: the sharded one
         n = (batch["labels"][:, 1:] != IGNORE).sum().double() * (i < mine)  # predicted positions
         total += torch.stack([loss.double() * n, n])
-    model.train()
-    loss_sum, n = parallel.all_reduce(total).tolist()
-    if n == 0:
-        return None
-    return {"eval_loss": loss_sum / n, "eval_ppl": math.exp(min(loss_sum / n, 50))}
+    return parallel.all_reduce(total).tolist()
 
 
 def export(cfg: Config, ctx: Context, model, tok) -> None:
@@ -321,4 +349,4 @@ class LocalContext:
             yield micro_batches(mine, cfg, self.world_size), pos
 
     def eval_blocks(self):
-        return self._eval
+        return None if self._eval is None else {"": self._eval}

@@ -154,7 +154,7 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
         f" = {p.total_gb:.2f} GB",
         f"batch: {p.tokens_per_step:,} tokens per optimizer step ({global_batch_size(cfg)} sequences, "
         f"{grad_accum_steps(cfg, p.gpus)} accumulation steps on {p.gpus} workers)",
-        f"budget: {p.steps:,} steps = {p.tokens / 1e9:.3f} B tokens",
+        f"budget: {p.steps:,} steps = {p.tokens / 1e9:.3f} B tokens" + mixture(cfg, p.tokens),
         f"speed: {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({p.flops_per_token / 1e9:.2f} GFLOPs/token) -> "
         f"{p.hours:.1f} h on {p.gpus} GPUs = {p.gpu_hours:,.0f} GPU-hours",
     ]
@@ -164,6 +164,15 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
                      "model.gradient_checkpointing, a smaller train.micro_batch_size, scaling.strategy fsdp (with "
                      "scaling.fsdp_sync_every_micro_batch under accumulation), or LoRA/QLoRA")
     return "\n".join(lines)
+
+
+def mixture(cfg: Config, tokens: int) -> str:
+    """A mixture's training tokens per source for the budget (each stretch of blocks holds the sources by weight)."""
+    if not cfg.data.sources:
+        return ""
+    total = sum(src.weight for src in cfg.data.sources)
+    return ", of which " + ", ".join(f"{src.name} {src.weight / total:.1%} = {tokens * src.weight / total / 1e9:.3f} B"
+                                     for src in cfg.data.sources)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ fetches), and a rank's slice is a list of (window, block indices) until `gather`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,19 @@ class Position:
     """Blocks of that window already consumed."""
 
 
+@dataclass(frozen=True)
+class MixPosition:
+    """Where the next block of a mixture of sources comes from."""
+
+    sources: tuple[Position, ...]
+    """Each source's own position at the start of the mixture window holding the next block (its `offset`: rows
+    of that source window already taken)."""
+    taken: tuple[int, ...]
+    """Blocks the mixture had taken from each source before that window (all passes): the schedule's state."""
+    offset: int = 0
+    """Blocks of the mixture window already consumed."""
+
+
 def unit_order(num_units: int, epoch: int, seed: int | None) -> np.ndarray:
     """The unit ids of one pass in the order it visits them: a permutation seeded by (seed, pass), or plan order."""
     if seed is None:
@@ -76,6 +90,10 @@ class Window:
     first: int
     """Seq of its first unit."""
     units: tuple[Unit, ...]
+    rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Its stream as row indices into its units laid end to end, when given (a mixture's window); else `order`."""
+    start: MixPosition | None = None
+    """A mixture's position at its first row (None: a source's own window, at (epoch, first))."""
     starts: np.ndarray = field(init=False, repr=False, compare=False)
     """Offset of each unit's first row in the window."""
 
@@ -84,13 +102,21 @@ class Window:
 
     @property
     def size(self) -> int:
-        return int(self.starts[-1])
+        return int(self.starts[-1]) if self.rows is None else len(self.rows)
 
     def order(self, seed: int | None) -> np.ndarray:
         """Row i of the window's stream is row `order[i]` of its units laid end to end."""
+        if self.rows is not None:
+            return self.rows
         if seed is None:
             return np.arange(self.size)
         return np.random.default_rng([seed, self.epoch, self.first]).permutation(self.size)
+
+    def position(self, consumed: int) -> Position | MixPosition:
+        """The data position once `consumed` rows of its stream are taken."""
+        if self.start is not None:
+            return dataclasses.replace(self.start, offset=consumed)
+        return Position(self.epoch, self.first, consumed)
 
 
 class Sequencer:
@@ -152,6 +178,63 @@ def stream_windows(read_pass: Callable[[int, int], Iterable[Unit]], start: Posit
         epoch, first = epoch + 1, 0
 
 
+def mix_schedule(weights, taken: tuple[int, ...], n: int) -> np.ndarray:
+    """The sources of the next `n` blocks of a mixture that has taken `taken` blocks from each source: smooth
+    weighted round-robin, each block to the source furthest behind its share ((blocks + 1) x weight - taken; ties
+    to the first). Any run of consecutive blocks holds each source's share to within about a block, and the schedule
+    is a function of `taken` alone, so a resume needs no other state."""
+    w = [x / sum(weights) for x in weights]
+    got, total, out = list(taken), sum(taken), np.empty(n, np.int64)
+    for i in range(n):
+        total += 1
+        s = max(range(len(w)), key=lambda k: total * w[k] - got[k])
+        got[s] += 1
+        out[i] = s
+    return out
+
+
+class _Cursor:
+    """A source's block stream, one row at a time, in its own windows' order."""
+
+    def __init__(self, wins: Iterator[Window], start: Position, seed: int | None):
+        self.wins, self.seed, self.start = wins, seed, start
+        self.window, self.order, self.at = None, None, start.offset
+
+    def take(self) -> tuple[Window, int]:
+        while self.window is None or self.at == self.window.size:
+            if self.window is not None:
+                self.at = 0
+            self.window = next(self.wins)
+            self.order = self.window.order(self.seed)
+        self.at += 1
+        return self.window, int(self.order[self.at - 1])
+
+    def position(self) -> Position:
+        return self.start if self.window is None else Position(self.window.epoch, self.window.first, self.at)
+
+
+def mix_windows(streams: list[Iterator[Window]], start: MixPosition, weights, size: int,
+                seed: int | None) -> Iterator[Window]:
+    """A mixture of sources as windows of `size` blocks: each source's windows (`stream_windows`, opened at
+    `start.sources`) read in their own order, pass after pass (a source that runs out starts its next pass), and
+    interleaved block by block by `mix_schedule`. Each window holds the source windows it draws from and its rows,
+    and starts at a `MixPosition`, so a resume re-forms it from the sources' positions."""
+    cursors = [_Cursor(wins, pos, seed) for wins, pos in zip(streams, start.sources)]
+    taken = list(start.taken)
+    while True:
+        begin = MixPosition(tuple(c.position() for c in cursors), tuple(taken))
+        units, base, rows = [], {}, np.empty(size, np.int64)
+        for i, s in enumerate(mix_schedule(weights, tuple(taken), size)):
+            w, row = cursors[s].take()
+            key = (int(s), w.epoch, w.first)
+            if key not in base:
+                base[key] = sum(u.blocks for u in units)
+                units.extend(w.units)
+            rows[i] = base[key] + row
+            taken[s] += 1
+        yield Window(-1, -1, tuple(units), rows=rows, start=begin)
+
+
 Slice = list[tuple[Window, np.ndarray]]
 """Rows of a rank's share of one step: (window, row indices into the window's units laid end to end), in order."""
 
@@ -197,7 +280,7 @@ class RankStream:
         self._advance(self.before, None)
         self._advance(self.mine, mine)
         self._advance(self.after, None)
-        return mine, Position(self.window.epoch, self.window.first, self.at)
+        return mine, self.window.position(self.at)
 
 
 def gather(rows: Slice, fetch: Callable[[Unit], np.ndarray]) -> np.ndarray:
@@ -216,33 +299,44 @@ def gather(rows: Slice, fetch: Callable[[Unit], np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def fingerprint_changes(saved: dict | None, now: dict) -> list[str]:
-    """What differs between a checkpoint's data fingerprint and the current one, in words (empty: the same)."""
+def fingerprint_changes(saved: dict | None, now: dict, prefix: str = "") -> list[str]:
+    """What differs between a checkpoint's data fingerprint and the current one, in words (empty: the same); a
+    mixture's sources are compared one by one (`prefix`: the source's, in their words)."""
     if saved is None:
         return ["the checkpoint records no data fingerprint (saved by an older raypt)"]
     out = []
     for key in sorted(set(saved) | set(now)):
         if key in ("files", "files_sha256", "units_sha256", "num_files") or saved.get(key) == now.get(key):
             continue
-        out.append("tokenizer: its files changed" if key == "tokenizer" else
-                   f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+        if key == "sources" and isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
+            before, after = saved[key], now[key]
+            out += [f"source {name}: {'added' if name in after else 'removed'}" for name in sorted(
+                set(before) ^ set(after))]
+            for name in sorted(set(before) & set(after)):
+                out += fingerprint_changes(before[name], after[name], f"source {name}: ")
+            continue
+        out.append(prefix + ("tokenizer: its files changed" if key == "tokenizer" else
+                             f"{key}: {saved.get(key)!r} -> {now.get(key)!r}"))
     if saved.get("files_sha256") != now.get("files_sha256"):
         if "files" in saved and "files" in now:
             before, after = {f[0]: f[1] for f in saved["files"]}, {f[0]: f[1] for f in now["files"]}
             changed = [f"{p} (added)" for p in after if p not in before] + [
                 f"{p} (removed)" for p in before if p not in after] + [
                 f"{p} (size {before[p]} -> {after[p]})" for p in after if p in before and before[p] != after[p]]
-            out.append("files: " + ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
+            out.append(prefix + "files: " + ", ".join(changed[:5])
+                       + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
         else:
-            out.append(f"files: the list of {saved.get('num_files')} files changed (now {now.get('num_files')})")
+            out.append(f"{prefix}files: the list of {saved.get('num_files')} files changed (now {now.get('num_files')})")
     elif saved.get("units_sha256") != now.get("units_sha256"):
-        out.append("the work-unit plan changed")
+        out.append(prefix + "the work-unit plan changed")
     return out
 
 
 def touched_files(saved: dict | None, now: dict) -> list[str]:
     """Files of a fingerprint whose size is the same but whose mtime is new (written again, say): reported, since
     only the bytes could tell whether they changed."""
+    if saved and isinstance(saved.get("sources"), dict) and isinstance(now.get("sources"), dict):
+        return [f for name, fp in now["sources"].items() for f in touched_files(saved["sources"].get(name), fp)]
     if not saved or "files" not in saved or "files" not in now:
         return []
     before = {f[0]: f[1:] for f in saved["files"]}

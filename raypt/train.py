@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raypt import checkpoint, faults
 from raypt.config import (Config, absolute_paths, add_config_args, config_from_args, config_from_dict,
-                          global_batch_size, grad_accum_steps)
+                          global_batch_size, grad_accum_steps, sources)
 from raypt.corpus import CorpusError, filesystem, is_uri
 from raypt.data import (cluster_can_grow, fingerprint, init_ray, plan, pool_plan, release_failed_pipelines,
                         user_error)
@@ -90,12 +90,15 @@ class RayContext:
             yield micro_batches(x, cfg, self.world_size), pos
 
     def eval_blocks(self):
-        """This rank's own share of the eval set: one of its objects (one per worker of the largest group), or every
+        """This rank's own share of each eval set: one of its objects (one per worker of the largest group), or every
         world_size-th of them in a smaller elastic group."""
         if self._eval_refs is None:
             return None
-        mine = ray.get(self._eval_refs[self.rank :: self.world_size])
-        return mine[0] if len(mine) == 1 else np.concatenate(mine)
+        out = {}
+        for name, refs in self._eval_refs.items():
+            mine = ray.get(refs[self.rank :: self.world_size])
+            out[name] = mine[0] if len(mine) == 1 else np.concatenate(mine)
+        return out
 
 
 def cpu_threads(local_workers: int) -> int:
@@ -214,7 +217,8 @@ def preflight(cfg: Config, reserved: float) -> None:
             raise CorpusError(f"data.pretokenized {d.pretokenized} has no train/ directory; write it with "
                               f"`python -m raypt.data --config ... --out {d.pretokenized}`")
     else:
-        pool_plan(cfg, len(plan(cfg, "train")[1]), reserved)
+        for i, src in enumerate(sources(cfg)):
+            pool_plan(cfg, len(plan(cfg, "train", src)[1]), reserved, source=i)
 
 
 def run(cfg: Config) -> dict:

@@ -15,7 +15,7 @@ def test_configs_exist():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.data.train_paths
+    assert cfg.data.train_paths or all(src.paths for src in cfg.data.sources)
 
 
 def write(tmp_path, text):
@@ -31,6 +31,22 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     assert cfg.data.eval_paths == ["x", "y"]
     assert cfg.tokenizer.add_bos is False
     assert cfg.run.name == "r1"
+
+
+def test_sources_are_checked_each_by_its_index(tmp_path):
+    p = write(tmp_path, "data:\n  sources:\n    - {name: news, paths: [a], weight: 0.7}\n"
+                        "    - {name: web, paths: b, format: jsonl}\n")
+    cfg = load_config(p)
+    assert [(s.name, s.paths, s.weight, s.format) for s in cfg.data.sources] == [
+        ("news", ["a"], 0.7, None), ("web", ["b"], 1.0, "jsonl")]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.sources=[{name: a, paths: [x], weight: 0}, {name: a, paths: [], wight: 1}, 3]",
+                           "data.train_paths=[z]"])
+    msg = str(e.value)
+    for part in ("unknown key data.sources[1].wight", "data.sources[2] must be a mapping",
+                 "data.sources replaces data.train_paths", "data.sources[1].name 'a' is used twice",
+                 "data.sources[0].weight must be > 0", "data.sources[1].paths is empty"):
+        assert part in msg, part
 
 
 def test_a_single_path_is_a_list_of_one(tmp_path):

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from raypt.stream import (EmptyStream, Position, RankStream, Sequencer, Unit, fingerprint_changes, gather,
-                          stream_windows, touched_files, unit_order)
+from raypt.stream import (EmptyStream, MixPosition, Position, RankStream, Sequencer, Unit, Window, fingerprint_changes,
+                          gather, mix_schedule, mix_windows, stream_windows, touched_files, unit_order)
 
 SIZES = [3, 7, 1, 0, 4, 6, 2, 5]  # blocks per unit (one without any)
 
@@ -122,3 +122,74 @@ def test_fingerprint_changes_name_what_changed():
     rewritten = dict(fp, files=[["/a", 1, 9.0]])  # same bytes written again: a new mtime alone is no change
     assert fingerprint_changes(fp, rewritten) == [] and touched_files(fp, rewritten) == ["/a"]
     assert "older raypt" in fingerprint_changes(None, fp)[0]
+    # a mixture's sources one by one
+    mix = {"seq_len": 64, "sources": {"news": dict(fp, weight=0.7), "web": dict(fp, weight=0.3)}}
+    assert fingerprint_changes(mix, mix) == []
+    now = {"seq_len": 64, "sources": {"news": dict(fp, weight=0.5), "books": dict(fp, weight=0.3)}}
+    assert fingerprint_changes(mix, now) == ["source books: added", "source web: removed",
+                                             "source news: weight: 0.7 -> 0.5"]
+    again = {"seq_len": 64, "sources": {"news": dict(rewritten, weight=0.7), "web": dict(fp, weight=0.3)}}
+    assert fingerprint_changes(mix, again) == [] and touched_files(mix, again) == ["/a"]
+
+
+# ---- mixtures --------------------------------------------------------------------------------------------------------
+
+
+def mixed(weights, sizes, pos=None, window=5, seed=0, batch=4, rank=0, world=1):
+    """(global block ids tagged by source (source * 1000 + block id), position after the batch) of each step of a
+    mixture of sources with these unit sizes."""
+    pos = pos or MixPosition(tuple(Position() for _ in sizes), (0,) * len(sizes))
+    streams = [stream_windows(reader(s, seed), p, window) for s, p in zip(sizes, pos.sources)]
+
+    def tagged(s, w):  # a source's window with its block ids tagged by the source
+        return Window(w.epoch, w.first, tuple(Unit(u.seq, u.blocks, u.data + [1000 * s, 0, 1000 * s]) for u in w.units))
+
+    streams = [map(lambda w, s=s: tagged(s, w), st) for s, st in enumerate(streams)]
+    wins = mix_windows(streams, pos, weights, window, seed)
+    for rows, p in RankStream(wins, pos.offset, batch, rank, world, seed):
+        yield gather(rows, lambda u: u.data)[:, 2].tolist(), p
+
+
+def test_the_schedule_keeps_every_window_of_blocks_at_the_weights():
+    src = mix_schedule([0.7, 0.3], (0, 0), 1000)
+    assert np.mean(src == 0) == pytest.approx(0.7, abs=0.01)
+    for n in (10, 37, 100):  # any window of n consecutive blocks: within one block of its share
+        counts = np.convolve(src == 0, np.ones(n), "valid")
+        assert abs(counts - 0.7 * n).max() <= 1 + 1e-9
+    three = mix_schedule([5, 3, 2], (0, 0, 0), 1000)
+    assert np.bincount(three).tolist() == [500, 300, 200]
+    # a pure function of what was taken: the schedule from any point on is the tail of the whole one
+    assert mix_schedule([0.7, 0.3], tuple(np.bincount(src[:413], minlength=2)), 587).tolist() == src[413:].tolist()
+
+
+def test_a_mixture_draws_each_block_from_one_source_at_its_weight_and_upsamples_the_small_one():
+    sizes = [SIZES, [2, 1, 3]]  # source 1: 6 blocks a pass
+    got = take(mixed([0.7, 0.3], sizes), 250)  # 1000 blocks
+    ids = [b for step, _ in got for b in step]
+    src = np.array(ids) // 1000
+    assert np.mean(src == 0) == pytest.approx(0.7, abs=0.01)
+    # each source's blocks come in its own order, pass after pass: source 1's 300 blocks are 50 passes of 6
+    for s, per_pass in ((0, sum(SIZES)), (1, 6)):
+        own = [b % 1000 for b in ids if b // 1000 == s]
+        for p in range(len(own) // per_pass):
+            assert sorted(own[p * per_pass : (p + 1) * per_pass]) == list(range(per_pass))
+    last = got[-1][1]
+    assert last.sources[1].epoch >= 49 and sum(last.taken) + last.offset == 1000  # passes counted
+
+
+@pytest.mark.parametrize("at", [0, 3, 17, 40])
+def test_resuming_a_mixture_at_any_step_continues_the_same_stream(at):
+    sizes = [SIZES, [2, 1, 3]]
+    whole = take(mixed([0.7, 0.3], sizes), 60)
+    pos = whole[at][1]
+    again = take(mixed([0.7, 0.3], sizes, pos=pos), 60 - at - 1)
+    assert [b for b, _ in again] == [b for b, _ in whole[at + 1 :]]
+    assert [p for _, p in again] == [p for _, p in whole[at + 1 :]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_mixture_is_the_same_batches_for_any_world_size(world):
+    sizes = [SIZES, [2, 1, 3]]
+    one = [b for b, _ in take(mixed([0.6, 0.4], sizes, batch=6), 20)]
+    parts = [[b for b, _ in take(mixed([0.6, 0.4], sizes, batch=6, rank=r, world=world), 20)] for r in range(world)]
+    assert [sum((p[i] for p in parts), []) for i in range(20)] == one
