@@ -171,7 +171,7 @@ def mixture(cfg: Config, tokens: int) -> str:
     if not cfg.data.sources:
         return ""
     total = sum(src.weight for src in cfg.data.sources)
-    return ", of which " + ", ".join(f"{src.name} {src.weight / total:.1%} = {tokens * src.weight / total / 1e9:.3f} B"
+    return ", of which " + ", ".join(f"{src.name} {src.weight / total:.1%} = {tokens * src.weight / total:,.0f} tokens"
                                      for src in cfg.data.sources)
 
 

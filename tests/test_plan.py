@@ -90,3 +90,9 @@ def test_a_renamed_preset_and_a_vocabulary_below_the_tokenizers_are_clear_errors
         scratch_config(load_config(None, ["data.train_paths=[x]", "model.vocab_size=64"]).model, 100, 8)
     with pytest.raises(ConfigError, match="a pretrained model keeps its own"):
         load_config(None, ["data.train_paths=[x]", "model.vocab_size=64", "model.name_or_path=/m"])
+
+
+def test_a_mixture_plan_gives_the_tokens_of_each_source(capsys):
+    assert main(["--config", str(ROOT / "configs" / "cpt-mixture.yaml"), "--vocab-size", "2048"]) == 0
+    assert ("200 steps = 0.000 B tokens, of which cnews 70.0% = 286,720 tokens, general 30.0% = 122,880 tokens"
+            in capsys.readouterr().out)
