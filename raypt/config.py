@@ -554,7 +554,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]):
         item = (typing.get_args(typ) or [None])[0]
         if typing.get_origin(typ) is list and dataclasses.is_dataclass(item):
             if not isinstance(value, list):
-                problems.append(f"{prefix}{name} must be a list of mappings ({', '.join(f.name for f in dataclasses.fields(item))}), got {value!r}")
+                keys = ", ".join(f.name for f in dataclasses.fields(item))
+                problems.append(f"{prefix}{name} must be a list of mappings ({keys}), got {value!r}")
                 continue
             kwargs[name] = [_build(item, v, f"{prefix}{name}[{i}].", problems) for i, v in enumerate(value)]
             continue

@@ -170,9 +170,15 @@ def plan(cfg: Config, split: str = "train", src: Source | None = None) -> tuple[
     next."""
     src = src or sources(cfg)[0]
     paths = src.paths if split == "train" else src.eval_paths
-    where = f"data.{split}_paths" if not src.name else f"data.sources[{src.name}].{'paths' if split == 'train' else 'eval_paths'}"
-    listing = list_files(paths, where, src.format)
+    listing = list_files(paths, split_field(split, src), src.format)
     return listing, plan_units(listing, src.format, cfg.data.unit_bytes, min_units=MIN_UNITS)
+
+
+def split_field(split: str, src: Source | None) -> str:
+    """The config field that names a source's split, for messages."""
+    if src is None or not src.name:
+        return f"data.{split}_paths"
+    return f"data.sources[{src.name}].{'paths' if split == 'train' else 'eval_paths'}"
 
 
 def split_dir(root: str, split: str, src: Source) -> str:
@@ -299,7 +305,7 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
     listing, units = planned or units_of(cfg, split, src)
     order = list(range(len(units))) if order is None else [int(u) for u in order]
     if first >= len(order):
-        raise CorpusError(f"data.{split}_paths{f' of source {src.name}' if src.name else ''} has {len(units)} work units; a data position at unit {first} is "
+        raise CorpusError(f"{split_field(split, src)} has {len(units)} work units; a data position at unit {first} is "
                           "past its end (did the corpus change since the checkpoint?)")
     stats = Stats.open(stats, ahead, first)
     seqs = range(first, len(order))
@@ -419,10 +425,8 @@ def check_not_empty(summary: dict, split: str, cfg: Config, src: Source | None =
         hint = ""
         if summary["skipped"]:
             hint = f" (skipped: {summary['skipped']})"
-        what = (f"data.sources[{src.name}].{'paths' if split == 'train' else 'eval_paths'}" if src and src.name
-                else f"data.{split}_paths")
         raise CorpusError(
-            f"{what} yields no block of data.seq_len={cfg.data.seq_len} tokens: "
+            f"{split_field(split, src)} yields no block of data.seq_len={cfg.data.seq_len} tokens: "
             f"{summary['documents']} documents gave {summary['tokens']} tokens{hint}; "
             "add text or lower data.seq_len"
         )

@@ -10,6 +10,8 @@
   soon as it knows them (ranks on one node share the copy), and takes its own rows of each global batch from them.
 - The driver opens the Feeder where the run will start (`open(warm=True)`), so the pipeline makes the first window
   while the workers start; rank 0 opens it at its checkpoint's position whenever a worker group starts.
+- A mixture (`data.sources`) runs one pipeline per source, each with its share of the tokenize actors, and the
+  Feeder hands out `stream.mix_windows` of their windows.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 
+from functools import partial
+
 import numpy as np
 import ray
-
-from functools import partial
 
 from raypt.config import config_from_dict, global_batch_size, sources
 from raypt.corpus import CorpusError

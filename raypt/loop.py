@@ -19,7 +19,8 @@ import torch
 from raypt import faults, parallel
 from raypt.checkpoint import Checkpointer, TrainState, full_model_state
 from raypt.config import Config, global_batch_size, grad_accum_steps, sources
-from raypt.stream import MixPosition, Position, RankStream, Unit, fingerprint_changes, gather, order_args, stream_windows
+from raypt.stream import (MixPosition, Position, RankStream, Unit, fingerprint_changes, gather, order_args,
+                          stream_windows)
 from raypt.loss import IGNORE
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, unwrap

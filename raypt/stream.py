@@ -14,6 +14,8 @@ One definition serves the Ray run (`raypt.feed`), the in-process loop (`raypt.lo
   the same for any W, and an elastic run that shrinks or grows goes on with the same batches;
 - a `Position` (pass, first unit of the window holding the next block, blocks of it consumed) is saved with every
   checkpoint; resuming re-forms that window from its first unit, so at most one window is read again.
+- a mixture of sources interleaves each source's own stream block by block (`mix_schedule`: each block to the
+  source furthest behind its weight), and its `MixPosition` holds every source's position and count.
 
 Nothing here touches the data itself: a `Unit` carries an opaque payload (an array, or object references that a rank
 fetches), and a rank's slice is a list of (window, block indices) until `gather` reads the rows it needs.
@@ -326,7 +328,8 @@ def fingerprint_changes(saved: dict | None, now: dict, prefix: str = "") -> list
             out.append(prefix + "files: " + ", ".join(changed[:5])
                        + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
         else:
-            out.append(f"{prefix}files: the list of {saved.get('num_files')} files changed (now {now.get('num_files')})")
+            out.append(f"{prefix}files: the list of {saved.get('num_files')} files changed "
+                       f"(now {now.get('num_files')})")
     elif saved.get("units_sha256") != now.get("units_sha256"):
         out.append(prefix + "the work-unit plan changed")
     return out
