@@ -34,8 +34,9 @@ from raypt.stream import (EmptyStream, MixPosition, Position, RankStream, Sequen
                           mix_windows, order_args, stream_windows, unit_order)
 
 MIX_WINDOW_STEPS = 16
-"""A mixture's windows hold this many global batches (its sources' own windows are shuffled; the mixture interleaves
-them block by block): each rank asks the Feeder for a window once per this many steps."""
+"""A mixture's windows hold a shuffle window's blocks (its sources' own windows are shuffled; the mixture interleaves
+them block by block), but never more than this many global batches (a small source would otherwise be read for many
+passes before the first step), nor less than one."""
 AHEAD = 64
 """Units the pipeline may run past the first one its consumer still waits for (the re-sequencing buffer's bound)."""
 
@@ -162,7 +163,8 @@ class Feeder:
         self.close()
         self._reset()
         streams = [stream_windows(partial(self._read_pass, i), p, self.min_blocks) for i, p in enumerate(at)]
-        size = MIX_WINDOW_STEPS * global_batch_size(self.cfg)
+        batch = global_batch_size(self.cfg)
+        size = max(batch, min(self.min_blocks, MIX_WINDOW_STEPS * batch))
         self.wins = streams[0] if n == 1 else mix_windows(streams, pos, [src.weight for src in self.sources], size,
                                                           self.seed)
         self.opened = pos

@@ -141,7 +141,8 @@ def train(cfg: Config, ctx: Context) -> dict:
 
 
 def passes(cfg: Config, position) -> dict:
-    """A mixture's pass over each source (1: the first), pass/NAME: how often a small source has been upsampled."""
+    """A mixture's pass over each source (1: the first) at the start of the current mixture window, pass/NAME: how
+    often a small source has been upsampled."""
     if not isinstance(position, MixPosition):
         return {}
     return {f"pass/{src.name}": p.epoch + 1 for src, p in zip(sources(cfg), position.sources)}
