@@ -218,13 +218,13 @@ def actors_needed(train_tokens_per_s: float | None, actor_tokens_per_s: float | 
 
 
 def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int | None = None,
-              source: int = 0) -> tuple[int, int]:
+              source: int | None = None) -> tuple[int, int]:
     """(fewest, most) tokenize actors. Ray Data's autoscaling pool grows from two actors while work is queued, up to
     one single-threaded actor per free CPU (measured faster than fewer actors with more tokenizer threads: the
     per-token Python work then also runs in parallel), `data.max_tokenize_workers`, the units, and `needed` (the rate
     target, `actors_needed`, once the run has measured it); `data.num_tokenize_workers` fixes the size. A mixture's
-    sources stream side by side, each from its own pool (`source`: which one): the actors are shared out by weight
-    (`mixture_caps`), so no pool can hold the CPUs another one waits for. `reserved_cpus` are held by training
+    sources stream side by side, each from its own pool (`source`: which one; None: one pool for all): the actors are
+    shared out by weight (`mixture_caps`), so no pool can hold the CPUs another one waits for. `reserved_cpus` are held by training
     workers. On a cluster an autoscaler can grow, CPUs it lacks now are no error: the pool's pending actors are what
     makes it add nodes, so it asks for two until the rate is measured."""
     d = cfg.data
@@ -239,25 +239,26 @@ def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int |
         )
     if grows:
         free = d.cpus_per_tokenize_worker * (needed or 2)
-    weights = [src.weight for src in sources(cfg)]
+    weights = [src.weight for src in sources(cfg)] if source is not None else [1.0]
     if d.num_tokenize_workers:
-        n = min(mixture_caps(d.num_tokenize_workers, weights)[source], units)
+        n = min(mixture_caps(d.num_tokenize_workers, weights, "data.num_tokenize_workers")[source or 0], units)
         return n, n
     cap = int(free // d.cpus_per_tokenize_worker)
-    if len(weights) > 1 and not grows:
-        cap = mixture_caps(cap, weights)[source]
+    if not grows:
+        cap = mixture_caps(cap, weights, "the free CPUs")[source or 0]
     most = max(1, min(units, cap, d.max_tokenize_workers, needed or units))
     return min(2, most), most
 
 
-def mixture_caps(actors: int, weights: list[float]) -> list[int]:
-    """`actors` shared out among a mixture's sources by weight, at least one each (one source: all of them)."""
+def mixture_caps(actors: int, weights: list[float], what: str = "the free CPUs") -> list[int]:
+    """`actors` shared out among a mixture's sources by weight, at least one each (one source: all of them); `what`
+    gives the actors, for the error when there are fewer than sources."""
     if len(weights) == 1:
         return [actors]
     if actors < len(weights):
         raise CorpusError(f"the mixture's {len(weights)} sources stream side by side, each needing a tokenize actor, "
-                          f"and the free CPUs hold {actors}; lower data.cpus_per_tokenize_worker (e.g. 0.5), set "
-                          "data.materialize: true, or add CPUs")
+                          f"and {what} give {actors}; lower data.cpus_per_tokenize_worker (e.g. 0.5), raise "
+                          "data.num_tokenize_workers, set data.materialize: true, or add CPUs")
     caps = [max(1, int(actors * w / sum(weights))) for w in weights]
     while sum(caps) > actors:
         caps[caps.index(max(caps))] -= 1
@@ -315,7 +316,7 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
             read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=0.25,  # light: a Parquet read
             fn_kwargs=dict(seq_len=d.seq_len, stats=stats))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
-    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed, sources(cfg).index(src))
+    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed, sources(cfg).index(src))  # (its share)
     encoder = encoder or encoder_spec(cfg)  # (a tokenizer problem fails here, not inside every actor)
     items = [unit_item(order[s], s, units[order[s]], stats, src) for s in seqs]
     return SplitData(pack(cfg, items, (fewest, most), encoder, stats), listing, stats, (fewest, most), len(units))

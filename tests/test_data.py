@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 import ray
 from transformers import AutoTokenizer
@@ -75,6 +76,15 @@ def test_one_unit_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
     bos_at, eos_at = np.flatnonzero(flat == tok.bos_token_id), np.flatnonzero(flat == tok.eos_token_id)
     assert len(bos_at) >= 95 and (flat[bos_at[1:] - 1] == tok.eos_token_id).all()
     assert (flat[eos_at[eos_at < len(flat) - 1] + 1] == tok.bos_token_id).all()
+
+
+def test_a_mixture_shares_the_tokenize_actors_out_by_weight_at_least_one_each():
+    assert data.mixture_caps(10, [0.7, 0.3]) == [7, 3]
+    assert data.mixture_caps(2, [0.9, 0.1]) == [1, 1]  # at least one each
+    assert data.mixture_caps(3, [0.98, 0.01, 0.01]) == [1, 1, 1]
+    assert sum(data.mixture_caps(7, [5, 3, 2])) <= 7 and data.mixture_caps(5, [1]) == [5]
+    with pytest.raises(data.CorpusError, match="3 sources stream side by side.*the free CPUs give 2"):
+        data.mixture_caps(2, [1, 1, 1])
 
 
 def test_a_saved_hf_dataset_gives_the_blocks_of_the_same_documents_as_jsonl(ray_local, corpus, tokenizer_dir, tmp_path):
