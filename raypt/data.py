@@ -334,7 +334,9 @@ def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: Encod
     d = cfg.data
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
-        compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1], max_concurrent_calls_per_actor=1),
+        compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1], max_concurrent_calls_per_actor=1,
+                                           max_tasks_in_flight_per_actor=1),  # (no unit queued behind one that
+        # waits in the turnstile: Ray Data would otherwise queue a second task on each actor)
         fn_constructor_kwargs=dict(cfg=cfg, encoder=encoder, threads=max(1, int(d.cpus_per_tokenize_worker)),
                                    stats=stats),
     )
