@@ -26,6 +26,7 @@ import random
 import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 
 from raypt import faults
 from raypt.corpus import filesystem, is_uri, node_copy
@@ -227,10 +228,28 @@ class Checkpointer:
 def _state_dicts(model, optimizer) -> dict:
     """This rank's model and optimizer state as DCP sees it: DTensor shards under FSDP, whole tensors otherwise."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
-    if _is_lora(model):  # ignore_frozen_params keeps a frozen weight tied to another (the LM head): drop it too
-        trainable = {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if p.requires_grad}
-        model_sd = {k: v for k, v in model_sd.items() if k in trainable}
-    return {"model": model_sd, "optim": optim_sd}
+    return {"model": _saved(model, model_sd), "optim": optim_sd}
+
+
+def _saved(model, model_sd: dict) -> dict:
+    """The part of a model's state dict a checkpoint holds: all of it, or a LoRA model's trainable weights alone
+    (ignore_frozen_params keeps a frozen weight tied to another, the LM head: dropped here too)."""
+    if not _is_lora(model):
+        return model_sd
+    trainable = {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trainable}
+
+
+def load_weights(source: str | Path, model) -> TrainState:
+    """A complete checkpoint's model weights (not the optimizer's state) into a whole model in one process, however
+    many ranks wrote it and whether DDP or FSDP did (DCP reshards): for inference and evaluation."""
+    check(source)
+    sd = _saved(model, get_model_state_dict(model, options=_options(model)))
+    with warnings.catch_warnings():  # (DCP says it assumes one process: it is one)
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({"model": sd}, checkpoint_id=str(Path(source) / STATE), no_dist=True)
+    set_model_state_dict(model, sd, options=_options(model, strict=False))
+    return saved_state(str(source))
 
 
 def full_model_state(model) -> dict:

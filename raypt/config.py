@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -632,12 +631,3 @@ def add_config_args(parser) -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override a config value (parsed as YAML); repeatable",
     )
-
-
-def config_from_args(args) -> Config:
-    """Load the config named on the command line, or exit with every problem listed (no traceback)."""
-    try:
-        return load_config(args.config, args.set)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

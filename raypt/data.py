@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -42,8 +41,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from raypt.config import Config, Source, absolute_paths, add_config_args, config_from_args, sources
-from raypt.errors import UserError
+from raypt.cli import command
+from raypt.config import Config, Source, sources
 from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
 from raypt.packing import TOKEN_DTYPE, BlockPacker
 from raypt.pipeline_stats import Stats
@@ -106,31 +105,36 @@ class TokenizePack:
         stats.turn(int(batch["seq"][0]))
         t0 = time.perf_counter()
         counts: Counter = Counter()
-        unit, packer, parts = int(batch["index"][0]), BlockPacker(self.d.seq_len), []
-        docs, chars = [], 0
-        fmt, text_field = str(batch["format"][0]), str(batch["text_field"][0])
-        for seg in batch["unit"][0]:
-            for doc in iter_documents(Segment(**seg), fmt, counts, text_field=text_field,
-                                      decode_errors=self.d.decode_errors):
-                docs.append(doc)
-                chars += len(doc)
-                if len(docs) >= self.d.docs_per_batch or chars >= TEXT_BATCH_CHARS:
-                    parts.append(self._blocks(docs, packer, counts))
-                    docs, chars = [], 0
-        if docs:
-            parts.append(self._blocks(docs, packer, counts))
-        blocks = np.concatenate(parts) if parts else np.empty((0, self.d.seq_len), TOKEN_DTYPE)
+        unit = int(batch["index"][0])
+        segments = [Segment(**seg) for seg in batch["unit"][0]]
+        blocks = pack_unit(segments, str(batch["format"][0]), str(batch["text_field"][0]), self.encode, self.d, counts)
         if out := str(batch["out"][0]):  # `python -m raypt.data --out`: the unit's file, written here
             write_unit(blocks, out)
         stats.add(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
         yield unit_table(blocks[:0] if out else blocks, unit)
 
-    def _blocks(self, docs: list[str], packer: BlockPacker, counts: Counter) -> np.ndarray:
-        tokens = self.encode(docs)
-        blocks = packer.add(tokens)
+
+def pack_unit(segments: list[Segment], fmt: str, text_field: str, encode, d, counts: Counter) -> np.ndarray:
+    """A work unit's blocks: its documents read in order, encoded in batches (`encode`: a `DocumentEncoder`), packed
+    into full blocks of `d.seq_len` (`d`: the data config); the tail is dropped. Counts tokens, blocks and skips."""
+    packer, parts, docs, chars = BlockPacker(d.seq_len), [], [], 0
+
+    def flush() -> None:
+        tokens = encode(docs)
+        parts.append(packer.add(tokens))
         counts["tokens"] += len(tokens)
-        counts["blocks"] += len(blocks)
-        return blocks
+        counts["blocks"] += len(parts[-1])
+
+    for seg in segments:
+        for doc in iter_documents(seg, fmt, counts, text_field=text_field, decode_errors=d.decode_errors):
+            docs.append(doc)
+            chars += len(doc)
+            if len(docs) >= d.docs_per_batch or chars >= TEXT_BATCH_CHARS:
+                flush()
+                docs, chars = [], 0
+    if docs:
+        flush()
+    return np.concatenate(parts) if parts else np.empty((0, d.seq_len), TOKEN_DTYPE)
 
 
 def write_unit(blocks: np.ndarray, path: str) -> None:
@@ -494,22 +498,6 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def user_error(exc: BaseException, types: tuple = (UserError,)) -> BaseException | None:
-    """The user-input error (of `types`) behind an exception that came back through Ray: task errors keep it in
-    `.cause`, Ray Train's WorkerGroupError in `.worker_failures`."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, types) and not isinstance(e, ray.exceptions.RayError):
-            return e
-        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-        todo.extend(getattr(e, "worker_failures", {}).values())
-    return None
-
-
 class _QuietUserErrors(logging.Filter):
     """Ray Data logs a failed UDF's stack trace before raising; for a user's input error raypt prints one clear
     line instead, so those records are dropped (other errors keep their traceback)."""
@@ -519,14 +507,6 @@ class _QuietUserErrors(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             text += repr(record.exc_info[1])
         return "CorpusError" not in text and not text.startswith("Exception occurred in Ray Data or Ray Core internal")
-
-
-def release_failed_pipelines() -> None:
-    """Free what a failed Ray Data pipeline still holds. Its executor keeps the exception, whose traceback keeps the
-    executor: a reference cycle that holds the pipeline's actors, and the CPUs they reserve, until Python's cyclic
-    collector runs, which in a process that goes on (a test session, a notebook, a driver that runs again) can take
-    many minutes. Call it once nothing references the exception."""
-    gc.collect()
 
 
 def init_ray() -> None:
@@ -539,31 +519,20 @@ def init_ray() -> None:
         logging.getLogger(name).addFilter(_QuietUserErrors())
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raypt.data", description=__doc__.split("\n\n")[0])
-    add_config_args(ap)
+def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", required=True, help="directory for Parquet blocks (train/, eval/) and summary.json")
-    args = ap.parse_args(argv)
-    cfg = absolute_paths(config_from_args(args))
+
+
+@command(__doc__, "raypt.data", _arguments, config=True)
+def main(args) -> None:
+    cfg = args.cfg
     print("resolved config:\n" + cfg.to_yaml(), flush=True)
     with ThreadPoolExecutor(1) as pool:
         encoder = pool.submit(encoder_spec, cfg)  # (loading transformers overlaps Ray's start)
         init_ray()
-    try:
-        summary = write_pretokenized(cfg, args.out, encoder.result())
-    except Exception as e:
-        if (err := user_error(e)) is None:
-            raise
-        message = err.message
-    else:
-        message = None
-    if message is not None:  # (outside the except block: the exception is no longer referenced)
-        release_failed_pipelines()
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    summary = write_pretokenized(cfg, args.out, encoder.result())
     print(format_summary(summary))
     print(f"wrote {args.out}/summary.json")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from raypt.cli import command
+
 
 def write_demo_corpus(out: str | Path) -> Path:
     from pydoc_data.topics import topics
@@ -45,16 +47,17 @@ def write_tiny_model(corpus: Path, out: str | Path, vocab_size: int = 2048) -> P
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raypt.demo", description=__doc__.split("\n\n")[0])
+def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--tiny-model", metavar="DIR", help="also save a small Llama + tokenizer there (for cpt-qlora-tiny)")
-    args = ap.parse_args(argv)
+
+
+@command(__doc__, "raypt.demo", _arguments)
+def main(args) -> None:
     corpus = write_demo_corpus(args.out)
     print(f"demo corpus -> {corpus}")
     if args.tiny_model:
         print(f"tiny base model -> {write_tiny_model(corpus, args.tiny_model)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from raypt.config import Config, add_config_args, config_from_args, global_batch_size, grad_accum_steps
+from raypt.cli import command
+from raypt.config import Config, global_batch_size, grad_accum_steps
 from raypt.model import PRESETS, ModelError
 
 GB = 1024**3
@@ -175,9 +176,7 @@ def mixture(cfg: Config, tokens: int) -> str:
                                      for src in cfg.data.sources)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raypt.plan", description=__doc__.split("\n\n")[0])
-    add_config_args(ap)
+def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpus", type=int, help="GPUs (default: scaling.num_workers, the most of an elastic range)")
     ap.add_argument("--gpu-mem", type=float, help="GB of memory per GPU, to check the fit")
     ap.add_argument("--vocab-size", type=int,
@@ -185,15 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-per-s-per-gpu", type=float, help="measured throughput (metrics.jsonl tokens_per_s / GPUs)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU when no throughput is given (default 0.4)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU (default H100: 989)")
-    a = ap.parse_args(argv)
-    cfg = config_from_args(a)
-    try:
-        p = plan(cfg, gpus=a.gpus, gpu_mem_gb=a.gpu_mem, vocab_size=a.vocab_size,
-                 tokens_per_s_per_gpu=a.tokens_per_s_per_gpu, mfu=a.mfu, peak_tflops=a.peak_tflops)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(describe(p, cfg, a.gpu_mem))
+
+
+@command(__doc__, "raypt.plan", _arguments, config=True)
+def main(a) -> int:
+    p = plan(a.cfg, gpus=a.gpus, gpu_mem_gb=a.gpu_mem, vocab_size=a.vocab_size,
+             tokens_per_s_per_gpu=a.tokens_per_s_per_gpu, mfu=a.mfu, peak_tflops=a.peak_tflops)
+    print(describe(p, a.cfg, a.gpu_mem))
     return 0 if p.fits is not False else 1
 
 

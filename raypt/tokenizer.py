@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raypt.cli import command
 from raypt.corpus import FORMATS, CorpusError, filesystem, is_uri, iter_documents, list_files, node_copy
 from raypt.packing import concat_documents
 
@@ -74,6 +75,28 @@ def special_ids(tok, add_bos: bool, add_eos: bool, bos_id: int | None = None, eo
         if value is not None and not 0 <= value < len(tok):
             raise CorpusError(f"tokenizer.{what}_id {value} is outside the vocabulary (size {len(tok)})")
     return bos, eos
+
+
+def token_bytes(tok) -> np.ndarray:
+    """How many bytes of UTF-8 text each token id stands for (0 for special tokens), for bits per byte: a byte-level
+    BPE token's own bytes (GPT-2's byte-to-character map undone), a SentencePiece byte-fallback token `<0xNN>` one
+    byte, any other piece its text's bytes with `▁` as a space."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    byte_level = "ByteLevel" in getattr(getattr(tok, "backend_tokenizer", None), "to_str", lambda: "")()
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    out = np.zeros(len(tok), np.int64)
+    for piece, i in tok.get_vocab().items():
+        if i in special or i >= len(out):
+            continue
+        if byte_level and all(c in byte_of for c in piece):
+            out[i] = len(piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out[i] = 1
+        else:
+            out[i] = len(piece.replace("▁", " ").encode("utf-8"))
+    return out
 
 
 def split_long(text: str, max_chars: int) -> list[str]:
@@ -240,8 +263,7 @@ def train_tokenizer(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raypt.tokenizer", description=__doc__.split("\n\n")[0])
+def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", nargs="+", required=True, help="files, directories or globs of training text")
     ap.add_argument("--vocab-size", type=int, required=True)
     ap.add_argument("--out", required=True, help="directory to write (AutoTokenizer.from_pretrained loads it)")
@@ -251,22 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-bytes", type=float, default=1 << 30, help="train on at most this much text (default 1 GiB)")
     ap.add_argument("--min-frequency", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    try:
-        summary = train_tokenizer(
-            a.data, a.vocab_size, a.out, fmt=a.format, text_field=a.text_field, decode_errors=a.decode_errors,
-            sample_bytes=int(a.sample_bytes), min_frequency=a.min_frequency, seed=a.seed,
-        )
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+
+@command(__doc__, "raypt.tokenizer", _arguments)
+def main(a) -> None:
+    summary = train_tokenizer(
+        a.data, a.vocab_size, a.out, fmt=a.format, text_field=a.text_field, decode_errors=a.decode_errors,
+        sample_bytes=int(a.sample_bytes), min_frequency=a.min_frequency, seed=a.seed,
+    )
     print(
         f"trained a byte-level BPE of {summary['vocab_size']} tokens on {summary['documents']} documents "
         f"({summary['sampled_bytes'] / 1e6:.1f} MB from {summary['files']} files) in {summary['seconds']} s -> {a.out}"
     )
     if summary["skipped"]:
         print(f"skipped: {summary['skipped']}")
-    return 0
 
 
 if __name__ == "__main__":

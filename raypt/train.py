@@ -9,7 +9,6 @@ Re-running the same run.name resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -23,11 +22,10 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raypt import checkpoint, faults
-from raypt.config import (Config, absolute_paths, add_config_args, config_from_args, config_from_dict,
-                          global_batch_size, grad_accum_steps, sources)
+from raypt.cli import command, fail, quiet_libraries
+from raypt.config import Config, config_from_dict, global_batch_size, grad_accum_steps, sources
 from raypt.corpus import CorpusError, filesystem, is_uri
-from raypt.data import (cluster_can_grow, fingerprint, init_ray, plan, pool_plan, release_failed_pipelines,
-                        user_error)
+from raypt.data import cluster_can_grow, fingerprint, init_ray, plan, pool_plan
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
 from raypt.metrics import emit
@@ -125,7 +123,7 @@ def train_loop_per_worker(config: dict) -> dict:
     from raypt.loop import train
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     cfg = config_from_dict(config["config"])
     try:
         return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"], config["data"]))
@@ -133,13 +131,6 @@ def train_loop_per_worker(config: dict) -> dict:
         # Every rank meets these at the same point (same model, same checkpoint, same data, all-reduced NaN flags),
         # and no restart can fix them: the run ends with the message instead of a worker failure Ray would retry.
         return {"error": getattr(e, "message", str(e))}
-
-
-def _quiet_libraries() -> None:
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,25 +307,14 @@ def sample(final_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raypt.train", description=__doc__.split("\n\n")[0])
-    add_config_args(ap)
-    args = ap.parse_args(argv)
-    cfg = absolute_paths(config_from_args(args))
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    _quiet_libraries()
+@command(__doc__, "raypt.train", config=True)
+def main(args) -> int:
+    cfg = args.cfg
+    quiet_libraries()
     print("resolved config:\n" + cfg.to_yaml(), flush=True)
-    try:
-        out = run(cfg)
-    except Exception as e:
-        err = user_error(e, (UserError,))
-        if err is None:
-            raise
-        out, err = {"error": getattr(err, "message", str(err))}, None
-    if "error" in out:
-        release_failed_pipelines()  # (outside the except block: the exception is no longer referenced)
-        print(f"error: {out['error']}", file=sys.stderr)
-        return 2
+    out = run(cfg)
+    if "error" in out:  # a user error met on the workers (they return it: no retry)
+        return fail(out["error"])
     prompt = cfg.train.sample_prompt or "The "
     print(f"\ndone: {out.get('step')} steps, {out.get('tokens_seen', 0):,} tokens in {out['seconds']:.0f} s "
           f"({out.get('tokens_seen', 0) / out['seconds']:,.0f} tokens/s overall)")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from raypt import data, train
+from raypt import data, plan, train
 
 from conftest import make_docs, write_shards
 
@@ -55,19 +55,17 @@ def test_tokenizer_without_eos(ray_local, tokenizer_dir, tmp_path, capsys):
     assert rc == 2 and "has no EOS token; set tokenizer.eos_id" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("cli", ["data", "train"])
+@pytest.mark.parametrize("cli", ["data", "train", "plan"])
 @pytest.mark.parametrize("text, expect", [
     ("data:\n  train_paths: [x]\n  seq_lenn: 64\n", "unknown key data.seq_lenn; valid keys in data: train_paths"),
     ("data:\n  train_paths: [x]\n  seq_len: long\ntrain:\n  lr: [1]\n", "2 problem(s)"),
 ])
 def test_config_with_unknown_key_or_wrong_type(cli, text, expect, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(text)
-    main = data.main if cli == "data" else train.main
-    with pytest.raises(SystemExit) as e:
-        main(["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")] if cli == "data"
-             else ["--config", str(tmp_path / "c.yaml")])
+    main = {"data": data.main, "train": train.main, "plan": plan.main}[cli]
+    rc = main(["--config", str(tmp_path / "c.yaml")] + (["--out", str(tmp_path / "o")] if cli == "data" else []))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and expect in err and "Traceback" not in err
+    assert rc == 2 and err.startswith("error: ") and expect in err and "Traceback" not in err
     if "seq_len: long" in text:
         assert "data.seq_len" in err and "train.lr" in err
 
