@@ -262,6 +262,11 @@ class RunConfig:
     async_checkpoint: Optional[bool] = None
     """Write checkpoints in the background (torch.distributed.checkpoint.async_save): training waits only while the
     state is copied to host memory, not for the disk or the upload. null: on when training on GPUs."""
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 sends metrics besides metrics.jsonl: TensorBoard (run_dir/tensorboard), Weights & Biases, MLflow
+    (`pip install 'raypt[trackers]'`). Accounts and servers come from the environment alone, which the workers get:
+    WANDB_API_KEY, WANDB_PROJECT (default raypt), WANDB_MODE=offline; MLFLOW_TRACKING_URI (default: a file store in
+    run_dir/mlruns), MLFLOW_EXPERIMENT_NAME (default raypt). A resumed run goes on logging to the same tracker run."""
 
 
 @dataclass

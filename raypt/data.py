@@ -46,6 +46,7 @@ from raypt.config import Config, Source, sources
 from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
 from raypt.packing import TOKEN_DTYPE, BlockPacker
 from raypt.pipeline_stats import Stats
+from raypt.progress import Progress
 from raypt.tokenizer import TOKENIZER_FILES, EncoderSpec, encoder_spec, tokenizer_path
 
 SPLITS = ("train", "eval")
@@ -459,8 +460,9 @@ def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None
                   for i, u in enumerate(planned[key][1])]
     actors = pool_plan(cfg, len(items))
     t0 = time.perf_counter()
-    for _ in pack(cfg, items, actors, encoder, next(iter(stats.values()))).iter_internal_ref_bundles():
-        pass  # (one empty table per unit)
+    with Progress(f"tokenizing and packing on {actors[1]} actors", total=len(items), unit="unit") as bar:
+        for _ in pack(cfg, items, actors, encoder, next(iter(stats.values()))).iter_internal_ref_bundles():
+            bar.update(1)  # (one empty table per unit)
     seconds = time.perf_counter() - t0
     summary = {"seq_len": cfg.data.seq_len, "tokenizer": tokenizer_path(cfg), "tokenize_actors": actors[1],
                "seconds": round(seconds, 2)}
@@ -514,7 +516,7 @@ def init_ray() -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = False  # (raypt shows one bar per phase, `raypt.progress`, not one per operator)
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).addFilter(_QuietUserErrors())
 

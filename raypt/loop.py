@@ -67,7 +67,8 @@ def train(cfg: Config, ctx: Context) -> dict:
     docs = special_ids(tok, tc.add_bos, tc.add_eos, tc.bos_id, tc.eos_id) if cfg.data.document_masking else None
     model, info = setup_model(cfg, ctx, tok)
     optimizer = build_optimizer(model, t, ctx.device)
-    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0)
+    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0, loggers=cfg.run.loggers, name=cfg.run.name,
+                            config=cfg.to_dict())
     ckpt = Checkpointer(ctx.storage, rank=ctx.rank, local_rank=ctx.local_rank, keep=cfg.run.checkpoints_to_keep,
                         async_save=ctx.device.type == "cuda" if cfg.run.async_checkpoint is None
                         else cfg.run.async_checkpoint)
@@ -136,8 +137,20 @@ def train(cfg: Config, ctx: Context) -> dict:
     ckpt.wait()
     metrics.close()
     export(cfg, ctx, model, tok)
+    if rank0:
+        write_report(ctx.run_dir)
     ctx.sync()
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}
+
+
+def write_report(run_dir: Path) -> None:
+    """run_dir/report (`raypt.report`); a failure to plot is reported, never the end of a finished run."""
+    from raypt.report import write
+
+    try:
+        emit(f"report: {write([str(run_dir)])}")
+    except Exception as e:  # noqa: BLE001 (the model is saved; the report can be made again with raypt.report)
+        emit(f"WARNING: no report ({type(e).__name__}: {e}); make it with `python -m raypt.report {run_dir}`")
 
 
 def passes(cfg: Config, position) -> dict:

@@ -10,10 +10,26 @@ from pathlib import Path
 
 import torch
 
-def emit(line: str) -> None:
-    """One line to the job log. Writes to stdout directly: Ray Train patches print() into its own logging."""
+from raypt.progress import _duration
+
+_echo = None
+
+
+def emit(line: str, **fields) -> None:
+    """One line to the job log. Writes to stdout directly: Ray Train patches print() into its own logging. Where the
+    driver shows a progress bar (`echo_to`), the line goes to the driver instead, with `fields` (a log step's step
+    and tokens/s)."""
+    if _echo is not None:
+        _echo(line, fields)
+        return
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def echo_to(fn) -> None:
+    """Send this process's `emit` lines to `fn(line, fields)`."""
+    global _echo
+    _echo = fn
 
 # Dense bf16 peak FLOP/s of one device, by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
@@ -38,19 +54,20 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
 
 
 class MetricsLogger:
-    """Appends one JSON object per event to `run_dir/metrics.jsonl`, mirrors scalars to TensorBoard, prints progress."""
+    """Appends one JSON object per event to `run_dir/metrics.jsonl`, sends scalars to the run's trackers
+    (`run.loggers`), prints progress."""
 
-    def __init__(self, run_dir: Path, max_steps: int, enabled: bool):
+    def __init__(self, run_dir: Path, max_steps: int, enabled: bool, loggers: tuple[str, ...] = ("tensorboard",),
+                 name: str = "raypt", config: dict | None = None):
         self.enabled, self.max_steps = enabled, max_steps
         self._t0 = time.perf_counter()
         self._start_step = None
+        self._trackers = []
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._trackers = [TRACKERS[kind](run_dir, name, config or {}) for kind in dict.fromkeys(loggers)]
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -60,11 +77,10 @@ class MetricsLogger:
                                 if v is not None and not (isinstance(v, float) and not math.isfinite(v))}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(k, v, step)
-        self._tb.flush()
-        emit(self._line(step, row))
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        for tracker in self._trackers:
+            tracker.log(step, scalars)
+        emit(self._line(step, row), step=step, tokens_per_s=row.get("tokens_per_s"))
 
     def event(self, step: int, message: str, **fields) -> None:
         """A line in metrics.jsonl (with `fields`) and on the console for something that happened, e.g. a resume."""
@@ -95,9 +111,106 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
-            self._tb.close()
+            for tracker in self._trackers:
+                tracker.close()
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+# -- trackers: rank 0 alone talks to them ----------------------------------------------------------------------------
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, scalars: dict) -> None:
+        for k, v in scalars.items():
+            self._w.add_scalar(k, v, step)
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class WandB:
+    """A W&B run with the raypt run's name as its id, so a resumed run (even from another node) goes on in it."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        import os
+        import re
+
+        import wandb
+
+        self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "raypt"), name=name, config=config,
+                               id=re.sub(r"[^A-Za-z0-9_-]", "-", name), resume="allow", dir=str(run_dir))
+
+    def log(self, step: int, scalars: dict) -> None:
+        if step >= self._run.step:  # (steps a resumed run trains again are already there: W&B keeps the first)
+            self._run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MLflow:
+    """An MLflow run tagged with the raypt run's name, found again on resume. Without MLFLOW_TRACKING_URI: a file
+    store in run_dir/mlruns (`mlflow ui --backend-store-uri RUN_DIR/mlruns`)."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        import os
+
+        import mlflow
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # (MLflow >= 3 asks for this)
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "raypt"))
+        found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`raypt.run` = '{name}'",
+                                   max_results=1, output_format="list")
+        self._mlflow = mlflow
+        self._run = mlflow.start_run(run_id=found[0].info.run_id) if found else mlflow.start_run(
+            run_name=name, tags={"raypt.run": name})
+        if not found:
+            mlflow.log_params({k: str(v)[:500] for k, v in _flat(config).items()})
+            mlflow.log_dict(config, "config.json")
+
+    def log(self, step: int, scalars: dict) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(loggers: list[str]) -> None:
+    """Refuse, before a run starts, a tracker whose package is not installed."""
+    import importlib.util
+
+    from raypt.errors import UserError
+
+    if missing := [PACKAGES[k] for k in loggers if k in PACKAGES and importlib.util.find_spec(PACKAGES[k]) is None]:
+        raise UserError(f"run.loggers names {', '.join(missing)}, which is not installed: pip install "
+                        "'raypt[trackers]' (or remove it from run.loggers)")
+
+
+def tracker_env() -> dict[str, str]:
+    """The trackers' settings and credentials in the driver's environment, for the workers' runtime env."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "MLFLOW_"))}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+

@@ -33,6 +33,16 @@ class PipelineStats:
 
     def __init__(self):
         self.pipes: list[_Pipe] = []
+        self.lines: list[tuple[str, dict]] = []
+
+    async def say(self, line: str, fields: dict) -> None:
+        """A line of rank 0's for the driver to print (on a terminal, above its progress bar: `raypt.train`)."""
+        self.lines.append((line, fields))
+
+    async def heard(self) -> tuple[list[tuple[str, dict]], int]:
+        """The lines said since the last call, and the blocks every pipeline has made so far."""
+        lines, self.lines = self.lines, []
+        return lines, sum(p.counts["blocks"] for p in self.pipes)
 
     async def start(self, ahead: int | None, first: int) -> int:
         self.pipes.append(_Pipe(ahead, first))

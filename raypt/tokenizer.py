@@ -22,6 +22,7 @@ import numpy as np
 from raypt.cli import command
 from raypt.corpus import FORMATS, CorpusError, filesystem, is_uri, iter_documents, list_files, node_copy
 from raypt.packing import concat_documents
+from raypt.progress import Progress, is_terminal
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -212,6 +213,12 @@ def sample_documents(
         yield batch
 
 
+def _counted(batches: Iterator[list[str]], bar: Progress) -> Iterator[list[str]]:
+    for batch in batches:
+        bar.update(sum(len(d.encode("utf-8")) for d in batch) / 1e6)
+        yield batch
+
+
 def tokenizer_path(cfg) -> str:
     """The run's tokenizer directory: tokenizer.path, else the pretrained model's own."""
     path = cfg.tokenizer.path or cfg.model.name_or_path
@@ -237,14 +244,16 @@ def train_tokenizer(
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    trainer = trainers.BpeTrainer(  # (its own bar, on a terminal, is the merges' phase)
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=is_terminal(),
     )
     docs = sample_documents(
         paths, fmt, counts, text_field=text_field, decode_errors=decode_errors, sample_bytes=sample_bytes, seed=seed
     )
-    tk.train_from_iterator(docs, trainer=trainer)
+    total = min(sample_bytes, sum(list_files(paths, "--data", fmt).sizes)) / 1e6
+    with Progress("reading and counting text for the tokenizer", total=round(total, 1), unit="MB") as bar:
+        tk.train_from_iterator(_counted(docs, bar), trainer=trainer)
     if counts["documents"] == 0:
         raise CorpusError(f"--data {' '.join(paths)} holds no document to train a tokenizer on")
     # Like Llama's tokenizer, a plain tok(text) starts with BOS; raypt's pipeline adds BOS/EOS itself.

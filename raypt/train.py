@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +29,9 @@ from raypt.corpus import CorpusError, filesystem, is_uri
 from raypt.data import cluster_can_grow, fingerprint, init_ray, plan, pool_plan
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
-from raypt.metrics import emit
+from raypt.metrics import check_trackers, echo_to, emit, tracker_env
 from raypt.pipeline_stats import PipelineStats
+from raypt.progress import Progress, is_terminal
 from raypt.model import preflight as model_preflight
 from raypt.stream import Position, fingerprint_changes, touched_files
 from raypt.tokenizer import encoder_spec
@@ -126,6 +128,8 @@ def train_loop_per_worker(config: dict) -> dict:
     quiet_libraries()
     cfg = config_from_dict(config["config"])
     try:
+        if config["terminal"] and ray.train.get_context().get_world_rank() == 0:  # the driver shows a bar
+            echo_to(lambda line, fields: ray.get(config["stats"].say.remote(line, fields)))  # (none lost at exit)
         return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"], config["data"]))
     except UserError as e:
         # Every rank meets these at the same point (same model, same checkpoint, same data, all-reduced NaN flags),
@@ -229,6 +233,7 @@ def run(cfg: Config) -> dict:
               for w in dict.fromkeys([sc.max_workers, sc.min_workers]))
           + (f" (elastic: any size from {sc.min_workers} to {sc.max_workers})" if sc.elastic else ""), flush=True)
     reserved = 0.0 if cfg.data.materialize else sc.max_workers * sc.cpus_per_worker
+    check_trackers(cfg.run.loggers)
     preflight(cfg, reserved)
     model_preflight(cfg.model, cfg.data.seq_len)
     if cfg.run.resume_from and not latest:
@@ -261,26 +266,65 @@ def run(cfg: Config) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals,
-                           "data": data_fp},
+                           "data": data_fp, "stats": stats, "terminal": is_terminal(sys.stdout)},
         scaling_config=ray.train.ScalingConfig(num_workers=(sc.min_workers, sc.max_workers) if sc.elastic
                                                else sc.max_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker={"CPU": sc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            worker_runtime_env={"env_vars": env} if (env := faults.forwarded_env()) else None,
+            worker_runtime_env={"env_vars": env} if (env := faults.forwarded_env() | tracker_env()) else None,
         ),
     )
     t0 = time.perf_counter()
+    monitor = Monitor(stats, cfg.train.max_steps) if is_terminal(sys.stdout) else None
     try:
         result = trainer.fit()
     finally:
+        if monitor is not None:
+            monitor.stop()
         ray.get(feeder.close.remote())
     out = dict(result.return_value or {})
     out["data"] = ray.get(feeder.counts.remote())
     ray.kill(feeder)
     out.update(seconds=time.perf_counter() - t0, final=f"{run_dir}/final", run_dir=run_dir)
     return out
+
+
+class Monitor(threading.Thread):
+    """On a terminal: the data warm-up before step 1, then training, as one progress bar each, and rank 0's lines
+    printed above them. Rank 0 sends its lines here (through the stats actor) instead of to its stdout, which Ray's
+    log forwarding would print across the bar. Off the terminal rank 0's lines are the progress, as they are."""
+
+    def __init__(self, stats, max_steps: int, every: float = 0.5):
+        super().__init__(daemon=True, name="raypt-progress")
+        self.stats, self.max_steps, self.every = stats, max_steps, every
+        self._done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        warmup = Progress("data warm-up: blocks made before step 1", unit="block", stream=sys.stdout)
+        steps = None
+        while True:
+            stopping = self._done.wait(self.every)
+            lines, blocks = ray.get(self.stats.heard.remote())
+            for line, fields in lines:
+                if steps is None and "step" in fields:  # step 1 is done: the warm-up is over
+                    warmup.close()
+                    steps = Progress("training", total=self.max_steps, unit="step", stream=sys.stdout)
+                (steps or warmup).write(line)
+                if steps is not None and "step" in fields:
+                    tps = fields.get("tokens_per_s")
+                    steps.set(fields["step"], f"{tps:,.0f} tok/s" if tps else "")
+            if steps is None:
+                warmup.set(blocks)
+            if stopping:
+                (steps or warmup).close()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
 
 
 def format_counts(c: dict) -> str:
@@ -326,6 +370,8 @@ def main(args) -> int:
     print(f"model: {out['final']}")
     if cfg.train.sample_tokens and Path(out["final"]).is_dir():
         print(f"sample: {prompt!r} -> {sample(out['final'], prompt, cfg.train.sample_tokens)!r}")
+    print(f"report: {out['run_dir']}/report/report.md (plots beside it; compare runs with "
+          f"`python -m raypt.report RUN_DIR RUN_DIR`)")
     return 0
 
 
