@@ -8,7 +8,7 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: train test bench bench-data soak clean
+.PHONY: train test bench bench-data soak readme-plot clean
 
 # torch with pip, which reads pip's settings (where the local CPU build is); the rest with uv, which downloads,
 # installs and byte-compiles in parallel (the whole venv in ~1.7 minutes here instead of pip's ~3.7), held to that
@@ -41,6 +41,14 @@ bench-data: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(BIN)/python bench/soak.py
+
+# The README's plot: the demo run's loss curve (`python -m raypt.report`), regenerated from a fresh demo run.
+readme-plot: $(VENV)/.installed
+	$(BIN)/python -m raypt.demo --out out/demo
+	rm -rf out/runs/readme-plot
+	$(BIN)/python -m raypt.train --config configs/demo.yaml --set run.storage_path=out/runs --set run.name=readme-plot
+	mkdir -p bench/plots
+	cp out/runs/readme-plot/report/loss.png bench/plots/demo-loss.png
 
 clean:
 	rm -rf $(VENV) runs out .pytest_cache

@@ -340,15 +340,12 @@ def format_counts(c: dict) -> str:
 
 
 def sample(final_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of `prompt` by the exported model (checks that final/ loads and generates)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Greedy continuation of `prompt` by the exported model (checks that final/ loads and generates), as
+    `python -m raypt.generate --temperature 0` makes it."""
+    from raypt.generate import generate
+    from raypt.load import load
 
-    tok = AutoTokenizer.from_pretrained(final_dir)
-    model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return generate(load(final_dir), prompt, max_new_tokens=max_new_tokens, temperature=0, top_p=1, seed=0)
 
 
 @command(__doc__, "raypt.train", config=True)

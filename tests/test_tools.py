@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +247,46 @@ def test_rank_zeros_lines_reach_the_driver_in_order(ray_local, capsys):
     out = capsys.readouterr().out
     positions = [out.index(s) for s in ("model: 1 parameter", "step 2/4", "step 4/4", "report: r.md")]
     assert positions == sorted(positions) and "training: 4/4 steps" in out
+
+
+def test_lm_eval_harness_runs_a_local_task_on_the_model(lora_run, tmp_path):
+    pytest.importorskip("lm_eval")
+    run_dir, _, _ = lora_run
+    docs = [{"question": "the cat sat on the", "choices": [" mat", " sky"], "answer": 0},
+            {"question": "one, two,", "choices": [" three", " banana"], "answer": 0},
+            {"question": "def f(x):", "choices": [" return x", " zebra"], "answer": 0}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    out = subprocess.run([sys.executable, "-m", "raypt.eval", "--model", str(run_dir / "final"), "--tasks",
+                          "tiny_mc", "--include-path", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    task = json.loads(out.stdout.strip().splitlines()[-1])["tasks"]["tiny_mc"]
+    assert task["sample_len"] == 3 and task["acc,none"] in (0, 1 / 3, 2 / 3, 1)
+
+
+def test_the_readme_shows_the_demo_plot_and_the_tools():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert "![the demo run's train and eval loss against tokens seen](bench/plots/demo-loss.png)" in readme
+    assert (root / "bench" / "plots" / "demo-loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "readme-plot:" in (root / "Makefile").read_text()
+    for command in ("python -m raypt.generate --model", "python -m raypt.eval --model", "python -m raypt.report"):
+        assert command in readme
+
+
+def test_eval_on_ray_workers_sums_to_the_one_process_result(lora_run, corpus, capsys):
+    run_dir, _, _ = lora_run
+    results = []
+    for workers in ("0", "2"):
+        assert raypt_eval.main(["--model", str(run_dir / "checkpoint_000006"), "--data", str(corpus / "eval"),
+                                "--workers", workers]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    one, two = results
+    assert one["blocks"] == two["blocks"] > EVAL_BLOCKS and one["bytes_scored"] == two["bytes_scored"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["bits_per_byte"] == pytest.approx(one["bits_per_byte"], rel=1e-6)
