@@ -22,7 +22,7 @@ import numpy as np
 from raypt.cli import command
 from raypt.corpus import FORMATS, CorpusError, filesystem, is_uri, iter_documents, list_files, node_copy
 from raypt.packing import concat_documents
-from raypt.progress import Progress, is_terminal
+from raypt.progress import Progress
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -217,6 +217,7 @@ def _counted(batches: Iterator[list[str]], bar: Progress) -> Iterator[list[str]]
     for batch in batches:
         bar.update(sum(len(d.encode("utf-8")) for d in batch) / 1e6)
         yield batch
+    bar.write("text read; computing the merges")
 
 
 def tokenizer_path(cfg) -> str:
@@ -244,9 +245,9 @@ def train_tokenizer(
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(  # (its own bar, on a terminal, is the merges' phase)
+    trainer = trainers.BpeTrainer(  # (its own bars would run beside raypt's)
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=is_terminal(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     docs = sample_documents(
         paths, fmt, counts, text_field=text_field, decode_errors=decode_errors, sample_bytes=sample_bytes, seed=seed

@@ -1,6 +1,6 @@
 """What a user runs around training: generate and eval from any of a run's outputs, the trackers, the run report,
-progress output, and the CLIs' one way of refusing bad input. The CLIs run end to end in fresh processes on a LoRA
-run trained here on real local Ray."""
+progress output, and the CLIs' one way of refusing bad input, on a LoRA run trained here on real local Ray.
+`raypt.generate`, `raypt.eval` and lm-eval run end to end in fresh processes; the rest in this one."""
 
 import io
 import json
@@ -60,23 +60,23 @@ def lora_run(ray_local, tmp_path_factory, corpus, tiny_pretrained):
 def test_generate_from_final_adapter_and_checkpoint_gives_one_greedy_continuation(lora_run):
     run_dir, _, _ = lora_run
     outputs = {}
-    for path in (run_dir / "final", run_dir / "final" / "adapter", run_dir / "checkpoint_000006"):
-        out = cli("raypt.generate", "--model", str(path), "--prompt", "the", "--temperature", "0",
-                  "--max-new-tokens", "12")
-        outputs[path.name] = out.stdout
-        assert "Traceback" not in out.stderr
+    procs = {path.name: subprocess.Popen(  # (side by side: three fresh processes)
+        [sys.executable, "-m", "raypt.generate", "--model", str(path), "--prompt", "the", "--temperature", "0",
+         "--max-new-tokens", "12"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for path in (run_dir / "final", run_dir / "final" / "adapter", run_dir / "checkpoint_000006")}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+        outputs[name] = stdout
     assert len(set(outputs.values())) == 1, outputs
     text = outputs["final"]
     assert text.startswith("the") and len(text.strip()) > len("the"), text
     # a checkpoint of the middle of the run is another model
-    middle = cli("raypt.generate", "--model", str(run_dir / "checkpoint_000003"), "--prompt", "the",
-                 "--temperature", "0", "--max-new-tokens", "12").stdout
     loaded = [load(str(run_dir / d)).model for d in ("checkpoint_000003", "checkpoint_000006")]
     x = torch.arange(3, 3 + SEQ).unsqueeze(0)
     with torch.no_grad():
         a, b = (m(input_ids=x).logits for m in loaded)
     assert not torch.allclose(a, b), "checkpoint_000003 loaded the final weights"
-    assert isinstance(middle, str)
 
 
 def test_eval_perplexity_is_the_one_the_run_logged(lora_run, corpus):
@@ -89,7 +89,7 @@ def test_eval_perplexity_is_the_one_the_run_logged(lora_run, corpus):
     assert result["perplexity"] == pytest.approx(evals[-1]["eval_ppl"], rel=1e-5)
 
 
-def test_bits_per_byte_by_hand(lora_run, tmp_path):
+def test_bits_per_byte_by_hand(lora_run, tmp_path, capsys):
     run_dir, _, _ = lora_run
     text = "the quick brown fox jumps over the lazy dog, twice: über naïve"
     (tmp_path / "t.txt").write_text(text + "\n", encoding="utf-8")
@@ -101,9 +101,9 @@ def test_bits_per_byte_by_hand(lora_run, tmp_path):
     nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
     by_hand = nats / math.log(2) / len(text.encode("utf-8"))  # the EOS stands for no bytes
 
-    out = cli("raypt.eval", "--model", str(run_dir / "final"), "--data", str(tmp_path / "t.txt"),
-              "--seq-len", str(len(ids)))
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert raypt_eval.main(["--model", str(run_dir / "final"), "--data", str(tmp_path / "t.txt"),
+                            "--seq-len", str(len(ids))]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["blocks"] == 1 and result["tokens_not_scored"] == 0
     assert result["bytes_scored"] == len(text.encode("utf-8"))
     assert result["bits_per_byte"] == pytest.approx(by_hand, rel=1e-5)
@@ -133,7 +133,7 @@ def test_wandb_offline_and_mlflow_file_store_hold_the_metrics_and_config(lora_ru
     assert client.get_metric_history(run.info.run_id, "eval_loss")[-1].value == pytest.approx(evals[-1]["eval_loss"])
 
 
-def test_the_run_ends_with_a_report_and_runs_compare(lora_run, tmp_path):
+def test_the_run_ends_with_a_report_and_runs_compare(lora_run, tmp_path, capsys):
     run_dir, _, evals = lora_run
     md = (run_dir / "report" / "report.md").read_text()
     assert f"| eval_loss | {evals[-1]['eval_loss']:.4f} |" in md and "| steps | 6 |" in md
@@ -141,8 +141,8 @@ def test_the_run_ends_with_a_report_and_runs_compare(lora_run, tmp_path):
         png = run_dir / "report" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, png
         assert f"]({name}.png)" in md
-    out = cli("raypt.report", str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp"))
-    assert out.stdout.strip() == f"report: {tmp_path / 'cmp' / 'report.md'}"
+    assert report.main([str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp")]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'cmp' / 'report.md'}"
     assert "| metric | lora | lora |" in (tmp_path / "cmp" / "report.md").read_text()
 
 
