@@ -517,6 +517,9 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # (raypt shows one bar per phase, `raypt.progress`, not one per operator)
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # (and Ray Data's advice to turn its own on is not printed)
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).addFilter(_QuietUserErrors())
 
