@@ -262,6 +262,8 @@ class RunConfig:
     async_checkpoint: Optional[bool] = None
     """Write checkpoints in the background (torch.distributed.checkpoint.async_save): training waits only while the
     state is copied to host memory, not for the disk or the upload. null: on when training on GPUs."""
+    report: bool = True
+    """Write RUN_DIR/report (report.md and plots, `raypt.report`) at the end of the run."""
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     """Where rank 0 sends metrics besides metrics.jsonl: TensorBoard (run_dir/tensorboard), Weights & Biases, MLflow
     (`pip install 'raypt[trackers]'`). Accounts and servers come from the environment alone, which the workers get:

@@ -137,7 +137,7 @@ def train(cfg: Config, ctx: Context) -> dict:
     ckpt.wait()
     metrics.close()
     export(cfg, ctx, model, tok)
-    if rank0:
+    if rank0 and cfg.run.report:
         write_report(ctx.run_dir)
     ctx.sync()
     return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {})}

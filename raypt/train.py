@@ -367,8 +367,9 @@ def main(args) -> int:
     print(f"model: {out['final']}")
     if cfg.train.sample_tokens and Path(out["final"]).is_dir():
         print(f"sample: {prompt!r} -> {sample(out['final'], prompt, cfg.train.sample_tokens)!r}")
-    print(f"report: {out['run_dir']}/report/report.md (plots beside it; compare runs with "
-          f"`python -m raypt.report RUN_DIR RUN_DIR`)")
+    if cfg.run.report:
+        print(f"report: {out['run_dir']}/report/report.md (plots beside it; compare runs with "
+              f"`python -m raypt.report RUN_DIR RUN_DIR`)")
     return 0
 
 

@@ -67,7 +67,7 @@ def train(env: dict, corpus: Path, tokenizer_dir: str, tmp_path: Path, *more: st
     sets = [f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=32",
             f"run.storage_path={tmp_path}", "run.name=cold", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
             "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=4", "train.eval_every=0",
-            "train.sample_tokens=0", *more]
+            "train.sample_tokens=0", "run.report=false", *more]
     return subprocess.run([sys.executable, "-m", "raypt.train", *[a for s in sets for a in ("--set", s)]], env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -38,7 +38,7 @@ def settings(tokenizer_dir) -> list[str]:
     return [f"tokenizer.path={tokenizer_dir}", f"data.seq_len={SEQ}", "train.global_batch_size=8",
             "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=6",
             "train.eval_batches=8", "train.warmup_steps=2", "train.lr=3e-3", "train.weight_decay=0.5",
-            f"data.shuffle_tokens={16 * SEQ}", "train.sample_tokens=0"]
+            f"data.shuffle_tokens={16 * SEQ}", "train.sample_tokens=0", "run.report=false"]
 
 
 def run(storage, tokenizer_dir, data, name, workers, *sets):

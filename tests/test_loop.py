@@ -26,7 +26,7 @@ def cfg_for(tokenizer_dir, *sets):
     return load_config(None, ["data.train_paths=[unused]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=32",
                               "scaling.num_workers=1", "train.global_batch_size=8", "train.micro_batch_size=4",
                               "train.max_steps=40", "train.warmup_steps=4", "train.lr=3e-3", "train.log_every=1",
-                              "train.eval_every=20", "train.checkpoint_every=20", *sets])
+                              "train.eval_every=20", "train.checkpoint_every=20", "run.report=false", *sets])
 
 
 def metrics(run_dir):

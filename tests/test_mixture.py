@@ -132,7 +132,7 @@ def test_a_killed_mixture_run_resumes_exactly_and_evaluates_each_source(ray_loca
               f"run.storage_path={tmp_path}", "run.name=mix", "run.max_failures=1", "scaling.num_workers=2",
               "scaling.cpus_per_worker=0.5", "train.micro_batch_size=2", "train.global_batch_size=8",
               "train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=1",
-              "train.warmup_steps=2", "train.lr=3e-3", "train.sample_tokens=0"):
+              "train.warmup_steps=2", "train.lr=3e-3", "train.sample_tokens=0", "run.report=false"):
         argv += ["--set", s]
     assert train.main(argv) == 0
     rows = [json.loads(x) for x in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]

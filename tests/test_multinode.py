@@ -77,7 +77,7 @@ def sets(tmp_path, corpus, tokenizer_dir, name, seq_len):
             f"run.storage_path={tmp_path}", f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=2",
             "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=6", "train.log_every=1",
             "train.eval_every=0", "train.checkpoint_every=3", "train.warmup_steps=2", "train.lr=3e-3",
-            "data.unit_bytes=262144", "data.cpus_per_tokenize_worker=1", "train.sample_tokens=0"]
+            "data.unit_bytes=262144", "data.cpus_per_tokenize_worker=1", "train.sample_tokens=0", "run.report=false"]
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -43,7 +43,8 @@ def run(tmp_path, tokenizer_dir, source, name, monkeypatch, fault=None, *sets):
               f"run.name={name}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.micro_batch_size=2",
               "train.global_batch_size=8", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
               "train.log_every=1", "train.eval_every=0", "train.warmup_steps=2", "train.lr=3e-3",
-              "data.shuffle_tokens=960", "train.sample_tokens=0", *sets):  # windows of a few units (30 blocks): resumes land inside one
+              "data.shuffle_tokens=960",  # windows of a few units (30 blocks): resumes land inside one
+              "train.sample_tokens=0", "run.report=false", *sets):
         argv += ["--set", s]
     return train.main(argv)
 

@@ -50,7 +50,7 @@ def recipe(name: str, bucket: str, tmp_path: Path, *sets: str) -> list[str]:
     argv = ["--config", str(config)]
     for s in ("data.seq_len=32", "scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5",
               "train.global_batch_tokens=256", "train.micro_batch_size=2", "train.warmup_steps=1",
-              "train.log_every=1", "train.sample_tokens=0", *sets):
+              "train.log_every=1", "train.sample_tokens=0", "run.report=false", *sets):
         argv += ["--set", s]
     return argv
 

@@ -43,7 +43,7 @@ def run(tmp_path, tokenizer_dir, pretokenized, name, *sets):
             "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=4", "--set", "train.lr=3e-3",
             "--set", "train.warmup_steps=1", "--set", "train.log_every=1", "--set", "train.eval_batches=2",
             "--set", "scaling.cpus_per_worker=0.5",  # 2 CPUs here: leave one to stream the blocks
-            "--set", "train.sample_tokens=0"]  # (a sample only where a test reads it)
+            "--set", "train.sample_tokens=0", "--set", "run.report=false"]  # (only where a test reads them)
     for s in sets:
         argv += ["--set", s]
     assert train.main(argv) == 0
@@ -82,7 +82,7 @@ def test_two_workers_match_one_process_export_and_write_sharded_checkpoints(ray_
     one = one_process(tmp_path / "one", pretokenized, f"tokenizer.path={tokenizer_dir}", f"data.seq_len={SEQ}",
                       "train.global_batch_size=16", "train.micro_batch_size=4", "train.lr=3e-3",
                       "train.warmup_steps=1", "train.log_every=1", "train.max_steps=2", "train.eval_every=0",
-                      "train.sample_tokens=0")
+                      "train.sample_tokens=0", "run.report=false")
     one = [r for r in one if "loss" in r]
     two, evals = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=4",
                      "train.checkpoint_every=2", "train.eval_every=2", "train.sample_tokens=8")
@@ -117,7 +117,8 @@ def test_nan_on_one_of_two_ray_workers_is_skipped_by_both_then_stops_past_the_li
                         f"run.storage_path={tmp_path}", "run.name=nan", "scaling.num_workers=2",
                         "scaling.cpus_per_worker=0.5", "train.global_batch_size=8", "train.micro_batch_size=2",
                         "train.max_steps=6", "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=0",
-                        "train.nonfinite=skip", "train.max_skipped_steps=1", "train.sample_tokens=0")
+                        "train.nonfinite=skip", "train.max_skipped_steps=1", "train.sample_tokens=0",
+                        "run.report=false")
             for a in ("--set", s)]
     assert train.main(argv) == 2
     err = capsys.readouterr().err
