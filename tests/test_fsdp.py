@@ -141,9 +141,15 @@ def test_resume_on_another_world_size(reference, storage, tokenizer_dir, data, w
     assert evals[-1]["eval_loss"] == pytest.approx(reference[1][-1]["eval_loss"], rel=rel)
 
 
-def test_lora_under_fsdp(ray_local, storage, tokenizer_dir, data, tiny_pretrained):
-    rows, _ = run(storage, tokenizer_dir, data, "lora", 2, "scaling.strategy=fsdp", f"model.name_or_path={tiny_pretrained}",
-                  "model.lora=true", "train.max_steps=4", "train.lr=1e-2", "train.eval_every=0")
+@pytest.fixture(scope="module")
+def lora_fsdp(ray_local, storage, tokenizer_dir, data, tiny_pretrained):
+    """A LoRA run on 2 FSDP workers: its train rows."""
+    return run(storage, tokenizer_dir, data, "lora", 2, "scaling.strategy=fsdp", f"model.name_or_path={tiny_pretrained}",
+               "model.lora=true", "train.max_steps=4", "train.lr=1e-2", "train.eval_every=0")[0]
+
+
+def test_lora_under_fsdp(lora_fsdp, storage, tiny_pretrained):
+    rows = lora_fsdp
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
     from peft import PeftModel
 
@@ -157,6 +163,20 @@ def test_lora_under_fsdp(ray_local, storage, tokenizer_dir, data, tiny_pretraine
     merged = AutoModelForCausalLM.from_pretrained(final)
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.split(".")[-2].endswith("proj") for k in changed)
+
+
+def test_sharded_checkpoints_load_as_their_final_export(reference, lora_fsdp, storage):
+    """`raypt.load` builds a checkpoint that 2 FSDP ranks wrote (the whole model, and a LoRA adapter) in one process:
+    the same logits as the run's export."""
+    from raypt.load import load
+
+    x = torch.arange(3, 3 + SEQ).unsqueeze(0)
+    for run_dir, ckpt, final in [("fsdp", f"checkpoint_{STEPS:06d}", "final"),
+                                 ("lora", "checkpoint_000004", "final/adapter")]:
+        a, b = load(str(storage / run_dir / ckpt)), load(str(storage / run_dir / final))
+        assert a.kind == "checkpoint"
+        with torch.no_grad():
+            torch.testing.assert_close(a.model(input_ids=x).logits, b.model(input_ids=x).logits)
 
 
 def test_meta_device_builds_equal_eager_builds(tokenizer_dir, tiny_pretrained, tmp_path):
