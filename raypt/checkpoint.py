@@ -242,8 +242,8 @@ def _saved(model, model_sd: dict) -> dict:
 
 def load_weights(source: str | Path, model) -> TrainState:
     """A complete checkpoint's model weights (not the optimizer's state) into a whole model in one process, however
-    many ranks wrote it and whether DDP or FSDP did (DCP reshards): for inference and evaluation."""
-    check(source)
+    many ranks wrote it and whether DDP or FSDP did (DCP reshards): for inference and evaluation. The caller has
+    `check`ed it (before building the model)."""
     sd = _saved(model, get_model_state_dict(model, options=_options(model)))
     with warnings.catch_warnings():  # (DCP says it assumes one process: it is one)
         warnings.filterwarnings("ignore", "torch.distributed is disabled")

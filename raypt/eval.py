@@ -59,13 +59,13 @@ def eval_config(loaded, args):
     return dataclasses.replace(cfg, data=data)
 
 
-def blocks_of(cfg, tok) -> tuple[np.ndarray, Counter]:
-    """The eval text's blocks, unit after unit, as training packs them; the counts (tokens, blocks, skips)."""
+def blocks_of(cfg, tok, bos_eos: tuple[int | None, int | None]) -> tuple[np.ndarray, Counter]:
+    """The eval text's blocks, unit after unit, as training packs them (documents wrapped in `bos_eos`); the counts
+    (tokens, blocks, skips)."""
     from raypt.data import pack_unit, plan
-    from raypt.tokenizer import DocumentEncoder, special_ids
+    from raypt.tokenizer import DocumentEncoder
 
-    t = cfg.tokenizer
-    encode = DocumentEncoder(tok, *special_ids(tok, t.add_bos, t.add_eos, t.bos_id, t.eos_id), cfg.data.max_doc_chars)
+    encode = DocumentEncoder(tok, *bos_eos, cfg.data.max_doc_chars)
     counts: Counter = Counter()
     _, units = plan(cfg, "eval")
     parts = [pack_unit(unit, cfg.data.format, cfg.data.text_field, encode, cfg.data, counts) for unit in units]
@@ -146,14 +146,15 @@ def main(args) -> None:
     if args.data:
         cfg = eval_config(loaded, args)
         tok, t = loaded.tokenizer, cfg.tokenizer
-        blocks, counts = blocks_of(cfg, tok)
+        bos_eos = special_ids(tok, t.add_bos, t.add_eos, t.bos_id, t.eos_id)
+        blocks, counts = blocks_of(cfg, tok, bos_eos)
         tails = int(counts["tokens"] - len(blocks) * cfg.data.seq_len)
         if args.max_blocks:
             blocks = blocks[: args.max_blocks]
         if not len(blocks):
             raise UserError(f"--data {' '.join(args.data)} holds no block of {cfg.data.seq_len} tokens "
                             f"({counts['tokens']} tokens in all): give more text or a smaller --seq-len")
-        docs = special_ids(tok, t.add_bos, t.add_eos, t.bos_id, t.eos_id) if cfg.data.document_masking else None
+        docs = bos_eos if cfg.data.document_masking else None
         if args.workers > 0:
             nats, n, nbytes = score_on_ray(args.model, blocks, args.batch_size, args.workers, docs)
         else:

@@ -170,8 +170,10 @@ class MLflow:
         found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`raypt.run` = '{name}'",
                                    max_results=1, output_format="list")
         self._mlflow = mlflow
-        self._run = mlflow.start_run(run_id=found[0].info.run_id) if found else mlflow.start_run(
-            run_name=name, tags={"raypt.run": name})
+        if found:
+            mlflow.start_run(run_id=found[0].info.run_id)
+        else:
+            mlflow.start_run(run_name=name, tags={"raypt.run": name})
         if not found:
             mlflow.log_params({k: str(v)[:500] for k, v in _flat(config).items()})
             mlflow.log_dict(config, "config.json")
@@ -184,7 +186,6 @@ class MLflow:
 
 
 TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
-PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
 
 def check_trackers(loggers: list[str]) -> None:
@@ -193,7 +194,7 @@ def check_trackers(loggers: list[str]) -> None:
 
     from raypt.errors import UserError
 
-    if missing := [PACKAGES[k] for k in loggers if k in PACKAGES and importlib.util.find_spec(PACKAGES[k]) is None]:
+    if missing := [k for k in loggers if k in ("wandb", "mlflow") and importlib.util.find_spec(k) is None]:
         raise UserError(f"run.loggers names {', '.join(missing)}, which is not installed: pip install "
                         "'raypt[trackers]' (or remove it from run.loggers)")
 
