@@ -5,6 +5,7 @@ hidden files, a missing path, one 10 MB line, a corpus too small for one block);
 
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,16 @@ def test_config_with_unknown_key_or_wrong_type(cli, text, expect, tmp_path, caps
     assert rc == 2 and err.startswith("error: ") and expect in err and "Traceback" not in err
     if "seq_len: long" in text:
         assert "data.seq_len" in err and "train.lr" in err
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_the_run_starts(tokenizer_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # (how Python marks a module that cannot be imported)
+    write_shards(tmp_path / "c", make_docs(10))
+    rc = train_cli(tmp_path / "c", tokenizer_dir, "run.loggers=[tensorboard, wandb]")
+    err = capsys.readouterr().err
+    assert rc == 2 and "run.loggers names wandb, which is not installed: pip install 'raypt[trackers]'" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
 def test_seq_len_above_the_models_positions(ray_local, tokenizer_dir, tmp_path, capsys):

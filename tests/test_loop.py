@@ -48,6 +48,7 @@ def test_scratch_loss_decreases_and_exports(tokenizer_dir, tmp_path):
     ids = model.generate(tok("the", return_tensors="pt").input_ids, max_new_tokens=5, do_sample=False)
     assert ids.shape[1] > 1
     assert (tmp_path / "tensorboard").is_dir()
+    assert not (tmp_path / "report").exists()  # (run.report: false, as cfg_for sets)
     ckpts = sorted(tmp_path.glob("checkpoint_*"))
     assert [c.name for c in ckpts] == ["checkpoint_000020", "checkpoint_000040"]
     assert (ckpts[0] / "COMPLETE").exists() and (ckpts[0] / "state" / ".metadata").exists()
