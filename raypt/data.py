@@ -305,8 +305,8 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
                   encoder: EncoderSpec | None = None, src: Source | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
-    `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
-    start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
+    `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order; it may hold several passes, one
+    after another). With `ahead`, a unit waits to start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
     caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`);
     `stats`: the `PipelineStats` actor to count in (default: a new one); `encoder`: the run's `encoder_spec`, when the
     caller has it (a process without transformers imported then never imports it); `src`: the source (default: the
