@@ -54,25 +54,23 @@ TEXT_BATCH_CHARS = 8 << 20  # a tokenizer batch is closed at this many character
 MIN_UNITS = 16  # a small corpus is cut finer (down to 64 KB units) so that actors share it; each unit drops a tail
 
 
-UNIT_KEY, SEQ_KEY, BLOCKS_KEY = b"raypt.unit", b"raypt.seq", b"raypt.unit_blocks"  # an output block's schema
-# metadata: its unit, the unit's place in the pipeline's order (which may hold a unit once per pass), and all the
-# blocks of that unit (a unit may be cut into several Ray blocks); the order actor reads them without the data
+UNIT_KEY, BLOCKS_KEY = b"raypt.unit", b"raypt.unit_blocks"  # an output block's schema metadata: its unit, and all
+# the blocks of that unit (a unit may be cut into several Ray blocks); the order actor reads them without the data
 
 
-def unit_table(blocks: np.ndarray, unit: int, seq: int) -> pa.Table:
-    """One unit's blocks as a Ray Data block, tagged with the unit and its seq so that its consumer can sequence it
-    unread."""
+def unit_table(blocks: np.ndarray, unit: int) -> pa.Table:
+    """One unit's blocks as a Ray Data block, tagged with the unit so that its consumer can sequence it unread."""
     table = pa.table({"input_ids": ArrowTensorArray.from_numpy(np.ascontiguousarray(blocks, TOKEN_DTYPE)),
                       "unit": pa.array(np.full(len(blocks), unit, np.int64))})
-    return table.replace_schema_metadata({UNIT_KEY: str(unit), SEQ_KEY: str(seq), BLOCKS_KEY: str(len(blocks))})
+    return table.replace_schema_metadata({UNIT_KEY: str(unit), BLOCKS_KEY: str(len(blocks))})
 
 
-def unit_tag(schema) -> tuple[int, int, int]:
-    """(unit, seq, the unit's total blocks) from an output block's schema."""
+def unit_tag(schema) -> tuple[int, int]:
+    """(unit, its total blocks) from an output block's schema."""
     meta = getattr(schema, "metadata", None) or {}
     if UNIT_KEY not in meta:
         raise RuntimeError(f"a data block without its unit tag (schema {schema}); the pipeline must end in unit_table")
-    return int(meta[UNIT_KEY]), int(meta[SEQ_KEY]), int(meta[BLOCKS_KEY])
+    return int(meta[UNIT_KEY]), int(meta[BLOCKS_KEY])
 
 
 def table_blocks(table: pa.Table) -> np.ndarray:
@@ -105,8 +103,7 @@ class TokenizePack:
         if stats.pipe not in self.told:
             stats.ready(self.t_ready)
             self.told.add(stats.pipe)
-        seq = int(batch["seq"][0])
-        stats.turn(seq)
+        stats.turn(int(batch["seq"][0]))
         t0 = time.perf_counter()
         counts: Counter = Counter()
         unit = int(batch["index"][0])
@@ -115,7 +112,7 @@ class TokenizePack:
         if out := str(batch["out"][0]):  # `python -m raypt.data --out`: the unit's file, written here
             write_unit(blocks, out)
         stats.add(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
-        yield unit_table(blocks[:0] if out else blocks, unit, seq)
+        yield unit_table(blocks[:0] if out else blocks, unit)
 
 
 def pack_unit(segments: list[Segment], fmt: str, text_field: str, encode, d, counts: Counter) -> np.ndarray:
@@ -155,8 +152,7 @@ def write_unit(blocks: np.ndarray, path: str) -> None:
 def read_pretokenized(batch: dict, seq_len: int, stats: Stats) -> Iterator[pa.Table]:
     """Ray Data task: one Parquet file written by `python -m raypt.data --out` (one unit) -> its tagged blocks; a
     wrong block length is a clear error."""
-    seq = int(batch["seq"][0])
-    stats.turn(seq)
+    stats.turn(int(batch["seq"][0]))
     path, unit = str(batch["path"][0]), int(batch["index"][0])
     fs, inner = filesystem(path)
     with fs.open_input_file(inner) as f:
@@ -170,7 +166,7 @@ def read_pretokenized(batch: dict, seq_len: int, stats: Stats) -> Iterator[pa.Ta
     if blocks.ndim != 2 or blocks.shape[1] != seq_len:
         raise CorpusError(f"data.pretokenized {path} holds blocks of {blocks.shape[-1]} tokens, but data.seq_len is "
                           f"{seq_len}; set data.seq_len to match, or re-run `python -m raypt.data` with this seq_len")
-    yield unit_table(blocks, unit, seq)
+    yield unit_table(blocks, unit)
 
 
 def plan(cfg: Config, split: str = "train", src: Source | None = None) -> tuple[Listing, list[list[Segment]]]:
@@ -305,8 +301,8 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
                   encoder: EncoderSpec | None = None, src: Source | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
-    `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order; it may hold several passes, one
-    after another). With `ahead`, a unit waits to start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
+    `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
+    start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
     caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`);
     `stats`: the `PipelineStats` actor to count in (default: a new one); `encoder`: the run's `encoder_spec`, when the
     caller has it (a process without transformers imported then never imports it); `src`: the source (default: the

@@ -16,12 +16,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+
 from functools import partial
 
 import numpy as np
@@ -40,23 +39,16 @@ them block by block), but never more than this many global batches (a small sour
 passes before the first step), nor less than one."""
 AHEAD = 64
 """Units the pipeline may run past the first one its consumer still waits for (the re-sequencing buffer's bound)."""
-PIPELINE_UNITS = 256
-"""A stream's pipelines after its first run whole passes, at least this many units in all: a small corpus read for
-many passes keeps its tokenize actors warm from pass to pass, where starting a pipeline and its actors for each pass
-costs ~2 s before its first unit (and an actor process each). The first one runs the opened pass alone, so that the
-next is sized to the rate training read it at."""
 
 
 def units_in_order(dataset: ray.data.Dataset, order: np.ndarray, first: int, stats=None) -> Iterator[Unit]:
-    """The units of a pipeline over `order[first:]` (a unit may come once per pass), back in that order, each as
-    (unit id, block references) — nothing is fetched. `stats.advance` tells the pipeline's turnstile how far the
-    consumer got."""
+    """The units of a pipeline over `order[first:]`, back in that order, each as (unit id, block references) —
+    nothing is fetched. `stats.advance` tells the pipeline's turnstile how far the consumer got."""
+    seq_of = {int(u): s for s, u in enumerate(order)}
     seq = Sequencer(first)
     for bundle in dataset.iter_internal_ref_bundles():
-        uid, s, total = unit_tag(bundle.schema)
-        if not first <= s < len(order) or int(order[s]) != uid:
-            raise RuntimeError(f"a data block tagged as unit {uid} at seq {s} of a pipeline over {len(order)} units")
-        ready = seq.add(s, total, bundle.num_rows(), tuple(e.ref for e in bundle.blocks))
+        uid, total = unit_tag(bundle.schema)
+        ready = seq.add(seq_of[uid], total, bundle.num_rows(), tuple(e.ref for e in bundle.blocks))
         for u in ready:
             yield Unit(u.seq, u.blocks, (int(order[u.seq]), sum(u.data, ())))
         if ready and stats is not None:
@@ -97,7 +89,7 @@ class Feeder:
         self.pools: list = []  # and their tokenize pools' (fewest, most) actors
         self.train_rate = None  # tokens/s rank 0 has been asking for windows at, since the stream was last opened
         self.materialized = [self._materialize(i) for i in range(len(self.sources))] if d.materialize else None
-        self.wins, self.opened, self.runs = None, None, [None] * len(self.sources)
+        self.wins, self.opened = None, None
         self._reset()
 
     def _reset(self) -> None:
@@ -144,27 +136,11 @@ class Feeder:
         return {u.data[0]: u for u in self._pipeline(i, np.arange(self.num_units[i]), 0)}
 
     def _read_pass(self, i: int, epoch: int, first: int) -> Iterator[Unit]:
+        order = unit_order(self.num_units[i], epoch, self.seed)
         if self.materialized is None:
-            return self._streamed_pass(i, epoch, first)
-        order, done = unit_order(self.num_units[i], epoch, self.seed), self.materialized[i]
+            return self._pipeline(i, order, first)
+        done = self.materialized[i]
         return (Unit(s, done[int(order[s])].blocks, done[int(order[s])].data) for s in range(first, len(order)))
-
-    def _streamed_pass(self, i: int, epoch: int, first: int) -> Iterator[Unit]:
-        """Source i's pass `epoch` from unit `first` on, from the pipeline already running it, else from a new one
-        (see PIPELINE_UNITS)."""
-        n, run = self.num_units[i], self.runs[i]
-        if run is None or run.at != (epoch, first) or epoch >= run.epoch + run.passes:
-            passes = 1 if run is None else -(-PIPELINE_UNITS // n)
-            if run is not None:
-                run.units.close()
-            order = np.concatenate([unit_order(n, e, self.seed) for e in range(epoch, epoch + passes)])
-            run = self.runs[i] = _Run(epoch, passes, self._pipeline(i, order, first), (epoch, first))
-        base = (epoch - run.epoch) * n  # (the pipeline's seq of this pass's unit 0)
-        for _ in range(first, n):
-            u = next(run.units)
-            run.at = (epoch, u.seq - base + 1)
-            yield dataclasses.replace(u, seq=u.seq - base)
-        run.at = (epoch + 1, 0)
 
     def open(self, pos: Position, world_size: int | None = None, warm: bool = False) -> None:
         """Restart the order at `pos` (the checkpoint's) for a group of `world_size` workers (default: the most the
@@ -238,10 +214,6 @@ class Feeder:
         if self.wins is not None:
             self.wins.close()
             self.wins, self.opened = None, None
-        for run in self.runs:
-            if run is not None:
-                run.units.close()
-        self.runs = [None] * len(self.sources)
 
     def counts(self) -> dict:
         """The pipelines' counters so far (documents, skips by reason, tokens, blocks)."""
@@ -249,22 +221,10 @@ class Feeder:
         for s in self.stats:
             total.update(s.get()[0])
         total.pop("peak_actor_rss_mb", None)
-        total["pipelines"] = len(self.stats)  # one per pass over a large corpus, per PIPELINE_UNITS of a small one,
-        # and one per resume
+        total["pipelines"] = len(self.stats)  # one per pass over the data, and one per resume
         out = dict(total)
         out["tokenize_pools"] = [list(p) for p in self.pools]
         return out
-
-
-@dataclass
-class _Run:
-    """A pipeline over a source's passes `epoch` to `epoch + passes - 1` (`units`: `units_in_order`'s), read up to
-    `at`: (epoch, unit) of the next unit it gives."""
-
-    epoch: int
-    passes: int
-    units: Iterator[Unit]
-    at: tuple[int, int]
 
 
 class RankFeed:

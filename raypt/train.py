@@ -329,7 +329,7 @@ class Monitor(threading.Thread):
 
 def format_counts(c: dict) -> str:
     """The text pipeline's counters for this run (units read ahead of the last step and re-read on resume count)."""
-    line = (f"data tokenized by this run, in {c.get('pipelines', 0)} pipelines: {c.get('files', 0)} files, "
+    line = (f"data tokenized by this run, over {c.get('pipelines', 0)} passes/resumes: {c.get('files', 0)} files, "
             f"{c.get('documents', 0):,} documents -> {c.get('tokens', 0):,} tokens -> {c.get('blocks', 0):,} blocks")
     skipped = {k: v for k, v in sorted(c.items()) if k.startswith(("skipped_", "documents_with_"))}
     if skipped:

@@ -264,38 +264,6 @@ def test_ten_megabyte_line(ray_local, tokenizer_dir, tmp_path):
     assert t["peak_actor_rss_mb"] < 1500, t  # ~10x the line's size would mean it was held whole several times
 
 
-def test_later_passes_of_a_small_corpus_share_one_pipeline_and_stream_the_same_order(ray_local, corpus,
-                                                                                    tokenizer_dir, busy_cpus):
-    """A small corpus read for many passes: after the first pass (its pool sized to the rate the next pass uses),
-    one pipeline runs pass after pass with its tokenize actors kept warm, and hands out the very windows a run that
-    tokenized everything once (data.materialize) does, from a fresh start and from a resume mid-pass, every core
-    also busy with other work."""
-    from raypt.feed import Feeder, fetch_unit
-    from raypt.stream import Position
-
-    sets = [f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=16",
-            "data.unit_bytes=4096", "data.shuffle_tokens=400", "data.num_tokenize_workers=1",
-            "scaling.num_workers=1", "scaling.cpus_per_worker=0"]
-
-    def windows(materialize: bool, at: Position, passes: int):
-        feeder = Feeder(load_config(None, [*sets, f"data.materialize={str(materialize).lower()}"]).to_dict())
-        feeder.open(at, world_size=1)
-        got, k = [], 0
-        while (w := feeder.window(k, 0)).epoch < at.epoch + passes:
-            got.append((w.epoch, w.first, [(u.seq, u.data[0], fetch_unit(u).tolist()) for u in w.units]))
-            k += 1
-        feeder.close()
-        return got, feeder.counts()["pipelines"], feeder.num_units[0]
-
-    for at in (Position(), Position(epoch=2, unit=3)):
-        want, _, units = windows(True, at, 5)
-        got, pipelines, _ = windows(False, at, 5)
-        assert units >= 8 and got == want
-        assert {e for e, _, _ in got} == set(range(at.epoch, at.epoch + 5))
-        assert pipelines == 2, pipelines  # (the first pass alone, then one for the next 4 and beyond: each pass
-        # used to start a pipeline and its actors again)
-
-
 def test_a_pass_after_the_first_sizes_its_tokenize_pool_to_what_training_reads(ray_local, tokenizer_dir, tmp_path):
     """The order actor measures how fast training asks for windows and how fast one actor tokenizes; the next pass's
     pool is what makes HEADROOM x training's rate: one actor, for a consumer this slow (~6k tokens/s)."""
