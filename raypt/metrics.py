@@ -170,11 +170,10 @@ class MLflow:
         found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`raypt.run` = '{name}'",
                                    max_results=1, output_format="list")
         self._mlflow = mlflow
-        if found:
+        if found:  # (a resumed run: its params are there already)
             mlflow.start_run(run_id=found[0].info.run_id)
         else:
             mlflow.start_run(run_name=name, tags={"raypt.run": name})
-        if not found:
             mlflow.log_params({k: str(v)[:500] for k, v in _flat(config).items()})
             mlflow.log_dict(config, "config.json")
 
