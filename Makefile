@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/feed.py
 	$(BIN)/python bench/actor_start.py
 	$(BIN)/python bench/loss.py
+	$(BIN)/python bench/pipeline_start.py
 
 bench-data: $(VENV)/.installed
 	$(BIN)/python bench/data.py

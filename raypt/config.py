@@ -69,7 +69,9 @@ class DataConfig:
     max_tokenize_workers: int = 64
     """The autoscaling pool's ceiling (also never more than the free CPUs or the work units)."""
     unit_bytes: int = 8 << 20
-    """Corpus bytes per work unit (one tokenize task); small corpora are cut finer so every actor gets work."""
+    """Corpus bytes per work unit (one tokenize task); small corpora are cut finer so every actor gets work. Each
+    pipeline start (every pass and resume) costs the head ~0.7 ms and ~0.7 KB per unit (`bench/pipeline_start.py`):
+    for corpora of many hundreds of GB, raise it (64 MB: 1 TB in 16k units)."""
     docs_per_batch: int = 512
     """Documents handed to a tokenize actor at once."""
     max_doc_chars: int = 1_000_000

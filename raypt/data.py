@@ -91,25 +91,26 @@ class TokenizePack:
     on which actor ran it or what it ran before. The tokenizer is loaded once per actor.
     """
 
-    def __init__(self, cfg: Config, encoder: EncoderSpec, threads: int, stats: Stats):
+    def __init__(self, cfg: Config, encoder: EncoderSpec, threads: int, stats: Stats, items: pa.Table):
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool starts
         self.d = cfg.data
         self.encode = encoder.encoder(self.d.max_doc_chars)
-        self.stats, self.t_ready, self.told = stats, time.time(), set()
+        self.stats, self.items, self.t_ready, self.told = stats, items, time.time(), set()
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:  # (a generator: Ray Data then keeps a raised
         # CorpusError as the cause of the error the consumer sees)
-        stats = dataclasses.replace(self.stats, pipe=int(batch["pipe"][0]))  # (one pool may serve several splits)
+        item = item_of(self.items, batch)
+        stats = dataclasses.replace(self.stats, pipe=item["pipe"])  # (one pool may serve several splits)
         if stats.pipe not in self.told:
             stats.ready(self.t_ready)
             self.told.add(stats.pipe)
-        stats.turn(int(batch["seq"][0]))
+        stats.turn(item["seq"])
         t0 = time.perf_counter()
         counts: Counter = Counter()
-        unit = int(batch["index"][0])
-        segments = [Segment(**seg) for seg in batch["unit"][0]]
-        blocks = pack_unit(segments, str(batch["format"][0]), str(batch["text_field"][0]), self.encode, self.d, counts)
-        if out := str(batch["out"][0]):  # `python -m raypt.data --out`: the unit's file, written here
+        unit = item["index"]
+        segments = [Segment(**seg) for seg in item["unit"]]
+        blocks = pack_unit(segments, item["format"], item["text_field"], self.encode, self.d, counts)
+        if out := item["out"]:  # `python -m raypt.data --out`: the unit's file, written here
             write_unit(blocks, out)
         stats.add(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)
         yield unit_table(blocks[:0] if out else blocks, unit)
@@ -149,11 +150,12 @@ def write_unit(blocks: np.ndarray, path: str) -> None:
         pq.write_table(table, f)
 
 
-def read_pretokenized(batch: dict, seq_len: int, stats: Stats) -> Iterator[pa.Table]:
+def read_pretokenized(batch: dict, seq_len: int, stats: Stats, items: pa.Table) -> Iterator[pa.Table]:
     """Ray Data task: one Parquet file written by `python -m raypt.data --out` (one unit) -> its tagged blocks; a
     wrong block length is a clear error."""
-    stats.turn(int(batch["seq"][0]))
-    path, unit = str(batch["path"][0]), int(batch["index"][0])
+    item = item_of(items, batch)
+    stats.turn(item["seq"])
+    path, unit = item["path"], item["index"]
     fs, inner = filesystem(path)
     with fs.open_input_file(inner) as f:
         col = pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks()
@@ -316,10 +318,10 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
     stats = Stats.open(stats, ahead, first)
     seqs = range(first, len(order))
     if d.pretokenized:
-        items = [{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs]
-        blocks = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        rows, items = unit_rows([{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs])
+        blocks = rows.map_batches(
             read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=0.25,  # light: a Parquet read
-            fn_kwargs=dict(seq_len=d.seq_len, stats=stats))
+            fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=items))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
     fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed, sources(cfg).index(src))  # (its share)
     encoder = encoder or encoder_spec(cfg)  # (a tokenizer problem fails here, not inside every actor)
@@ -328,8 +330,26 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
     return SplitData(blocks, listing, stats, (fewest, most), len(units))
 
 
+ROW_KEY = "item"
+
+
+def unit_rows(items: list[dict]) -> tuple[ray.data.Dataset, pa.Table]:
+    """A pipeline's input: one row per unit, holding only the unit's place in `items`, and the items as one Arrow
+    table for its map function to look them up in (sent once with the function; the actors on a node share its
+    bytes). Ray Data puts each input row into the object store of the node that runs the pipeline (a run's `Feeder`:
+    the head) before the first unit starts: for a row holding only its index that is measured at 0.7 ms and 0.7 KB a
+    unit, for one holding its item at 1.2 ms and 2.5 KB (`bench/pipeline_start.py`)."""
+    rows = ray.data.from_items([{ROW_KEY: k} for k in range(len(items))], override_num_blocks=len(items))
+    return rows, pa.Table.from_pylist(items)
+
+
+def item_of(items: pa.Table, batch: dict) -> dict:
+    """The item (`unit_item`) that a one-row batch of `unit_rows` stands for."""
+    return items.slice(int(batch[ROW_KEY][0]), 1).to_pylist()[0]
+
+
 def unit_item(index: int, seq: int, unit: list[Segment], stats: Stats, src: Source, out: str = "") -> dict:
-    """The pipeline's input row for one unit: its segments and how to read them, its place in the pass, its
+    """What a pipeline needs to know of one unit: its segments and how to read them, its place in the pass, its
     pipeline's counters, and the Parquet file to write it to (`--out`; "": stream its blocks instead)."""
     return {"index": index, "seq": seq, "unit": [dataclasses.asdict(seg) for seg in unit], "pipe": stats.pipe,
             "format": src.format, "text_field": src.text_field, "out": out}
@@ -343,12 +363,13 @@ def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: Encod
     of the time instead of 0.91-0.93); with one, an actor holds one unit at a time, so that no unit waits behind one
     that waits in the turnstile."""
     d = cfg.data
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    rows, items = unit_rows(items)
+    return rows.map_batches(
         TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1], max_concurrent_calls_per_actor=1,
                                            max_tasks_in_flight_per_actor=1 if turnstile else 2),
         fn_constructor_kwargs=dict(cfg=cfg, encoder=encoder, threads=max(1, int(d.cpus_per_tokenize_worker)),
-                                   stats=stats),
+                                   stats=stats, items=items),
     )
 
 
