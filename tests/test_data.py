@@ -87,6 +87,19 @@ def test_a_mixture_shares_the_tokenize_actors_out_by_weight_at_least_one_each():
         data.mixture_caps(2, [1, 1, 1])
 
 
+def test_a_pipeline_input_row_holds_only_its_index_and_the_items_come_back_exactly(ray_local):
+    from raypt.config import Source
+    from raypt.corpus import Segment
+    from raypt.pipeline_stats import Stats
+
+    src, stats = Source("", ["/d"], [], 1.0, "jsonl", "body"), Stats(None, 3)
+    items = [data.unit_item(5, 0, [Segment("/d/a.txt", 0, 1 << 40), Segment("/d/b.txt")], stats, src, "/o/u.parquet"),
+             data.unit_item(2, 1, [Segment("s3://bucket/é.txt", 7, -1)], stats, src)]
+    rows, table = data.unit_rows(items)
+    assert rows.schema().names == [data.ROW_KEY]  # (not the unit: Ray Data puts every row on the pipeline's node)
+    assert [data.item_of(table, {data.ROW_KEY: np.array([r[data.ROW_KEY]])}) for r in rows.take_all()] == items
+
+
 def test_a_saved_hf_dataset_gives_the_blocks_of_the_same_documents_as_jsonl(ray_local, corpus, tokenizer_dir, tmp_path):
     """format: hf (a `Dataset.save_to_disk` directory, read by the tokenize actors like any shard) and a JSONL file of
     the same documents give the same blocks, one unit each; the fingerprint lists the Arrow shard."""
