@@ -318,10 +318,10 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
     stats = Stats.open(stats, ahead, first)
     seqs = range(first, len(order))
     if d.pretokenized:
-        rows, items = unit_rows([{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs])
+        rows, table = unit_rows([{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs])
         blocks = rows.map_batches(
             read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=0.25,  # light: a Parquet read
-            fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=items))
+            fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=table))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
     fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed, sources(cfg).index(src))  # (its share)
     encoder = encoder or encoder_spec(cfg)  # (a tokenizer problem fails here, not inside every actor)
@@ -363,13 +363,13 @@ def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: Encod
     of the time instead of 0.91-0.93); with one, an actor holds one unit at a time, so that no unit waits behind one
     that waits in the turnstile."""
     d = cfg.data
-    rows, items = unit_rows(items)
+    rows, table = unit_rows(items)
     return rows.map_batches(
         TokenizePack, batch_size=1, batch_format="numpy", num_cpus=d.cpus_per_tokenize_worker,
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1], max_concurrent_calls_per_actor=1,
                                            max_tasks_in_flight_per_actor=1 if turnstile else 2),
         fn_constructor_kwargs=dict(cfg=cfg, encoder=encoder, threads=max(1, int(d.cpus_per_tokenize_worker)),
-                                   stats=stats, items=items),
+                                   stats=stats, items=table),
     )
 
 

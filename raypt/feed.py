@@ -20,7 +20,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-
 from functools import partial
 
 import numpy as np
