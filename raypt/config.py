@@ -194,9 +194,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Checkpoint every N steps and at the end (0: only at the end)."""
     compile: Optional[bool] = None
-    """torch.compile each decoder layer (its forward; the layer's hooks, DDP, FSDP2 and activation checkpointing stay
-    outside, and identical layers share one compiled graph); null: on GPU unless model.quantize (bitsandbytes'
-    4-bit kernels are opaque to the compiler), off on CPU (measured: `python bench/train.py`)."""
+    """torch.compile each decoder layer (its forward; the layer's hooks, DDP and FSDP2 stay outside, activation
+    checkpointing inside since transformers 5.23, and identical layers share one compiled graph); null: on GPU
+    unless model.quantize (bitsandbytes' 4-bit kernels are opaque to the compiler), off on CPU (measured:
+    `python bench/train.py`)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; default: known for common GPUs, none on CPU."""
     sample_prompt: str = ""

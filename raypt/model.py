@@ -142,9 +142,8 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
         elif rank == 0:
             log.warning("model.loss: chunked is not available for %s: it computes its full logits (model.loss: hf)",
                         type(model).__name__)
-    if cfg.gradient_checkpointing and not cfg.quantize:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
     if cfg.lora:
         model = apply_lora(model, cfg)
     if shard is not None:
@@ -264,14 +263,22 @@ def _broadcast_pretrained(model, cfg: ModelConfig, seed: int, rank: int) -> None
         dist.broadcast(b, src=0)
 
 
+def checkpoint_activations(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant `torch.utils.checkpoint`), through
+    transformers' `activation_checkpointing_enable` (5.23+) or its earlier name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def apply_lora(model, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantize:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # (build_model did)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.lora_target_modules if m not in present]
     if missing:

@@ -58,12 +58,24 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile every decoder layer's forward, in place. Module hooks (FSDP2's gathers) and wrappers (DDP, HF's
-    activation checkpointing) run around it uncompiled, peft's adapters inside it are compiled with it, parameter
-    names do not change, and the layers, alike but for their weights, share one compiled graph (Dynamo treats a
-    module's parameters as inputs; training must not build a KV cache, whose per-layer slot would be guarded on)."""
+    """torch.compile every decoder layer's forward, in place. Module hooks (FSDP2's gathers) and wrappers (DDP) run
+    around it uncompiled, peft's adapters inside it are compiled with it, parameter names do not change, and the
+    layers, alike but for their weights, share one compiled graph (Dynamo treats a module's parameters as inputs;
+    training must not build a KV cache, whose per-layer slot would be guarded on).
+
+    Activation checkpointing: transformers before 5.23 checkpoints in the layer's `__call__`, around the compiled
+    forward; later ones checkpoint inside `forward`, so Dynamo traces `torch.utils.checkpoint` as one region and
+    compiles the recompute with it. There the attention's hub-kernel routing (the `kernels` package, which
+    transformers needs since 5.25, sets a global and resets it on the way out) is a side effect that Dynamo refuses
+    to replay in backward, and the whole layer would silently stay eager; not replaying it is right, as it leaves
+    nothing changed."""
+    from torch._dynamo import config as dynamo
+
     for layer in decoder_layers(model):
-        layer.forward = torch.compile(layer.forward)
+        compiled = torch.compile(layer.forward)
+        if hasattr(dynamo, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+            compiled = dynamo.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)(compiled)
+        layer.forward = compiled
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

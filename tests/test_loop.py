@@ -317,6 +317,31 @@ def test_the_chunked_loss_is_hfs_loss_and_gradients(tokenizer_dir, tied, lora):
     assert torch.equal(chunked(input_ids=x).logits, hf(input_ids=x).logits)  # without labels: the model's own forward
 
 
+@pytest.mark.parametrize("quantize", [False, True], ids=["full", "qlora"])
+def test_gradient_checkpointing_recomputes_every_layer_in_backward(tokenizer_dir, tiny_pretrained, quantize):
+    """model.gradient_checkpointing under the transformers installed (which renamed the API and moved the checkpoint
+    into the layer's forward in 5.23): each decoder layer's MLP starts twice per forward/backward (the recompute
+    stops once it has what backward needs: a pre-hook counts), once without it, for a full model and 4-bit QLoRA."""
+    from raypt.parallel import decoder_layers
+
+    sets = [f"model.name_or_path={tiny_pretrained}", "model.lora_dropout=0.0"]
+    sets += ["model.lora=true", "model.quantize=nf4"] if quantize else []
+    x = torch.as_tensor(blocks(tokenizer_dir, 2, 32), dtype=torch.long)
+    calls = {}
+    for checkpointed in (False, True):
+        cfg = cfg_for(tokenizer_dir, *sets, f"model.gradient_checkpointing={str(checkpointed).lower()}")
+        model = build_model(cfg.model, vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), seq_len=32,
+                            device=torch.device("cpu"))[0]
+        model.train()
+        counts = []
+        for layer in decoder_layers(model):
+            counts.append(0)
+            layer.mlp.register_forward_pre_hook(lambda *_, i=len(counts) - 1: counts.__setitem__(i, counts[i] + 1))
+        model(input_ids=x, labels=x).loss.backward()
+        calls[checkpointed] = counts
+    assert calls == {False: [1, 1], True: [2, 2]}
+
+
 class CompileCounting(LocalContext):
     """LocalContext that notes Dynamo's counters once steps 1 and 2 are done (when step 3's batch is asked for)."""
 
