@@ -1,5 +1,7 @@
-"""cluster/ files: Ray's own autoscaler validator, KubeRay manifests' required fields, and the recipe configs."""
+"""cluster/ files: Ray's own autoscaler validator, KubeRay manifests' required fields, what every node installs,
+the paths the configs they run need, and the recipe configs."""
 
+import re
 import shlex
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def test_autoscaler_config_passes_rays_validator(path):
 
 
 # What each machine type carries, from the clouds' machine type tables (GCP's provider has no such lookup).
-GCP_CPUS = {"n2-standard-8": 8, "g2-standard-8": 8, "a3-highgpu-8g": 208}
+GCP_CPUS = {"n2-standard-8": 8, "n2-standard-16": 16, "g2-standard-8": 8, "a3-highgpu-8g": 208}
 
 
 def filled_out(path: Path, monkeypatch) -> dict:
@@ -74,15 +76,17 @@ def test_the_autoscaler_sees_the_gpus_of_every_node_type(path, monkeypatch):
     """A job asking for GPUs scales up only node types whose resources, as the autoscaler believes them, have GPUs:
     Ray's AWS provider reads them from EC2, its GCP provider fills in TPUs only (so the GCP file declares them)."""
     raw = yaml.safe_load(path.read_text())
+    kinds = set()
     for name, t in filled_out(path, monkeypatch).items():
         cpus, gpus = carried(t["node_config"])
         if name == "head":
             assert t["resources"].get("CPU") == 0 and not t["resources"].get("GPU"), t["resources"]
             continue
-        assert gpus > 0, name
-        assert (t["resources"].get("CPU"), t["resources"].get("GPU")) == (cpus, gpus), (name, t["resources"])
-        if raw["provider"]["type"] == "gcp":
-            assert raw["available_node_types"][name]["resources"]["GPU"] == gpus  # declared: the provider adds none
+        kinds.add("gpu" if gpus else "cpu")
+        assert (t["resources"].get("CPU"), t["resources"].get("GPU", 0)) == (cpus, gpus), (name, t["resources"])
+        if raw["provider"]["type"] == "gcp":  # declared: the provider adds none
+            assert raw["available_node_types"][name]["resources"].get("GPU", 0) == gpus
+    assert kinds == {"gpu", "cpu"}  # a CPU type, so that tokenize actors never start a GPU node
 
 
 def test_cloud_specifics():
@@ -90,13 +94,102 @@ def test_cloud_specifics():
     for name, t in gcp["available_node_types"].items():
         if "guestAccelerators" in t["node_config"]:
             assert {"onHostMaintenance": "TERMINATE"} in t["node_config"]["scheduling"], name
-    aws = (ROOT / "cluster" / "aws-gpu.yaml").read_text()
-    assert "MarketType: spot" in aws  # the spot variant is documented
+    aws = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
+    types = aws["available_node_types"]
+    assert types["gpu_1x_l40s_spot"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    h100 = types["gpu_8x_h100"]["node_config"]
+    efa = h100["NetworkInterfaces"]  # NCCL over EFA on every network card, in a cluster placement group
+    assert [i["NetworkCardIndex"] for i in efa] == list(range(32)) and {i["InterfaceType"] for i in efa} == {"efa"}
+    assert all(i["SubnetId"] and i["Groups"] for i in efa) and h100["Placement"]["GroupName"]
+    head = types[aws["head_node_type"]]["node_config"]["IamInstanceProfile"]["Arn"]
+    workers = {t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in types.items() if n != aws["head_node_type"]}
+    assert head not in workers  # the head's profile may launch instances (and pass the workers' role); theirs not
+    text = (ROOT / "cluster" / "aws-gpu.yaml").read_text()
+    assert all(grant in text for grant in ("ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole"))
+
+
+def torch_pin() -> str:
+    return re.search(r"^TORCH \?= (torch==\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+
+
+def pip_installs(path: Path) -> list[list[str]]:
+    """The arguments of every `pip install` a node or image runs: in setup commands, container args, RUN lines."""
+    text = path.read_text()
+    if path.name == "Dockerfile":
+        text = re.sub(r"\\\n", " ", text)
+        commands = [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+    else:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        commands = []
+
+        def walk(x):
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    commands.extend(v if k in ("setup_commands", "args") and isinstance(v, list) else [])
+                    walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+        walk(docs)
+    return [shlex.split(part.split("pip install", 1)[1]) for c in commands for part in re.split(r"&&|\|\||;", c)
+            if "pip install" in part]
+
+
+@pytest.mark.parametrize("path", [*AUTOSCALER, *KUBERAY, ROOT / "cluster" / "Dockerfile"], ids=lambda p: p.name)
+def test_nodes_install_the_lock_and_nothing_by_name(path):
+    """A node installs torch at the Makefile's pin and the rest from requirements.lock; raypt itself comes with the job
+    or the image (this repository, never a name on an index, which anyone could claim)."""
+    pin, args = torch_pin(), arg_defaults(path)
+    installs = pip_installs(path)
+    for argv in installs:
+        names = [args.get(a, a) for i, a in enumerate(argv) if not a.startswith("-")
+                 and not (i and argv[i - 1] in ("-r", "--index-url", "-c"))]
+        assert all(n in (pin, ".") for n in names), (path.name, argv)
+        if "-r" in argv:
+            assert argv[argv.index("-r") + 1].endswith("requirements.lock"), argv
+    if path.name.startswith("kuberay"):
+        assert not installs  # the image has everything
+    else:
+        assert any("-r" in a for a in installs) and any(pin in [args.get(x, x) for x in a] for a in installs)
+
+
+def arg_defaults(path: Path) -> dict:
+    """A Dockerfile's `ARG NAME=value` defaults, as "$NAME" -> value."""
+    found = re.findall(r"^ARG (\w+)=(\S+)$", path.read_text(), re.M) if path.name == "Dockerfile" else []
+    return {f"${name}": value for name, value in found}
+
+
+def mounted(path: Path) -> set[str]:
+    """Where a cluster file puts shared storage on every node: `mount ... DIR` in setup_commands, or the volume
+    mounts that the head and every worker group share."""
+    raw = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    if path in AUTOSCALER:
+        return {shlex.split(c)[-1] for c in raw[0]["setup_commands"] if re.search(r"\bmount\b.* -t ", c)}
+    spec = next(d["spec"] for d in raw if d["kind"] == "RayJob")["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return set.intersection(*({m["mountPath"] for c in g["template"]["spec"]["containers"] for m in c["volumeMounts"]}
+                              for g in groups))
+
+
+@pytest.mark.parametrize("path", [*AUTOSCALER, *KUBERAY], ids=lambda p: p.name)
+def test_every_local_path_a_config_uses_is_mounted_on_every_node(path):
+    """The configs a cluster file runs (its `--config` command, with its `--set`s): each absolute local path (run,
+    tokenizer, corpus, model) lies under shared storage that the file mounts on every node."""
+    text = path.read_text()
+    runs = re.findall(r"--config (\S*configs/[\w.-]+\.yaml)((?:\s+--set \S+)*)", text.replace("\\\n", " "))
+    assert runs, path.name
+    for config, sets in runs:
+        cfg = load_config(ROOT / "configs" / Path(config).name, re.findall(r"--set (\S+)", sets))
+        paths = [cfg.run.storage_path, cfg.tokenizer.path, cfg.model.name_or_path, *cfg.data.train_paths,
+                 *cfg.data.eval_paths]
+        local = [p for p in paths if p and p.startswith("/")]
+        shared = mounted(path)
+        assert all(any(p.startswith(m.rstrip("/") + "/") for m in shared) for p in local), (config, local, shared)
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
 def test_kuberay_manifest(path):
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] != "ServiceAccount"]
     assert docs
     for doc in docs:
         assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayJob", "RayCluster")
@@ -108,8 +201,10 @@ def test_kuberay_manifest(path):
             argv = shlex.split(spec["entrypoint"])
             assert argv[:3] == ["python", "-m", "raypt.train"]
             config = argv[argv.index("--config") + 1]
+            assert config.startswith("/home/ray/raypt/configs/")  # the image's copy (cluster/Dockerfile)
             sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-            assert load_config(ROOT / config, sets)  # the entrypoint names a config that exists and loads
+            assert load_config(ROOT / "configs" / Path(config).name, sets)  # a config that exists and loads
+            assert doc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"  # our command runs
         head = cluster["headGroupSpec"]
         assert head["rayStartParams"]["num-cpus"] == "0"
         assert head["template"]["spec"]["containers"][0]["image"]
