@@ -50,6 +50,9 @@ def cold_cluster():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "RAY_FAKE_CLUSTER": "1",
            "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     env.pop("RAY_ADDRESS", None)
+    if not (Path.home() / ".ray" / "auth_token").exists():  # `ray start` makes none (ray.init would): a fresh
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"],  # machine whose first Ray is this one
+                       check=True, env=env, capture_output=True, timeout=120)
     subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=0", f"--autoscaling-config={config}",
                     "--port", str(gcs), "--temp-dir", temp, "--include-dashboard", "false", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
