@@ -236,7 +236,7 @@ def checkpoint_save(tok: str, vocab: int, out: Path) -> dict:
         device = torch.device(DEVICE)
         cfg = cfg_for(tok, f"model.preset={PRESET}", "scaling.strategy=fsdp", f"data.seq_len={SEQ}")
         model, info = build_model(cfg.model, vocab_size=vocab, seq_len=SEQ, device=device,
-                                  shard=fsdp_sharder(cfg.scaling, device, 1))
+                                  shard=fsdp_sharder(cfg.scaling, device, 1, bf16=DEVICE == "cuda"))
         optimizer = build_optimizer(model, cfg.train, device)
         x = torch.as_tensor(blocks(vocab, 2, SEQ), dtype=torch.long, device=device)
         model(input_ids=x, labels=x).loss.backward()

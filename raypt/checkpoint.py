@@ -138,7 +138,8 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                            options=_options(model, strict=False))
             rng = d / "rng" / f"rank_{self.rank:05d}.pt"
-            _set_rng(torch.load(rng if rng.exists() else d / "rng" / "rank_00000.pt", weights_only=True))
+            if rng.exists():  # (a rank the saving run did not have keeps the per-rank seed build_model gave it)
+                _set_rng(torch.load(rng, weights_only=True))
             state = TrainState(**json.loads((d / TRAIN_STATE).read_text())["state"])
         return state
 

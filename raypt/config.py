@@ -134,7 +134,8 @@ class ModelConfig:
     rope_theta: Optional[float] = None
     tie_word_embeddings: Optional[bool] = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights' dtype when loading a pretrained model (auto: as saved)."""
+    """Dtype of the weights that are not trained (LoRA's frozen base; auto: as saved). Trained weights are fp32
+    master weights whatever the saved dtype (see train.precision)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more compute."""
@@ -193,6 +194,11 @@ class TrainConfig:
     """Micro-batches per worker per evaluation."""
     checkpoint_every: int = 50
     """Checkpoint every N steps and at the end (0: only at the end)."""
+    precision: Literal["auto", "bf16-mixed", "fp32"] = "auto"
+    """Compute dtype. Trained weights, their gradients and AdamW's moments are fp32 in every mode (bf16 weights
+    would round away most updates at continued pre-training's learning rates). bf16-mixed: matmuls in bf16
+    (autocast under DDP; FSDP2's MixedPrecisionPolicy, gathering bf16 weights and reducing fp32 gradients); fp32:
+    everything in fp32. auto: bf16-mixed on GPU, fp32 on CPU (where bf16 is slower; both run there)."""
     compile: Optional[bool] = None
     """torch.compile each decoder layer (its forward; the layer's hooks, DDP and FSDP2 stay outside, activation
     checkpointing inside since transformers 5.23, and identical layers share one compiled graph); null: on GPU
@@ -471,6 +477,9 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if not 0 < t.decay_ratio <= 1:
         p.append(f"train.decay_ratio must be in (0, 1], got {t.decay_ratio}")
+    if m.dtype == "float16":
+        p.append("model.dtype float16 would need loss scaling (a GradScaler), which raypt does not do: use bfloat16 "
+                 "(the same memory, with fp32's range) or auto")
     if m.quantize and not m.lora:
         p.append("model.quantize: nf4 trains LoRA adapters on a frozen 4-bit base: set model.lora: true as well")
     if m.quantize and not m.name_or_path:

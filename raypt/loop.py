@@ -6,7 +6,6 @@ plain process in a unit test (`LocalContext`) and on every Ray Train worker (`ra
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -76,8 +75,7 @@ def train(cfg: Config, ctx: Context) -> dict:
 
     batch = global_batch_size(cfg)
     tokens_per_step = batch * cfg.data.seq_len
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda"
-                and not parallel.is_sharded(model) else contextlib.nullcontext())  # FSDP: its bf16 policy; CPU: fp32
+    autocast = parallel.autocast(t, ctx.device, model)
     guard = StepGuard(t, ctx.device, ctx.rank, ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     peak, config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
@@ -202,7 +200,8 @@ def weighted(loss: torch.Tensor, rows: int, batch: int, world_size: int) -> torc
 
 def setup_model(cfg: Config, ctx: Context, tok):
     """The model on this worker: whole and wrapped in DDP, or built sharded by FSDP2 (never whole on any rank)."""
-    shard = (parallel.fsdp_sharder(cfg.scaling, ctx.device, ctx.world_size) if cfg.scaling.strategy == "fsdp"
+    bf16 = parallel.bf16_compute(cfg.train, ctx.device)
+    shard = (parallel.fsdp_sharder(cfg.scaling, ctx.device, ctx.world_size, bf16) if cfg.scaling.strategy == "fsdp"
              else None)
     model, info = build_model(cfg.model, vocab_size=len(tok), seq_len=cfg.data.seq_len, device=ctx.device,
                               tokenizer=tok, seed=cfg.run.seed, shard=shard, rank=ctx.rank)
@@ -212,7 +211,8 @@ def setup_model(cfg: Config, ctx: Context, tok):
     if ctx.rank == 0:
         emit(f"model: {info.total_params:,} parameters, {info.trainable_params:,} trainable "
              f"({100 * info.trainable_params / info.total_params:.2f}%), {info.flops_per_token / 1e6:,.1f} MFLOPs/token"
-             + (f", FSDP2 over {ctx.world_size} workers" if shard else "") + (", compiled layers" if compiled else ""))
+             + (f", FSDP2 over {ctx.world_size} workers" if shard else "") + (", compiled layers" if compiled else "")
+             + f", fp32 weights, {'bf16' if bf16 else 'fp32'} compute")
     return ctx.prepare(model), info
 
 

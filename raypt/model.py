@@ -146,6 +146,9 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
         checkpoint_activations(model)
     if cfg.lora:
         model = apply_lora(model, cfg)
+    for p in model.parameters():  # fp32 master weights, whatever the checkpoint's dtype (on meta: no copy yet)
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     if shard is not None:
         model = shard(model)
     if _on_meta(model):
@@ -156,6 +159,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
             init_weights(model, seed)
         else:
             _broadcast_pretrained(model, cfg, seed, rank)
+    torch.manual_seed(seed * 1_000_003 + rank)  # the init is everyone's; dropout masks are each rank's own
     return model, model_info(model, seq_len)
 
 
@@ -174,6 +178,8 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = F
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["dtype"] = torch.bfloat16
+    elif not cfg.lora:
+        kwargs["dtype"] = torch.float32  # every weight is trained: read it as its fp32 master at once
     elif cfg.dtype != "auto":
         kwargs["dtype"] = DTYPES[cfg.dtype]
     return AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.name_or_path), **kwargs)  # (CPU: the default)
@@ -188,7 +194,7 @@ def _skeleton(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer):
         model.config._attn_implementation = cfg.attn_implementation
         return model
     hf = AutoConfig.from_pretrained(local_model_dir(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
-    dtype = DTYPES.get(cfg.dtype) or getattr(hf, "dtype", None) or torch.float32
+    dtype = (DTYPES.get(cfg.dtype) or getattr(hf, "dtype", None) or torch.float32) if cfg.lora else torch.float32
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, torch.float32)
     return AutoModelForCausalLM.from_config(hf, attn_implementation=cfg.attn_implementation, dtype=dtype,

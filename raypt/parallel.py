@@ -15,11 +15,25 @@ import math
 import torch
 import torch.distributed as dist
 
-from raypt.config import ScalingConfig
+from raypt.config import ScalingConfig, TrainConfig
 
 
-def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int):
-    """A function that applies FSDP2 to a model (built on the meta device or not) in place and returns it."""
+def bf16_compute(train: TrainConfig, device: torch.device) -> bool:
+    """train.precision: bf16 matmuls (bf16-mixed; auto on GPU), or fp32 ones. Weights stay fp32 either way."""
+    return train.precision == "bf16-mixed" or (train.precision == "auto" and device.type == "cuda")
+
+
+def autocast(train: TrainConfig, device: torch.device, model: torch.nn.Module):
+    """The context each forward runs in: bf16 autocast for bf16 compute under DDP or one process (FSDP2 computes in
+    bf16 through its MixedPrecisionPolicy instead, gathering bf16 weights), nothing for fp32."""
+    if bf16_compute(train, device) and not is_sharded(model):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int, bf16: bool = False):
+    """A function that applies FSDP2 to a model (built on the meta device or not) in place and returns it; with
+    `bf16`, layers gather their weights in bf16 and reduce gradients in fp32 (the weights themselves stay fp32)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -28,8 +42,7 @@ def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int):
         mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     else:  # HSDP: ranks are grouped by node (Ray Train numbers a node's workers consecutively)
         mesh = init_device_mesh(device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
-    # bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (gloo has no bf16 speed to win)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
           else MixedPrecisionPolicy())
 
     def apply(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,8 +3,8 @@
     python -m raypt.plan --config CFG [--gpus N] [--gpu-mem GB] [--tokens-per-s-per-gpu X | --mfu 0.4 --peak-tflops 989]
 
 The model is built on PyTorch's meta device (no weights, no memory), so parameter counts are exact. Memory is an
-estimate: weights, gradients and AdamW state by dtype (a 4-bit base counted as 4-bit; FSDP divides them by the GPU
-count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention, bf16),
+estimate: weights, gradients and AdamW state by dtype (trained weights fp32, a 4-bit base 4-bit; FSDP divides them
+by the GPU count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention, bf16),
 with and without gradient checkpointing, plus the fp32 logits. FSDP2 divides weights, AdamW state and (when they are
 reduce-scattered every micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
 gathers: the root's parameters (embeddings, LM head) and two decoder layers (the current one and the prefetched next)
@@ -99,13 +99,14 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         trainable = sum(m.lora_r * (mod.in_features + mod.out_features) for mod in targets)
     else:
         trainable = params
-    weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(m.dtype, 4 if m.name_or_path is None else 2)
+    # trained weights are fp32 masters whatever the checkpoint's dtype; a LoRA base stays as saved (or model.dtype)
+    frozen_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(m.dtype, 4 if m.name_or_path is None else 2)
     if m.quantize:  # NF4: 4 bits per linear weight + double-quantised scales (~0.127 bits); the rest bf16
         quantized = sum(mod.weight.numel() for mod in linear.values())
         weights = quantized * (4 + 0.127) / 8 + (params - quantized) * 2 + trainable * 4
     else:
-        weights = params * weight_bytes
-    grads = trainable * (4 if m.lora else weight_bytes)
+        weights = params * (frozen_bytes if m.lora else 4)
+    grads = trainable * 4
     optimizer = trainable * 8  # AdamW: two fp32 moments
     gathered, grads_shard = 0.0, shard
     if fsdp:

@@ -146,8 +146,11 @@ def test_qlora_on_two_workers(ray_local, tmp_path, tokenizer_dir, pretokenized, 
     assert merged.dtype == torch.bfloat16
     for m in (adapter, merged):
         assert m.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > 1
-    saved = checkpointed_weights(sorted((tmp_path / "qlora").glob("checkpoint_0*"))[-1])
+    last = sorted((tmp_path / "qlora").glob("checkpoint_0*"))[-1]
+    saved = checkpointed_weights(last)
     assert saved and all("lora_" in k for k in saved)
+    rng = [torch.load(last / "rng" / f"rank_{r:05d}.pt", weights_only=True)["torch"] for r in (0, 1)]
+    assert not torch.equal(*rng)  # each rank draws its own LoRA dropout masks (lora_dropout 0.05; the init is shared)
 
 
 @pytest.mark.gpu
