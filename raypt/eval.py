@@ -75,7 +75,7 @@ def blocks_of(cfg, tok, bos_eos: tuple[int | None, int | None]) -> tuple[np.ndar
 def score(model, blocks: np.ndarray, batch_size: int, nbytes: np.ndarray, docs=None) -> np.ndarray:
     """(summed loss in nats, predicted tokens, their UTF-8 bytes) over `blocks`: each micro-batch's mean loss, as
     the model computes it in training's eval, times its predicted tokens."""
-    from raypt.loop import inputs
+    from raypt.loop import inputs, packs_one_row
     from raypt.loss import IGNORE
 
     device = next(model.parameters()).device
@@ -83,7 +83,7 @@ def score(model, blocks: np.ndarray, batch_size: int, nbytes: np.ndarray, docs=N
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             x = torch.tensor(blocks[i : i + batch_size], dtype=torch.long, device=device)  # (a read-only view)
-            batch = inputs(x, docs)
+            batch = inputs(x, docs, packs_one_row(model))
             loss = model(**batch, use_cache=False).loss.double().item()
             labels = batch["labels"][:, 1:].cpu().numpy()
             scored = labels[labels != IGNORE]

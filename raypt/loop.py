@@ -22,7 +22,7 @@ from raypt.stream import (MixPosition, Position, RankStream, Unit, fingerprint_c
                           stream_windows)
 from raypt.loss import IGNORE
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
-from raypt.model import build_model, unwrap
+from raypt.model import build_model, hf_model, unwrap
 from raypt.optim import NonFiniteError, StepGuard, build_optimizer, set_lr
 
 __all__ = ["Context", "LocalContext", "NonFiniteError", "document_inputs", "train"]
@@ -75,7 +75,7 @@ def train(cfg: Config, ctx: Context) -> dict:
 
     batch = global_batch_size(cfg)
     tokens_per_step = batch * cfg.data.seq_len
-    autocast = parallel.autocast(t, ctx.device, model)
+    autocast, one_row = parallel.autocast(t, ctx.device, model), packs_one_row(model)
     guard = StepGuard(t, ctx.device, ctx.rank, ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     peak, config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
@@ -92,7 +92,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             with parallel.accumulating(model, i == len(micro) - 1, cfg.scaling.fsdp_sync_every_micro_batch), autocast:
                 # (the model shifts the labels itself; no KV cache: training never reads one back, and each
                 # layer's cache slot would make a compiled layer's graph that layer's alone)
-                loss = weighted(model(**inputs(x, docs), use_cache=False).loss, len(x), batch, ctx.world_size)
+                loss = weighted(model(**inputs(x, docs, one_row), use_cache=False).loss, len(x), batch, ctx.world_size)
             if state.step + 1 in nan_steps:
                 loss = loss * float("nan")
             loss.backward()
@@ -159,13 +159,32 @@ def passes(cfg: Config, position) -> dict:
     return {f"pass/{src.name}": p.epoch + 1 for src, p in zip(sources(cfg), position.sources)}
 
 
-def inputs(x: torch.Tensor, docs: tuple[int | None, int | None] | None) -> dict:
+def inputs(x: torch.Tensor, docs: tuple[int | None, int | None] | None, one_row: bool = False) -> dict:
     """The model's inputs for a micro-batch of blocks: labels = input_ids (the model shifts them itself), and with
-    document masking (`docs`: the BOS and EOS ids) position ids that restart at every document."""
+    document masking (`docs`: the BOS and EOS ids) position ids that restart at every document.
+
+    `one_row` (`packs_one_row`: flash-attention) lays the micro-batch out as one row of all its documents with their
+    boundaries (`cu_seq_lens_*`, `max_length_*`): transformers' flash path reads documents from position ids only in
+    a batch of one row, and would otherwise attend across documents while RoPE restarts. The loss is the batched
+    one's: each block's first token is predicted by nothing (not by the previous block's last)."""
     if docs is None:
         return {"input_ids": x, "labels": x}
     position_ids, labels = document_inputs(x, *docs)
-    return {"input_ids": x, "labels": labels, "position_ids": position_ids}
+    if not one_row:
+        return {"input_ids": x, "labels": labels, "position_ids": position_ids}
+    labels[:, 0] = IGNORE
+    flat = position_ids.reshape(1, -1)  # (1, batch * seq)
+    starts = (flat[0] == 0).nonzero().flatten()
+    cu = torch.cat([starts, starts.new_tensor([flat.shape[1]])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())  # one host sync a micro-batch (flash would make one in every layer)
+    return {"input_ids": x.reshape(1, -1), "labels": labels.reshape(1, -1), "position_ids": flat,
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def packs_one_row(model) -> bool:
+    """Whether document masking must lay a micro-batch out as one row (`inputs`): flash-attention finds packed
+    documents in one row only; SDPA, eager and flex attention mask them in any batch (their masks grow with the row)."""
+    return hf_model(unwrap(model)).config._attn_implementation.startswith("flash_attention")
 
 
 def document_inputs(x: torch.Tensor, bos_id: int | None, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +318,7 @@ def _eval_sums(model, ctx: Context, blocks: np.ndarray, micro_batch_size: int, a
     for i in range(forwards):
         rows = blocks[i * micro_batch_size : (i + 1) * micro_batch_size] if i < mine else blocks[:micro_batch_size]
         x = torch.tensor(rows, dtype=torch.long, device=ctx.device)  # (a read-only view)
-        batch = inputs(x, docs)
+        batch = inputs(x, docs, packs_one_row(model))
         with autocast:
             loss = unwrap(model)(**batch, use_cache=False).loss  # DDP: the module; FSDP: the sharded one
         n = (batch["labels"][:, 1:] != IGNORE).sum().double() * (i < mine)  # predicted positions

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raypt.config import ConfigError, load_config
-from raypt.loop import LocalContext, document_inputs, train
+from raypt.loop import LocalContext, document_inputs, inputs, packs_one_row, train
 from raypt.model import build_model
 
 BOS, EOS = 1, 2
@@ -97,6 +97,39 @@ def test_the_loop_trains_and_evaluates_with_masking(tokenizer_dir, tmp_path):
     assert first[True] != pytest.approx(first[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("loss", ["chunked", "hf"])
+def test_one_row_is_the_batched_loss_and_what_flash_attention_reads(loss):
+    """flash_attention_2 finds packed documents in position ids only in a batch of one row (transformers'
+    `_is_packed_sequence`): a masked micro-batch of 3 blocks would attend across documents. The loop lays it out as
+    one row with its boundaries: on CPU (SDPA) that gives the batched layout's loss and gradients, and the boundaries
+    are those flash's own inference from the position ids finds."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, _prepare_from_posids
+
+    rng = np.random.default_rng(3)
+    stream = np.concatenate([doc(rng, n) for n in rng.integers(4, 30, 12)])[5:]  # (starts inside a document)
+    x = torch.tensor(stream[: 3 * 32].reshape(3, 32))
+    model = model_for(f"model.loss={loss}").train()
+    losses, grads = [], []
+    for one_row in (False, True):
+        batch = inputs(x, (BOS, EOS), one_row)
+        out = model(**batch, use_cache=False).loss
+        out.backward()
+        losses.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    batched, flat = inputs(x, (BOS, EOS)), inputs(x, (BOS, EOS), one_row=True)
+    assert not _is_packed_sequence(batched["position_ids"], 3)  # (what flash would make of the batched layout)
+    assert flat["input_ids"].shape == (1, 96) and _is_packed_sequence(flat["position_ids"], 1)
+    q = torch.zeros(1, 96, 1, 1)
+    _, _, _, (cu_q, cu_k), (max_q, _) = _prepare_from_posids(q, q, q, flat["position_ids"])
+    assert torch.equal(flat["cu_seq_lens_q"], cu_q) and torch.equal(flat["cu_seq_lens_k"], cu_k)
+    assert flat["max_length_q"] == flat["max_length_k"] == max_q
+    assert packs_one_row(model_for("model.attn_implementation=flash_attention_2")) and not packs_one_row(model)
+
+
 def test_masking_needs_document_boundaries():
     with pytest.raises(ConfigError, match="data.document_masking"):
         load_config(None, ["data.train_paths=[x]", "data.document_masking=true", "tokenizer.add_bos=false",
@@ -116,3 +149,20 @@ def test_flash_attention_masks_documents_from_positions():
         pos = document_inputs(block, BOS, EOS)[0]
         packed = model(input_ids=block, position_ids=pos, use_cache=False).logits[0].float()
     torch.testing.assert_close(packed[12:], alone, atol=2e-2, rtol=0)  # bf16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attention needs CUDA")
+def test_flash_attention_masks_documents_in_a_micro_batch_of_several_rows():
+    """The loop's one-row layout on flash_attention_2's varlen path: every document of a 2-block micro-batch gets
+    the logits it gets alone."""
+    pytest.importorskip("flash_attn")
+    rng = np.random.default_rng(0)
+    a, b, c = doc(rng, 12), doc(rng, 20), doc(rng, 32)
+    model = model_for("model.attn_implementation=flash_attention_2").cuda().to(torch.bfloat16)
+    x = torch.tensor(np.stack([np.concatenate((a, b)), c]), device="cuda")  # (2, 32)
+    with torch.no_grad():
+        batch = inputs(x, (BOS, EOS), packs_one_row(model))
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0].float()
+        for d, start in ((a, 0), (b, 12), (c, 32)):
+            alone = model(input_ids=torch.tensor(d, device="cuda")[None]).logits[0].float()
+            torch.testing.assert_close(packed[start : start + len(d)], alone, atol=2e-2, rtol=0)  # bf16
