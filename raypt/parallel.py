@@ -101,9 +101,11 @@ def accumulating(model: torch.nn.Module, last: bool, sync_every_micro_batch: boo
     """Context for one micro-batch's forward/backward: reduce gradients only on the last one of a step.
     DDP: `no_sync`. FSDP2: `set_requires_gradient_sync` — without sync, gradients accumulate unsharded (no
     communication, a full gradient in memory); with `sync_every_micro_batch` they are reduce-scattered every
-    micro-batch and stay sharded (1/W of the memory, W-1 more reduce-scatters per step)."""
+    micro-batch and stay sharded (1/W of the memory, W-1 more reduce-scatters per step). HSDP all-reduces across
+    the replicas (the nodes) once a step either way: the reduce-scattered shards accumulate until the last one."""
     if is_sharded(model):
         model.set_requires_gradient_sync(last or sync_every_micro_batch)
+        model.set_requires_all_reduce(last)
         return contextlib.nullcontext()
     if not last and hasattr(model, "no_sync"):
         return model.no_sync()

@@ -189,6 +189,15 @@ def test_meta_device_builds_equal_eager_builds(tokenizer_dir, tiny_pretrained, t
     assert "scratch: equal" in out.stdout and "pretrained: equal" in out.stdout, out.stdout
 
 
+def test_hsdp_all_reduces_across_replicas_once_a_step(tokenizer_dir):
+    """Four gloo processes, HSDP 2 replicas x 2 shards, 3 micro-batches reduce-scattered each: one all-reduce across
+    the replicas per FSDP group a step, not one per micro-batch, and the same gradients."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "hsdp_check.py"), tokenizer_dir], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "all-reduces a step: 9 -> 3; gradients equal" in out.stdout, out.stdout
+
+
 def test_sharded_save_needs_a_fraction_of_a_full_gather():
     """A 58M-parameter Llama under FSDP2 on 2 gloo ranks (bench/checkpoint.py): rank 0's peak RSS while saving, and the
     bytes it writes, against the full-gather format that collects every weight and AdamW moment on rank 0."""
