@@ -339,15 +339,6 @@ def format_counts(c: dict) -> str:
     return line
 
 
-def sample(final_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of `prompt` by the exported model (checks that final/ loads and generates), as
-    `python -m raypt.generate --temperature 0` makes it."""
-    from raypt.generate import generate
-    from raypt.load import load
-
-    return generate(load(final_dir), prompt, max_new_tokens=max_new_tokens, temperature=0, top_p=1, seed=0)
-
-
 @command(__doc__, "raypt.train", config=True)
 def main(args) -> int:
     cfg = args.cfg
@@ -365,8 +356,8 @@ def main(args) -> int:
     if out.get("data", {}).get("documents"):  # (text streamed by this run; none for pre-tokenized data)
         print(format_counts(out["data"]))
     print(f"model: {out['final']}")
-    if cfg.train.sample_tokens and Path(out["final"]).is_dir():
-        print(f"sample: {prompt!r} -> {sample(out['final'], prompt, cfg.train.sample_tokens)!r}")
+    if "sample" in out:  # (made on the workers, by the trained model: loop.end_sample)
+        print(f"sample: {prompt!r} -> {out['sample']!r}")
     if cfg.run.report:
         print(f"report: {out['run_dir']}/report/report.md (plots beside it; compare runs with "
               f"`python -m raypt.report RUN_DIR RUN_DIR`)")

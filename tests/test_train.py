@@ -84,8 +84,13 @@ def test_two_workers_match_one_process_export_and_write_sharded_checkpoints(ray_
                       "train.warmup_steps=1", "train.log_every=1", "train.max_steps=2", "train.eval_every=0",
                       "train.sample_tokens=0", "run.report=false")
     one = [r for r in one if "loss" in r]
-    two, evals = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=4",
-                     "train.checkpoint_every=2", "train.eval_every=2", "train.sample_tokens=8")
+    with pytest.MonkeyPatch.context() as driver:  # the driver (this process) never loads model weights: the
+        def refused(*args, **kwargs):  # sample is made on the workers (a head may hold less than the model)
+            raise AssertionError("the driver loaded model weights")
+
+        driver.setattr("transformers.PreTrainedModel.from_pretrained", refused)
+        two, evals = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=4",
+                         "train.checkpoint_every=2", "train.eval_every=2", "train.sample_tokens=8")
     # Same global batch, same init: DDP over 2 workers (2 micro-batches each) == one process (4 micro-batches)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
