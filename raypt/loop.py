@@ -146,17 +146,18 @@ def train(cfg: Config, ctx: Context) -> dict:
 def end_sample(cfg: Config, model, tok, autocast) -> str | None:
     """The run's sample: train.sample_tokens of greedy continuation of train.sample_prompt by the trained model,
     made where it already is (on the workers' devices; the driver, on a head with less memory than the model, never
-    loads it). Every rank takes part: under FSDP each forward gathers the layers. No KV cache: with compiled layers
-    each layer's cache slot would compile a graph of its own."""
+    loads it). Every rank takes part: under FSDP each forward gathers the layers, so every rank makes all the tokens
+    (none stops at an EOS before the others). Compiled layers run eagerly here: a few forwards of growing length are
+    not worth new graphs."""
     if not cfg.train.sample_tokens:
         return None
     inner = unwrap(model)
     inner.eval()
     ids = tok(cfg.train.sample_prompt or "The ", return_tensors="pt").input_ids.to(next(inner.parameters()).device)
     n = cfg.train.sample_tokens
-    with torch.no_grad(), autocast:  # (FSDP: every rank makes all n tokens, so none stops at an EOS before the rest)
+    with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"):
         out = inner.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             min_new_tokens=n if parallel.is_sharded(model) else None, use_cache=False,
+                             min_new_tokens=n if parallel.is_sharded(model) else None,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
