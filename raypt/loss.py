@@ -38,10 +38,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if need[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # Under autocast the head's matmuls run in bf16, as in HF's forward: cast the head once, not in each chunk's
+        # two matmuls (autocast caches no cast of a weight without gradient: LoRA's frozen head, upcast by peft).
+        device = h.device.type
+        head = weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
         for i in range(0, h.shape[0], chunk):
             hc, ok = h[i : i + chunk], valid[i : i + chunk]
             tc = targets[i : i + chunk].clamp(min=0)
-            logits = (hc @ weight.T).float()  # (under autocast: the head's matmul in bf16, as in HF's forward)
+            logits = (hc @ head.T).float()
             lse = logits.logsumexp(-1)
             total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * ok).sum()
             if any(need):  # d loss / d logits = (softmax - onehot) / count, for the rows that count
@@ -49,7 +53,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(len(tc), device=g.device), tc] -= 1
                 g = g.mul_((ok / count)[:, None]).to(hc.dtype)
                 if need[0]:
-                    grad_h[i : i + chunk] = g @ weight
+                    grad_h[i : i + chunk] = g @ head
                 if need[1]:
                     grad_w += (g.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)

@@ -342,6 +342,43 @@ def test_gradient_checkpointing_recomputes_every_layer_in_backward(tokenizer_dir
     assert calls == {False: [1, 1], True: [2, 2]}
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trained-head"])
+def test_the_chunked_loss_casts_the_head_once_under_autocast(frozen):
+    """bf16 autocast (CPU here, as on GPU): the fp32 LM head is cast to bf16 once per loss, not in every chunk's
+    matmuls (autocast caches no cast of a frozen weight: with a 128k-vocabulary head that was ~1 GB a chunk), and
+    the loss and gradients stay those of autocast's own per-matmul casts (rel 1e-2: bf16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from raypt.loss import linear_cross_entropy
+
+    class Casts(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (func is torch.ops.aten._to_copy.default and args[0].shape == self.shape
+                    and (kwargs or {}).get("dtype") == torch.bfloat16):  # (the head to bf16)
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=not frozen)
+    targets = torch.randint(0, 50, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts(weight.shape) as casts:
+        loss = linear_cross_entropy(h, weight, targets, chunk=7)  # 6 chunks
+    assert casts.count == 1, casts.count
+    loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy((h @ weight.T).float(), targets)
+    grads = torch.autograd.grad(ref, [h] + ([] if frozen else [weight]))
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=0)
+    torch.testing.assert_close(h.grad, grads[0], rtol=1e-2, atol=1e-3)
+    if not frozen:
+        torch.testing.assert_close(weight.grad, grads[1], rtol=1e-2, atol=1e-3)
+
+
 class CompileCounting(LocalContext):
     """LocalContext that notes Dynamo's counters once steps 1 and 2 are done (when step 3's batch is asked for)."""
 
