@@ -88,12 +88,24 @@ def local_model_dir(name_or_path: str) -> str:
     from raypt.corpus import filesystem, node_copy
 
     src_fs, src = filesystem(name_or_path)
-    files = src_fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
+    listed = src_fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
+    files = {f.path[len(src.rstrip("/")) + 1:]: f for f in listed if f.type == pafs.FileType.File}
     if not files:
         raise ModelError(f"model.name_or_path {name_or_path!r} holds no files; give a saved model's directory")
+    wanted = read_by_from_pretrained(sorted(files))
     # keyed by the files' names, sizes and times too: a model re-uploaded to the same URI is fetched again
-    key = name_or_path + "".join(f"|{f.path}:{f.size}:{f.mtime_ns}" for f in sorted(files, key=lambda f: f.path))
-    return str(node_copy(name_or_path, "models", key))
+    key = name_or_path + "".join(f"|{n}:{files[n].size}:{files[n].mtime_ns}" for n in wanted)
+    return str(node_copy(name_or_path, "models", key, files=wanted))
+
+
+def read_by_from_pretrained(names: list[str]) -> list[str]:
+    """The files of a model directory that `from_pretrained` reads: its top level (not a snapshot's `original/`
+    consolidated checkpoint, 16 GB for Llama-3-8B), and of the weights only the safetensors when there are any (not
+    also their `.bin` / `.pth` twins)."""
+    top = [n for n in names if "/" not in n]
+    if any(n.endswith(".safetensors") for n in top):
+        top = [n for n in top if not n.endswith((".bin", ".pth", ".pt", ".h5", ".msgpack", ".ckpt"))]
+    return top
 
 
 def _check_positions(config, seq_len: int) -> None:

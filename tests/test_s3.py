@@ -174,3 +174,24 @@ def test_listing_ten_thousand_objects_takes_sizes_from_the_listing(s3_server):
     seconds = time.perf_counter() - t0
     assert len(listing.files) == 10_000 and seconds < 10, seconds
     assert listing.sizes[:8] == [2, 3, 4, 5, 6, 7, 8, 2] and all(m > 0 for m in listing.mtimes[:8])
+
+
+def test_a_model_uri_is_copied_to_a_node_without_what_from_pretrained_never_reads(s3_server, tiny_pretrained,
+                                                                                 tmp_path, monkeypatch):
+    """A Hugging Face snapshot in the bucket with its `original/` consolidated checkpoint and a .bin twin of its
+    safetensors: a node's copy holds the top-level safetensors, configs and tokenizer alone, and loads."""
+    import torch
+
+    from raypt.model import local_model_dir
+
+    snapshot = tmp_path / "snapshot"
+    upload(Path(tiny_pretrained), f"s3://{s3_server}/snapshot")
+    (snapshot / "original").mkdir(parents=True)
+    (snapshot / "original" / "consolidated.00.pth").write_bytes(b"\0" * 4096)
+    torch.save({}, snapshot / "pytorch_model.bin")
+    upload(snapshot, f"s3://{s3_server}/snapshot")
+    monkeypatch.setenv("RAYPT_CACHE", str(tmp_path / "cache"))
+    local = Path(local_model_dir(f"s3://{s3_server}/snapshot"))
+    copied = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p.name != ".complete")
+    assert copied == sorted(p.name for p in Path(tiny_pretrained).iterdir()), copied
+    assert AutoModelForCausalLM.from_pretrained(local) is not None
