@@ -9,6 +9,9 @@ UV ?= uv==0.13.9
 # Every other package, at the versions the suite passed with (`make lock` writes it). LOCK= installs the newest
 # versions pyproject.toml allows instead (`make test-latest`, in its own venv).
 LOCK ?= requirements.lock
+# Where uv finds the CPU build of torch when it resolves (make lock): pip's --find-links here; elsewhere e.g.
+# FIND_LINKS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple".
+FIND_LINKS ?= $(addprefix --find-links ,$(shell $(BIN)/pip config get global.find-links 2>/dev/null))
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 
@@ -24,7 +27,7 @@ $(VENV)/torch.txt: Makefile
 
 $(VENV)/.installed: $(VENV)/torch.txt pyproject.toml $(LOCK)
 	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c $(VENV)/torch.txt \
-	    $(if $(LOCK),-r $(LOCK),--upgrade) -e ".[test]"
+	    $(if $(LOCK),-r $(LOCK)) -e ".[test]"
 	touch $@
 
 train: $(VENV)/.installed
@@ -34,17 +37,16 @@ train: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The suite on the newest releases pyproject.toml allows, resolved afresh each time: drift found on purpose.
+# The suite on the newest releases pyproject.toml allows, in a venv made afresh each time: drift found on purpose.
 test-latest:
-	rm -f .venv-latest/.installed
+	rm -rf .venv-latest
 	$(MAKE) test VENV=.venv-latest LOCK=
 
 # Resolve the newest allowed versions into the lock (torch held to the installed build, whose dependencies it pins
 # too; run it where that is the CPU build, or the lock pulls CUDA libraries onto CPU machines). Then `make test`.
 lock: $(VENV)/torch.txt
 	$(BIN)/uv pip compile -q --python $(BIN)/python pyproject.toml --extra test --upgrade \
-	    -c $(VENV)/torch.txt $(addprefix --find-links ,$(shell $(BIN)/pip config get global.find-links 2>/dev/null)) \
-	    --no-emit-package torch --custom-compile-command "make lock" -o $(LOCK)
+	    -c $(VENV)/torch.txt $(FIND_LINKS) --no-emit-package torch --custom-compile-command "make lock" -o $(LOCK)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/data.py

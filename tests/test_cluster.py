@@ -140,11 +140,12 @@ def test_nodes_install_the_lock_and_nothing_by_name(path):
     """A node installs torch at the Makefile's pin and the rest from requirements.lock; raypt itself comes with the job
     or the image (this repository, never a name on an index, which anyone could claim)."""
     pin, args = torch_pin(), arg_defaults(path)
+    uv = re.search(r"^UV \?= (uv==\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     installs = pip_installs(path)
     for argv in installs:
         names = [args.get(a, a) for i, a in enumerate(argv) if not a.startswith("-")
-                 and not (i and argv[i - 1] in ("-r", "--index-url", "-c"))]
-        assert all(n in (pin, ".") for n in names), (path.name, argv)
+                 and not (i and argv[i - 1] in ("-r", "--index-url", "-c", "--python"))]
+        assert all(n in (pin, uv, ".") for n in names), (path.name, argv)
         if "-r" in argv:
             assert argv[argv.index("-r") + 1].endswith("requirements.lock"), argv
     if path.name.startswith("kuberay"):
