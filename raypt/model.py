@@ -158,9 +158,11 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
         checkpoint_activations(model)
     if cfg.lora:
         model = apply_lora(model, cfg)
-    for p in model.parameters():  # fp32 master weights, whatever the checkpoint's dtype (on meta: no copy yet)
-        if p.requires_grad and p.dtype != torch.float32:
+    for p in model.parameters():  # (on meta: no copy yet)
+        if p.requires_grad and p.dtype != torch.float32:  # fp32 master weights, whatever the checkpoint's dtype
             p.data = p.data.float()
+        elif p.dtype == torch.float16:  # a frozen fp16 base (saved so, dtype auto): fp16 would need loss scaling
+            p.data = p.data.to(torch.bfloat16)
     if shard is not None:
         model = shard(model)
     if _on_meta(model):
@@ -175,8 +177,9 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
     return model, model_info(model, seq_len)
 
 
-def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = False):
-    """The pretrained model on `device`: placed there as it is read (on a GPU no host copy per rank)."""
+def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = False, as_saved: bool = False):
+    """The pretrained model on `device`: placed there as it is read (on a GPU no host copy per rank); trained in full,
+    in fp32 unless `as_saved` (to be copied into fp32 weights elsewhere)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
@@ -190,7 +193,7 @@ def _load_pretrained(cfg: ModelConfig, device: torch.device, quantized: bool = F
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["dtype"] = torch.bfloat16
-    elif not cfg.lora:
+    elif not cfg.lora and not as_saved:
         kwargs["dtype"] = torch.float32  # every weight is trained: read it as its fp32 master at once
     elif cfg.dtype != "auto":
         kwargs["dtype"] = DTYPES[cfg.dtype]
@@ -269,7 +272,7 @@ def _broadcast_pretrained(model, cfg: ModelConfig, seed: int, rank: int) -> None
     full, buffers = {}, dict(model.named_buffers())
     if rank == 0:
         torch.manual_seed(seed)
-        whole = _load_pretrained(cfg, torch.device("cpu"))
+        whole = _load_pretrained(cfg, torch.device("cpu"), as_saved=True)  # (a bf16 8B base: 16 GB, not 32, here)
         if cfg.lora:
             whole = apply_lora(whole, cfg)
         full = whole.state_dict()

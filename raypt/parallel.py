@@ -10,6 +10,7 @@ decay groups, clipping and checkpoints see the same model as under DDP.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -84,9 +85,16 @@ def compile_layers(model: torch.nn.Module) -> None:
     nothing changed."""
     from torch._dynamo import config as dynamo
 
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    can_skip = hasattr(dynamo, "skip_fwd_side_effects_in_bwd_under_checkpoint")
+    if not can_skip and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        logging.getLogger("raypt").warning(
+            "WARNING: train.compile with model.gradient_checkpointing: this torch cannot skip the side effects "
+            "Dynamo refuses inside a checkpointed forward (transformers 5.23+ with the kernels package): layers may "
+            "stay eager")
+    for layer in layers:
         compiled = torch.compile(layer.forward)
-        if hasattr(dynamo, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        if can_skip:
             compiled = dynamo.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)(compiled)
         layer.forward = compiled
 

@@ -4,8 +4,8 @@
 
 The model is built on PyTorch's meta device (no weights, no memory), so parameter counts are exact. Memory is an
 estimate: weights, gradients and AdamW state by dtype (trained weights fp32, a 4-bit base 4-bit; FSDP divides them
-by the GPU count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention, bf16),
-with and without gradient checkpointing, plus the fp32 logits. FSDP2 divides weights, AdamW state and (when they are
+by the GPU count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention,
+bf16), with and without gradient checkpointing, plus the fp32 logits. FSDP2 divides weights, AdamW state and (when they are
 reduce-scattered every micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
 gathers: the root's parameters (embeddings, LM head) and two decoder layers (the current one and the prefetched next)
 in bf16 plus one layer's fp32 gradient — or, with reshard_after_forward off, every parameter in bf16.
@@ -101,9 +101,9 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         trainable = params
     # trained weights are fp32 masters whatever the checkpoint's dtype; a LoRA base stays as saved (or model.dtype)
     frozen_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(m.dtype, 4 if m.name_or_path is None else 2)
-    if m.quantize:  # NF4: 4 bits per linear weight + double-quantised scales (~0.127 bits); the rest bf16
-        quantized = sum(mod.weight.numel() for mod in linear.values())
-        weights = quantized * (4 + 0.127) / 8 + (params - quantized) * 2 + trainable * 4
+    if m.quantize:  # NF4: 4 bits per linear weight + double-quantised scales (~0.127 bits); the rest (embeddings,
+        quantized = sum(mod.weight.numel() for mod in linear.values())  # head, norms) fp32, as peft upcasts it
+        weights = quantized * (4 + 0.127) / 8 + (params - quantized) * 4 + trainable * 4
     else:
         weights = params * (frozen_bytes if m.lora else 4)
     grads = trainable * 4

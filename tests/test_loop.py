@@ -379,6 +379,18 @@ def test_the_chunked_loss_casts_the_head_once_under_autocast(frozen):
         torch.testing.assert_close(weight.grad, grads[1], rtol=1e-2, atol=1e-3)
 
 
+def test_lora_on_an_fp16_base_freezes_it_in_bf16_and_trains_fp32_adapters(tokenizer_dir, tiny_pretrained, tmp_path):
+    """A base saved in fp16 (model.dtype: auto keeps what is saved): its frozen weights become bf16 (fp16 activations
+    would need loss scaling), the adapters are fp32 master weights; the 4-bit path's compute dtype is bf16 anyway."""
+    saved = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(tiny_pretrained).to(torch.float16).save_pretrained(saved)
+    cfg = cfg_for(tokenizer_dir, f"model.name_or_path={saved}", "model.lora=true")
+    model = build_model(cfg.model, vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), seq_len=32,
+                        device=torch.device("cpu"))[0]
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}, dtypes
+
+
 class CompileCounting(LocalContext):
     """LocalContext that notes Dynamo's counters once steps 1 and 2 are done (when step 3's batch is asked for)."""
 

@@ -60,7 +60,7 @@ def test_recipes_plan_and_a_misfit_is_flagged(capsys):
     p = plan(qlora, gpu_mem_gb=80)
     assert 8.0e9 < p.params < 8.1e9
     assert p.trainable == 32 * 8 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # r=8 on 7 modules
-    assert p.weights_gb < 6 and p.fits  # a 4-bit base
+    assert 7 < p.weights_gb < 8 and p.fits  # a 4-bit base (3.5 GB) and fp32 embeddings and head (peft upcasts them)
     full = load_config(ROOT / "configs" / "llama3-8b-full-fsdp.yaml", ["scaling.strategy=ddp"])
     assert main(["--config", str(ROOT / "configs" / "llama3-8b-full-fsdp.yaml"), "--set", "scaling.strategy=ddp",
                  "--gpu-mem", "80"]) == 1
