@@ -133,16 +133,22 @@ def tokenizer_dir(tmp_path_factory, corpus) -> str:
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory, tokenizer_dir):
     """A small 'open model' saved locally, standing in for a downloaded checkpoint."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+def save_tiny_llama(d: Path, tokenizer_dir: str, dtype=None) -> Path:
+    """A seeded 2-layer Llama for the tokenizer, saved in `d` (in `dtype`, as a Llama-3 checkpoint is in bf16) with
+    the tokenizer beside it."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    d = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    (model if dtype is None else model.to(dtype)).save_pretrained(d)
     tok.save_pretrained(d)
     return d
 

@@ -48,8 +48,13 @@ def check(rank: int, world: int, port: int, tokenizer_dir: str, pretrained: str)
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def spawn(fn, nprocs: int, *args) -> None:
+    """fn(rank, nprocs, port, *args) in `nprocs` processes, which form a gloo group on a free loopback port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(check, args=(2, port, sys.argv[1], sys.argv[2]), nprocs=2)
+    mp.spawn(fn, args=(nprocs, port, *args), nprocs=nprocs)
+
+
+if __name__ == "__main__":
+    spawn(check, 2, sys.argv[1], sys.argv[2])

@@ -6,12 +6,10 @@ every micro-batch.
 """
 
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 MICRO = 3
 
@@ -70,7 +68,6 @@ def check(rank: int, world: int, port: int, tokenizer_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(check, args=(4, port, sys.argv[1]), nprocs=4)
+    from fsdp_build_check import spawn
+
+    spawn(check, 4, sys.argv[1])

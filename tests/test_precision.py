@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from raypt import train
 
+from conftest import save_tiny_llama
 from test_loop import blocks
 from test_train import write_blocks
 
@@ -21,17 +22,8 @@ LR = 1e-5  # an update of ~LR on a weight of ~0.02 is 5e-4 of it: under half a b
 
 @pytest.fixture(scope="module")
 def bf16_base(tmp_path_factory, tokenizer_dir):
-    """A tiny Llama saved in bf16, standing in for a downloaded Llama-3 checkpoint."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("bf16-llama")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id)).to(torch.bfloat16).save_pretrained(d)
-    tok.save_pretrained(d)
+    """The tiny Llama saved in bf16, standing in for a downloaded Llama-3 checkpoint."""
+    d = save_tiny_llama(tmp_path_factory.mktemp("bf16-llama"), tokenizer_dir, dtype=torch.bfloat16)
     assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
     return d
 
