@@ -32,20 +32,23 @@ def echo_to(fn) -> None:
     _echo = fn
 
 # Dense bf16 peak FLOP/s of one device, by a substring of torch.cuda.get_device_name().
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-              "A10G": 125e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16 peak FLOP/s (NVIDIA's data sheets), matched against the device name in this order: the first key
+# it contains (so "GB200" before "B200", the PCIe and NVL H100s before the SXM one).
+PEAK_FLOPS = {"GB200": 2.5e15, "B200": 2.25e15, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+              "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 125e12,
+              "A10": 125e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device: torch.device, configured: float | None) -> float | None:
     """Peak FLOP/s for MFU: the configured value, a known GPU's, or None (MFU not reported)."""
     if configured:
         return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_FLOPS.items():
-            if key in name:
-                return value
-    return None
+    return peak_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_of(name: str) -> float | None:
+    """A GPU's dense bf16 peak from its device name (`PEAK_FLOPS`), or None."""
+    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:

@@ -46,7 +46,7 @@ class ModelInfo:
     total_params: int
     trainable_params: int
     flops_per_token: float
-    """Training FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq_len (PaLM appendix B)."""
+    """Training FLOPs per token (`training_flops`): 6 per trained matmul weight, 4 per frozen one, plus attention."""
     max_positions: int
 
 
@@ -309,14 +309,25 @@ def apply_lora(model, cfg: ModelConfig):
     return get_peft_model(model, lora)
 
 
-def model_info(model, seq_len: int) -> ModelInfo:
+def model_info(model, seq_len: int, adapters: int = 0) -> ModelInfo:
+    """Parameter counts and training FLOPs per token of `model` (whose LoRA adapters, if any, are its only trained
+    weights; `adapters`: those of a model that does not hold them yet, as `raypt.plan` builds it)."""
     total = sum(_numel(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     c = model.config
     embed = c.vocab_size * c.hidden_size
     matmul = total - embed * (1 if getattr(c, "tie_word_embeddings", False) else 2) + embed  # + the LM head
-    attn = 12 * c.num_hidden_layers * c.hidden_size * seq_len  # scores and weighted sum, forward and backward
-    return ModelInfo(total, trainable, 6 * matmul + attn, getattr(c, "max_position_embeddings", seq_len))
+    trained = adapters or (matmul if trainable == total else trainable)
+    flops = training_flops(matmul + adapters, trained, c.num_hidden_layers, c.hidden_size, seq_len)
+    return ModelInfo(total, trainable, flops, getattr(c, "max_position_embeddings", seq_len))
+
+
+def training_flops(matmul: int, trained: int, layers: int, hidden: int, seq_len: int) -> float:
+    """Model FLOPs per token of a training step: 6 per trained matmul weight (forward, input and weight gradients),
+    4 per frozen one (no weight gradient: LoRA's base, whose activations still carry gradients down to the lowest
+    adapter), and attention's scores and weighted sum, forward and backward (PaLM appendix B). Recomputation under
+    activation checkpointing is not model FLOPs."""
+    return 6 * trained + 4 * (matmul - trained) + 12 * layers * hidden * seq_len
 
 
 def _numel(p) -> int:

@@ -131,7 +131,7 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     if t.max_tokens:
         steps = min(steps, -(-t.max_tokens // tokens_per_step))
     tokens = steps * tokens_per_step
-    fpt = model_info(model, d.seq_len).flops_per_token
+    fpt = model_info(model, d.seq_len, adapters=trainable if m.lora else 0).flops_per_token
     tps = tokens_per_s_per_gpu or mfu * peak_tflops * 1e12 / fpt
     hours = tokens / (tps * gpus) / 3600
     return Plan(params, trainable, weights / shard / GB, grads / grads_shard / GB, optimizer / shard / GB,

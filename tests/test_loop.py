@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,28 @@ def test_flops_per_token_formula(tokenizer_dir):
     n = sum(p.numel() for p in model.parameters())  # tied: the embedding doubles as the LM head matmul
     assert info.flops_per_token == 6 * n + 12 * c.num_hidden_layers * c.hidden_size * 32
     assert info.total_params == info.trainable_params == n
+
+
+def test_lora_flops_count_no_weight_gradient_for_the_frozen_base(tokenizer_dir, tiny_pretrained):
+    """LoRA: 4 FLOPs per frozen matmul weight (forward and input gradient), 6 per adapter weight; MFU would be
+    overstated ~1.5x at 6N. raypt.plan, whose meta-device model holds no adapters, counts the same."""
+    from raypt.metrics import peak_of
+    from raypt.plan import plan
+
+    full = build_model(cfg_for(tokenizer_dir, f"model.name_or_path={tiny_pretrained}").model, vocab_size=400,
+                       seq_len=32, device=torch.device("cpu"))[1]
+    cfg = cfg_for(tokenizer_dir, f"model.name_or_path={tiny_pretrained}", "model.lora=true")
+    lora = build_model(cfg.model, vocab_size=400, seq_len=32, device=torch.device("cpu"))[1]
+    base, adapters, attn = full.total_params - 400 * 64, lora.trainable_params, 12 * 2 * 64 * 32  # (untied head)
+    assert full.flops_per_token == 6 * base + attn
+    assert lora.flops_per_token == 4 * base + 6 * adapters + attn
+    assert plan(cfg).flops_per_token == lora.flops_per_token
+    recipe = Path(__file__).parent.parent / "configs" / "llama3-8b-qlora-cpt.yaml"
+    qlora = plan(load_config(recipe)).flops_per_token
+    whole = plan(load_config(recipe, ["model.lora=false", "model.quantize=null"])).flops_per_token
+    assert 1.4 < whole / qlora < 1.5  # what 6N overstated QLoRA's MFU by at 8B
+    assert [peak_of(f"NVIDIA {g}") for g in ("H100 PCIe", "H100 NVL", "H100 80GB HBM3", "GB200", "B200", "X1")] == \
+        [756e12, 835e12, 989e12, 2.5e15, 2.25e15, None]
 
 
 def test_seq_len_above_max_positions_is_refused(tokenizer_dir, tmp_path):
