@@ -5,8 +5,9 @@
 The model is built on PyTorch's meta device (no weights, no memory), so parameter counts are exact. Memory is an
 estimate: weights, gradients and AdamW state by dtype (trained weights fp32, a 4-bit base 4-bit; FSDP divides them
 by the GPU count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention,
-bf16), with and without gradient checkpointing, plus the fp32 logits. FSDP2 divides weights, AdamW state and (when they are
-reduce-scattered every micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
+bf16), with and without gradient checkpointing, plus what the loss holds (the chunked loss: one chunk's logits;
+HF's: all its fp32 logits). FSDP2 divides weights, AdamW state and (when they are reduce-scattered every
+micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
 gathers: the root's parameters (embeddings, LM head) and two decoder layers (the current one and the prefetched next)
 in bf16 plus one layer's fp32 gradient — or, with reshard_after_forward off, every parameter in bf16.
 """
@@ -77,6 +78,20 @@ def model_config(cfg: Config, vocab_size: int | None):
                      f"or one of the known architectures ({', '.join(KNOWN)})")
 
 
+def loss_bytes(model, m, b: int, s: int) -> int:
+    """What the loss holds for one micro-batch of b x s tokens. HF's own: the fp32 logits and their gradient.
+    The chunked loss (`raypt.loss`): one chunk's fp32 logits and their gradient in bf16, the gradient of the hidden
+    states (fp32), and a trained head's fp32 gradient."""
+    from raypt.loss import CHUNK_BYTES, supported
+
+    hf = model.config
+    if m.loss != "chunked" or not supported(model):
+        return b * s * hf.vocab_size * 4 * 2
+    chunk = min(b * (s - 1), max(1, CHUNK_BYTES // (4 * hf.vocab_size)))
+    head_grad = 0 if m.lora else hf.vocab_size * hf.hidden_size * 4
+    return chunk * hf.vocab_size * (4 + 2) + b * s * hf.hidden_size * 4 + head_grad
+
+
 def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = None, vocab_size: int | None = None,
          tokens_per_s_per_gpu: float | None = None, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
     from transformers import AutoModelForCausalLM
@@ -120,7 +135,7 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     b, s, L, dh = t.micro_batch_size, d.seq_len, hf.num_hidden_layers, hf.hidden_size
     kv = hf.num_key_value_heads * (dh // hf.num_attention_heads)
     per_layer = b * s * (6 * dh + 2 * kv + 4 * hf.intermediate_size) * 2
-    logits = b * s * hf.vocab_size * 4 * 2  # fp32 logits and their gradient
+    logits = loss_bytes(model, m, b, s)
     act_full = L * per_layer + logits
     act_ckpt = L * b * s * dh * 2 + per_layer + logits  # layer inputs + one layer recomputed
     activations = act_ckpt if m.gradient_checkpointing else act_full

@@ -24,7 +24,9 @@ def test_tiny_model_by_hand():
     assert p.grads_gb * GB == pytest.approx(6288 * 4)
     assert p.optimizer_gb * GB == pytest.approx(6288 * 8)
     layer_act = 2 * 8 * (6 * 16 + 2 * 8 + 4 * 32) * 2  # b x s x (6d + 2kv + 4I) bf16 values
-    logits = 2 * 8 * 100 * 4 * 2
+    # the chunked loss: one chunk of fp32 logits and their bf16 gradient (all 14 predicted positions fit one), the
+    # hidden states' fp32 gradient, the tied head's fp32 gradient
+    logits = 14 * 100 * (4 + 2) + 2 * 8 * 16 * 4 + 100 * 16 * 4
     assert p.activations_no_ckpt_gb * GB == pytest.approx(2 * layer_act + logits)
     assert p.activations_ckpt_gb * GB == pytest.approx(2 * 2 * 8 * 16 * 2 + layer_act + logits)
     assert p.total_gb * GB == pytest.approx(6288 * 16 + 2 * layer_act + logits)
