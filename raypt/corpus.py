@@ -55,7 +55,6 @@ def node_copy(uri: str, kind: str, key: str | None = None, files: list[str] | No
     $RAYPT_CACHE/kind (default ~/.cache/raypt), the others waiting on a file lock. `key` (default: the URI) names the
     copy; `files`: only these files of the directory (default: all of it)."""
     import hashlib
-    from pathlib import Path
 
     from filelock import FileLock
 
@@ -70,6 +69,17 @@ def node_copy(uri: str, kind: str, key: str | None = None, files: list[str] | No
                 pafs.copy_files(src, str(to), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             (dest / ".complete").touch()
     return dest
+
+
+def node_copy_of(uri: str, kind: str, pick) -> Path:
+    """A node-wide copy (`node_copy`) of the files at the top of the directory at `uri` that `pick` chooses from
+    their sorted names (it may raise, naming what is missing), keyed by their names, sizes and times: files uploaded
+    again are fetched again."""
+    fs, inner = filesystem(uri)
+    infos = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+             if i.type == pafs.FileType.File}
+    names = pick(sorted(infos))
+    return node_copy(uri, kind, uri + "".join(f"|{n}:{infos[n].size}:{infos[n].mtime_ns}" for n in names), names)
 
 
 @dataclass

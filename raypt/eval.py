@@ -78,12 +78,12 @@ def score(model, blocks: np.ndarray, batch_size: int, nbytes: np.ndarray, docs=N
     from raypt.loop import inputs, packs_one_row
     from raypt.loss import IGNORE
 
-    device = next(model.parameters()).device
+    device, one_row = next(model.parameters()).device, packs_one_row(model)
     total = np.zeros(3, np.float64)
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             x = torch.tensor(blocks[i : i + batch_size], dtype=torch.long, device=device)  # (a read-only view)
-            batch = inputs(x, docs, packs_one_row(model))
+            batch = inputs(x, docs, one_row)
             loss = model(**batch, use_cache=False).loss.double().item()
             labels = batch["labels"][:, 1:].cpu().numpy()
             scored = labels[labels != IGNORE]

@@ -46,8 +46,9 @@ def prompts_of(args, loaded) -> list[str]:
 
 
 def generate(loaded, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-             stream=None) -> str:
-    """The continuation of `prompt` (its text), streamed to `stream` (a text file) as it is made."""
+             stream=None, min_new_tokens: int | None = None) -> str:
+    """The continuation of `prompt` (its text), streamed to `stream` (a text file) as it is made; `loaded` needs a
+    `model` and a `tokenizer` (`raypt.load`)."""
     from transformers import TextStreamer
 
     tok, model = loaded.tokenizer, loaded.model
@@ -61,6 +62,7 @@ def generate(loaded, prompt: str, *, max_new_tokens: int, temperature: float, to
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                              streamer=streamer, **sampling)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

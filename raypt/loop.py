@@ -149,17 +149,19 @@ def end_sample(cfg: Config, model, tok, autocast) -> str | None:
     loads it). Every rank takes part: under FSDP each forward gathers the layers, so every rank makes all the tokens
     (none stops at an EOS before the others). Compiled layers run eagerly here: a few forwards of growing length are
     not worth new graphs."""
-    if not cfg.train.sample_tokens:
+    from types import SimpleNamespace
+
+    from raypt.generate import generate
+
+    n = cfg.train.sample_tokens
+    if not n:
         return None
     inner = unwrap(model)
     inner.eval()
-    ids = tok(cfg.train.sample_prompt or "The ", return_tensors="pt").input_ids.to(next(inner.parameters()).device)
-    n = cfg.train.sample_tokens
-    with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"):
-        out = inner.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             min_new_tokens=n if parallel.is_sharded(model) else None,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    with autocast, torch.compiler.set_stance("force_eager"):
+        return generate(SimpleNamespace(model=inner, tokenizer=tok), cfg.train.sample_prompt or "The ",
+                        max_new_tokens=n, temperature=0, top_p=1, seed=0,
+                        min_new_tokens=n if parallel.is_sharded(model) else None)
 
 
 def write_report(run_dir: Path) -> None:
@@ -195,9 +197,11 @@ def inputs(x: torch.Tensor, docs: tuple[int | None, int | None] | None, one_row:
         return {"input_ids": x, "labels": labels, "position_ids": position_ids}
     labels[:, 0] = IGNORE
     flat = position_ids.reshape(1, -1)  # (1, batch * seq)
-    starts = (flat[0] == 0).nonzero().flatten()
-    cu = torch.cat([starts, starts.new_tensor([flat.shape[1]])]).to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())  # one host sync a micro-batch (flash would make one in every layer)
+    positions = flat[0].cpu()  # one host sync a micro-batch (flash would make one in every layer)
+    starts = (positions == 0).nonzero().flatten()
+    cu = torch.cat([starts, torch.tensor([len(positions)])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    cu = cu.to(x.device)
     return {"input_ids": x.reshape(1, -1), "labels": labels.reshape(1, -1), "position_ids": flat,
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
@@ -336,10 +340,11 @@ def _eval_sums(model, ctx: Context, blocks: np.ndarray, micro_batch_size: int, a
     mine = -(-len(blocks) // micro_batch_size)
     forwards = int(parallel.all_reduce(torch.tensor(mine, device=ctx.device), op=torch.distributed.ReduceOp.MAX))
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    one_row = packs_one_row(model)
     for i in range(forwards):
         rows = blocks[i * micro_batch_size : (i + 1) * micro_batch_size] if i < mine else blocks[:micro_batch_size]
         x = torch.tensor(rows, dtype=torch.long, device=ctx.device)  # (a read-only view)
-        batch = inputs(x, docs, packs_one_row(model))
+        batch = inputs(x, docs, one_row)
         with autocast:
             loss = unwrap(model)(**batch, use_cache=False).loss  # DDP: the module; FSDP: the sharded one
         n = (batch["labels"][:, 1:] != IGNORE).sum().double() * (i < mine)  # predicted positions

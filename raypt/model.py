@@ -83,29 +83,23 @@ def local_model_dir(name_or_path: str) -> str:
         if not Path(name_or_path).is_dir():
             raise ModelError(f"model.name_or_path {name_or_path!r} is not a directory; give a saved model's directory")
         return name_or_path
-    import pyarrow.fs as pafs
+    from raypt.corpus import node_copy_of
 
-    from raypt.corpus import filesystem, node_copy
+    def pick(names: list[str]) -> list[str]:
+        if not names:
+            raise ModelError(f"model.name_or_path {name_or_path!r} holds no files; give a saved model's directory")
+        return read_by_from_pretrained(names)
 
-    src_fs, src = filesystem(name_or_path)
-    listed = src_fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
-    files = {f.path[len(src.rstrip("/")) + 1:]: f for f in listed if f.type == pafs.FileType.File}
-    if not files:
-        raise ModelError(f"model.name_or_path {name_or_path!r} holds no files; give a saved model's directory")
-    wanted = read_by_from_pretrained(sorted(files))
-    # keyed by the files' names, sizes and times too: a model re-uploaded to the same URI is fetched again
-    key = name_or_path + "".join(f"|{n}:{files[n].size}:{files[n].mtime_ns}" for n in wanted)
-    return str(node_copy(name_or_path, "models", key, files=wanted))
+    return str(node_copy_of(name_or_path, "models", pick))
 
 
 def read_by_from_pretrained(names: list[str]) -> list[str]:
-    """The files of a model directory that `from_pretrained` reads: its top level (not a snapshot's `original/`
-    consolidated checkpoint, 16 GB for Llama-3-8B), and of the weights only the safetensors when there are any (not
-    also their `.bin` / `.pth` twins)."""
-    top = [n for n in names if "/" not in n]
-    if any(n.endswith(".safetensors") for n in top):
-        top = [n for n in top if not n.endswith((".bin", ".pth", ".pt", ".h5", ".msgpack", ".ckpt"))]
-    return top
+    """Of a model directory's files, those `from_pretrained` reads: of the weights only the safetensors where there
+    are any (not also their `.bin` / `.pth` twins); the top level alone is listed (not a snapshot's `original/`
+    consolidated checkpoint, 16 GB for Llama-3-8B)."""
+    if any(n.endswith(".safetensors") for n in names):
+        return [n for n in names if not n.endswith((".bin", ".pth", ".pt", ".h5", ".msgpack", ".ckpt"))]
+    return names
 
 
 def _check_positions(config, seq_len: int) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from raypt.cli import command
-from raypt.corpus import FORMATS, CorpusError, filesystem, is_uri, iter_documents, list_files, node_copy
+from raypt.corpus import FORMATS, CorpusError, is_uri, iter_documents, list_files, node_copy_of
 from raypt.packing import concat_documents
 from raypt.progress import Progress
 
@@ -48,18 +48,14 @@ def local_tokenizer_dir(path: str) -> str:
     names, sizes and times, so a tokenizer uploaded again is fetched again."""
     if not is_uri(path):
         return path
-    import pyarrow.fs as pafs
 
-    fs, inner = filesystem(path)
-    infos = sorted((i for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-                    if i.type == pafs.FileType.File
-                    and (i.base_name.startswith(TOKENIZER_FILES) or i.base_name == "config.json")),
-                   key=lambda i: i.base_name)
-    if not any(i.base_name.startswith(TOKENIZER_FILES) for i in infos):
-        raise CorpusError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...); set "
-                          "tokenizer.path to the tokenizer's directory")
-    key = path + "".join(f"|{i.base_name}:{i.size}:{i.mtime_ns}" for i in infos)
-    return str(node_copy(path, "tokenizers", key, files=[i.base_name for i in infos]))
+    def pick(names: list[str]) -> list[str]:
+        if not any(n.startswith(TOKENIZER_FILES) for n in names):
+            raise CorpusError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...); set "
+                              "tokenizer.path to the tokenizer's directory")
+        return [n for n in names if n.startswith(TOKENIZER_FILES) or n == "config.json"]
+
+    return str(node_copy_of(path, "tokenizers", pick))
 
 
 def special_ids(tok, add_bos: bool, add_eos: bool, bos_id: int | None = None, eos_id: int | None = None):
