@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import random
 import shutil
@@ -40,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from raypt import faults
 from raypt.corpus import filesystem, is_uri, node_copy
 from raypt.model import unwrap
-from raypt.parallel import distributed
+from raypt.parallel import distributed, is_sharded
 from raypt.errors import UserError
 
 MARKER = "COMPLETE"
@@ -130,27 +131,34 @@ class Checkpointer:
             dist.broadcast_object_list(choice, src=0)
         return choice[0], choice[1]
 
-    def restore(self, source: str, *, model, optimizer) -> TrainState:
-        """Load `source` into the (sharded or whole) model and optimizer of this rank; return the train state."""
-        with self._local_copy(source) as d:
+    def restore(self, source: str, *, model, optimizer) -> tuple[TrainState, int]:
+        """Load `source` into the (sharded or whole) model and optimizer of this rank; return the train state and
+        the bytes of saved state this rank read."""
+        with self._readable(source, is_sharded(model)) as d:
             sd = _state_dicts(model, optimizer)
-            dcp.load(sd, checkpoint_id=str(d / STATE), no_dist=not distributed())  # each rank: its shards' slices
+            reader = StateReader(f"{d}/{STATE}")
+            dcp.load(sd, storage_reader=reader, no_dist=not distributed())  # each rank: its shards' slices
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                            options=_options(model, strict=False))
-            rng = d / "rng" / f"rank_{self.rank:05d}.pt"
-            if rng.exists():  # (a rank the saving run did not have keeps the per-rank seed build_model gave it)
-                _set_rng(torch.load(rng, weights_only=True))
-            state = TrainState(**json.loads((d / TRAIN_STATE).read_text())["state"])
-        return state
+            fs, path = filesystem(d)
+            rng = f"{path}/rng/rank_{self.rank:05d}.pt"
+            if fs.get_file_info(rng).type == pafs.FileType.File:  # (a rank the saving run did not have keeps the
+                with fs.open_input_file(rng) as f:                   # per-rank seed build_model gave it)
+                    _set_rng(torch.load(io.BytesIO(f.read()), weights_only=True))
+            with fs.open_input_file(f"{path}/{TRAIN_STATE}") as f:
+                state = TrainState(**json.loads(f.read())["state"])
+        return state, reader.bytes_read
 
     @contextlib.contextmanager
-    def _local_copy(self, source: str):
-        """A checkpoint as a local directory: itself, or one download per node of a URI (removed after loading)."""
-        if not is_uri(source):
-            yield Path(source)
+    def _readable(self, source: str, sharded: bool):
+        """Where to read a checkpoint from: where it is, except a URI holding replicated (DDP) state, which every
+        rank reads whole: that is copied once per node (and removed after loading). Sharded (FSDP) state is read
+        straight from storage, each rank fetching the byte ranges of its own shards alone."""
+        if not is_uri(source) or sharded:
+            yield source
             return
         dest = node_copy(source, "checkpoints")
-        yield dest
+        yield str(dest)
         if distributed():
             dist.barrier()  # every rank of the node has read it
         if self.local_rank == 0:
@@ -224,6 +232,38 @@ class Checkpointer:
         with fs.open_output_stream(f"{path}/{MARKER}") as f:  # last: from now on the checkpoint counts
             f.write((json.dumps({"state": dataclasses.asdict(state), "files": files}) + "\n").encode())
         prune(self.run_dir, self.keep)
+
+
+class StateReader(dcp.FileSystemReader):
+    """torch's DCP file reader over a pyarrow filesystem (a local path, s3://, gs://): every saved tensor a rank
+    needs is one ranged read of just its bytes (on S3 one ranged GET), counted in `bytes_read`; no file is fetched
+    whole and nothing is staged on local disk."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        fs, self.path = filesystem(path)
+        self.fs = _Files(fs)
+        self.bytes_read = 0
+
+    def _slice_file(self, file, sinfo):
+        self.bytes_read += sinfo.length
+        return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
+
+
+class _Files:
+    """The part of torch's `FileSystemBase` a `FileSystemReader` calls, on a pyarrow filesystem."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        self.fs = fs
+
+    def concat_path(self, path: str, suffix: str) -> str:
+        return f"{path}/{suffix}"
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str, mode: str):
+        assert mode == "rb", mode
+        with self.fs.open_input_file(str(path)) as f:
+            yield f
 
 
 def _state_dicts(model, optimizer) -> dict:

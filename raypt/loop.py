@@ -64,14 +64,15 @@ def train(cfg: Config, ctx: Context) -> dict:
     tok = load_tokenizer(tokenizer_path(cfg))
     tc = cfg.tokenizer
     docs = special_ids(tok, tc.add_bos, tc.add_eos, tc.bos_id, tc.eos_id) if cfg.data.document_masking else None
-    model, info = setup_model(cfg, ctx, tok)
-    optimizer = build_optimizer(model, t, ctx.device)
-    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0, loggers=cfg.run.loggers, name=cfg.run.name,
-                            config=cfg.to_dict())
     ckpt = Checkpointer(ctx.storage, rank=ctx.rank, local_rank=ctx.local_rank, keep=cfg.run.checkpoints_to_keep,
                         async_save=ctx.device.type == "cuda" if cfg.run.async_checkpoint is None
                         else cfg.run.async_checkpoint)
-    state = resume(cfg, ckpt, model, optimizer, metrics, ctx.data_fingerprint, ctx.world_size)
+    source, skipped = ckpt.source(cfg.run.resume_from)  # decided first: a checkpoint replaces the weights read
+    model, info = setup_model(cfg, ctx, tok, weights=source is None)
+    optimizer = build_optimizer(model, t, ctx.device)
+    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0, loggers=cfg.run.loggers, name=cfg.run.name,
+                            config=cfg.to_dict())
+    state = resume(cfg, ctx, ckpt, source, skipped, model, optimizer, metrics)
 
     batch = global_batch_size(cfg)
     tokens_per_step = batch * cfg.data.seq_len
@@ -242,13 +243,14 @@ def weighted(loss: torch.Tensor, rows: int, batch: int, world_size: int) -> torc
     return loss / (batch / (world_size * rows))
 
 
-def setup_model(cfg: Config, ctx: Context, tok):
-    """The model on this worker: whole and wrapped in DDP, or built sharded by FSDP2 (never whole on any rank)."""
+def setup_model(cfg: Config, ctx: Context, tok, weights: bool = True):
+    """The model on this worker: whole and wrapped in DDP, or built sharded by FSDP2 (never whole on any rank).
+    `weights=False`: a checkpoint fills them (`build_model`)."""
     bf16 = parallel.bf16_compute(cfg.train, ctx.device)
     shard = (parallel.fsdp_sharder(cfg.scaling, ctx.device, ctx.world_size, bf16) if cfg.scaling.strategy == "fsdp"
              else None)
     model, info = build_model(cfg.model, vocab_size=len(tok), seq_len=cfg.data.seq_len, device=ctx.device,
-                              tokenizer=tok, seed=cfg.run.seed, shard=shard, rank=ctx.rank)
+                              tokenizer=tok, seed=cfg.run.seed, shard=shard, rank=ctx.rank, weights=weights)
     compiled = compiling(cfg, ctx.device)
     if compiled:
         parallel.compile_layers(model)
@@ -267,15 +269,21 @@ def compiling(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" and not cfg.model.quantize
 
 
-def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLogger,
-           fingerprint: dict | None = None, world_size: int = 1) -> TrainState:
-    """The run's newest complete checkpoint, else run.resume_from, loaded into model and optimizer; else a fresh
-    state. A checkpoint whose data fingerprint differs from `fingerprint` is refused, or with run.data_changed:
-    restart, keeps its model and optimizer and starts the new data's order from the beginning."""
-    source, skipped = ckpt.source(cfg.run.resume_from)
+def resume(cfg: Config, ctx: Context, ckpt: Checkpointer, source: str | None, skipped: list[str], model, optimizer,
+           metrics: MetricsLogger) -> TrainState:
+    """The checkpoint `source` (`Checkpointer.source`: newer incomplete ones `skipped`) loaded into model and
+    optimizer; without one a fresh state. A checkpoint whose data fingerprint differs from the context's is refused,
+    or with run.data_changed: restart, keeps its model and optimizer and starts the new data's order from the
+    beginning."""
+    fingerprint, world_size = ctx.data_fingerprint, ctx.world_size
     if source is None:
         return TrainState(data=fingerprint)
-    state = ckpt.restore(source, model=model, optimizer=optimizer)
+    t0 = time.perf_counter()
+    state, read = ckpt.restore(source, model=model, optimizer=optimizer)
+    seconds = time.perf_counter() - t0
+    total = parallel.all_reduce(torch.tensor(float(read), dtype=torch.float64, device=ctx.device)).item()
+    most = parallel.all_reduce(torch.tensor(float(read), dtype=torch.float64, device=ctx.device),
+                               op=torch.distributed.ReduceOp.MAX).item()
     for why in skipped if metrics.enabled else ():
         emit(f"skipping {why}")
     name = source.rstrip("/").rsplit("/", 1)[-1]
@@ -285,8 +293,10 @@ def resume(cfg: Config, ckpt: Checkpointer, model, optimizer, metrics: MetricsLo
 
         raise CorpusError(data_changed_message(name, changes))
     metrics.event(state.step, f"resuming from {name} on {world_size} worker{'s' * (world_size > 1)}: step "
-                  f"{state.step}, {state.tokens_seen:,} tokens seen, data at {where(cfg, state.position)}",
-                  resumed_from=source, workers=world_size)
+                  f"{state.step}, {state.tokens_seen:,} tokens seen, data at {where(cfg, state.position)}; "
+                  f"{total / 1e6:,.1f} MB of saved state read ({most / 1e6:,.1f} MB by the busiest worker) in "
+                  f"{seconds:.1f} s", resumed_from=source, workers=world_size, restore_bytes=int(total),
+                  restore_bytes_max=int(most), restore_s=round(seconds, 3))
     if changes:
         state.position = Position()
         metrics.event(state.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is restart, "

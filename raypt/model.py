@@ -76,9 +76,10 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer=No
     return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(seq_len, 2048), **arch, **specials)
 
 
-def local_model_dir(name_or_path: str) -> str:
+def local_model_dir(name_or_path: str, config_only: bool = False) -> str:
     """A local directory holding the model: `name_or_path` itself, or a node-wide cached copy of an s3://, gs://
-    URI (downloaded once per node; concurrent workers wait on a file lock)."""
+    URI (downloaded once per node; concurrent workers wait on a file lock). `config_only`: of a URI, its config.json
+    (and any code beside it) alone, not its weights."""
     if "://" not in name_or_path:
         if not Path(name_or_path).is_dir():
             raise ModelError(f"model.name_or_path {name_or_path!r} is not a directory; give a saved model's directory")
@@ -88,6 +89,11 @@ def local_model_dir(name_or_path: str) -> str:
     def pick(names: list[str]) -> list[str]:
         if not names:
             raise ModelError(f"model.name_or_path {name_or_path!r} holds no files; give a saved model's directory")
+        if config_only:
+            if "config.json" not in names:
+                raise ModelError(f"model.name_or_path {name_or_path!r} has no config.json; give a saved model's "
+                                 "directory")
+            return [n for n in names if n == "config.json" or n.endswith(".py")]
         return read_by_from_pretrained(names)
 
     return str(node_copy_of(name_or_path, "models", pick))
@@ -122,19 +128,22 @@ def preflight(cfg: ModelConfig, seq_len: int) -> None:
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torch.device, tokenizer=None,
-                seed: int = 0, shard=None, rank: int = 0):
+                seed: int = 0, shard=None, rank: int = 0, weights: bool = True):
     """The model to train, on `device` (QLoRA: loaded there directly), and its `ModelInfo`.
 
     With `shard` (FSDP: a function that shards a model in place, `raypt.parallel.fsdp_sharder`) no rank holds a full
     replica: the model is built on the meta device, sharded, and only then materialized. A scratch model gets
     `init_weights` shard by shard; a pretrained one is read by rank 0 alone (one copy in the cluster's host RAM) and
-    broadcast, each rank keeping its shards."""
+    broadcast, each rank keeping its shards. `weights=False`: a checkpoint of this run will fill every weight, so
+    none is read or drawn (only the non-persistent buffers are made); a LoRA model still reads its frozen base,
+    which its checkpoints do not hold."""
     torch.manual_seed(seed)  # identical LoRA init on every worker and every run
+    weights = weights or bool(cfg.lora)
     if cfg.trust_remote_code and cfg.name_or_path:
         log.warning("WARNING: model.trust_remote_code is on: code inside %s runs on every worker", cfg.name_or_path)
     if cfg.quantize:
         model = _load_pretrained(cfg, device, quantized=True)
-    elif cfg.name_or_path is not None and shard is None:
+    elif cfg.name_or_path is not None and shard is None and weights:
         model = _load_pretrained(cfg, device)
     else:
         with torch.device("meta"):  # a skeleton: no memory, no init work
@@ -163,7 +172,9 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
         model.to_empty(device=device)
         if shard is None:  # to_empty gave each module its own tensor: tie the LM head to the embeddings again
             model.tie_weights()
-        if cfg.name_or_path is None:
+        if not weights:
+            init_buffers(model)
+        elif cfg.name_or_path is None:
             init_weights(model, seed)
         else:
             _broadcast_pretrained(model, cfg, seed, rank)
@@ -202,7 +213,8 @@ def _skeleton(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer):
         model = LlamaForCausalLM(scratch_config(cfg, vocab_size, seq_len, tokenizer))
         model.config._attn_implementation = cfg.attn_implementation
         return model
-    hf = AutoConfig.from_pretrained(local_model_dir(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+    hf = AutoConfig.from_pretrained(local_model_dir(cfg.name_or_path, config_only=True),
+                                    trust_remote_code=cfg.trust_remote_code)
     dtype = (DTYPES.get(cfg.dtype) or getattr(hf, "dtype", None) or torch.float32) if cfg.lora else torch.float32
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, torch.float32)
@@ -252,6 +264,13 @@ def init_weights(model, seed: int) -> None:
             p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
         else:
             p.copy_(full)
+    init_buffers(model)
+
+
+def init_buffers(model) -> None:
+    """The non-persistent buffers (RoPE's inverse frequencies) a meta-device build leaves empty: no state dict holds
+    them."""
+    hf = hf_model(model)
     for mod in hf.modules():
         if "RotaryEmbedding" in type(mod).__name__:
             hf._init_weights(mod)

@@ -6,6 +6,8 @@ import contextlib
 import os
 import random
 import socket
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -98,18 +100,58 @@ def ray_local():
     ray.shutdown()
 
 
+class S3Traffic:
+    """What the test S3 server sent: bytes of GET response bodies by request path (/bucket/key), counted as they
+    leave the server, whichever process asked."""
+
+    def __init__(self):
+        self.sent: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.sent.clear()
+
+    def under(self, prefix: str, suffix: str = "") -> int:
+        """Bytes sent of the objects whose key starts with `prefix` ("bucket/key...") and ends with `suffix`."""
+        with self._lock:
+            return sum(n for path, n in self.sent.items() if path.startswith("/" + prefix) and path.endswith(suffix))
+
+    def wrap(self, app):
+        def counted(environ, start_response):
+            body = app(environ, start_response)
+            try:
+                for chunk in body:
+                    if environ["REQUEST_METHOD"] == "GET":
+                        with self._lock:
+                            self.sent[environ["PATH_INFO"]] += len(chunk)
+                    yield chunk
+            finally:
+                if hasattr(body, "close"):
+                    body.close()
+        return counted
+
+
+S3_TRAFFIC = S3Traffic()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-protocol server (moto) on the loopback port in AWS_ENDPOINT_URL; yields a bucket name."""
+    """A real S3-protocol server (moto's, as its ThreadedMotoServer runs it) on the loopback port in
+    AWS_ENDPOINT_URL, its responses counted in `S3_TRAFFIC`; yields a bucket name."""
     import boto3
-    from moto.server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
     port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = make_server("127.0.0.1", port, S3_TRAFFIC.wrap(DomainDispatcherApplication(create_backend_app)),
+                         threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="raypt-test")
     yield "raypt-test"
-    server.stop()
+    server.shutdown()
+    thread.join()
 
 
 @pytest.fixture(scope="session")

@@ -56,18 +56,27 @@ def test_scratch_loss_decreases_and_exports(tokenizer_dir, tmp_path):
     assert (ckpts[0] / "rng" / "rank_00000.pt").exists() and (ckpts[0] / "train_state.json").exists()
 
 
-def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tmp_path):
-    data = blocks(tokenizer_dir, 64, 32)
-    full = tmp_path / "full"
-    train(cfg_for(tokenizer_dir), LocalContext(full, data))
-    part = tmp_path / "part"
-    train(cfg_for(tokenizer_dir, "train.max_steps=40"), LocalContext(part, data))
-    # drop the last checkpoint: the re-run resumes from step 20
+@pytest.mark.parametrize("base", [False, True], ids=["scratch", "pretrained"])
+def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tiny_pretrained, tmp_path, base):
+    """Resumed from step 20, the run goes on as if never stopped; a full-parameter run of a pretrained model resumes
+    without its base weights (the checkpoint holds every weight): they are gone by then."""
     import shutil
 
+    sets = []
+    if base:
+        shutil.copytree(tiny_pretrained, tmp_path / "base")
+        sets = [f"model.name_or_path={tmp_path / 'base'}"]
+    data = blocks(tokenizer_dir, 64, 32)
+    full = tmp_path / "full"
+    train(cfg_for(tokenizer_dir, *sets), LocalContext(full, data))
+    part = tmp_path / "part"
+    train(cfg_for(tokenizer_dir, "train.max_steps=40", *sets), LocalContext(part, data))
+    # drop the last checkpoint: the re-run resumes from step 20
     shutil.rmtree(part / "checkpoint_000040")
     (part / "metrics.jsonl").unlink()
-    train(cfg_for(tokenizer_dir), LocalContext(part, data))
+    for weights in (tmp_path / "base").glob("*.safetensors"):
+        weights.unlink()
+    train(cfg_for(tokenizer_dir, *sets), LocalContext(part, data))
     resumed, _ = metrics(part)
     reference, _ = metrics(full)
     assert resumed[0]["step"] == 21

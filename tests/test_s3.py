@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from raypt import checkpoint, train
 
-from conftest import S3_SECRET
+from conftest import S3_SECRET, S3_TRAFFIC
 
 pytestmark = pytest.mark.slow
 
@@ -96,17 +96,38 @@ def test_s3_storage_checkpoints_resume_and_secrets(ray_local, bucket, tmp_path, 
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == S3_SECRET  # (the test really ran with it set)
 
 
-def test_the_full_fsdp_recipe_trains_from_the_bucket(ray_local, bucket, tmp_path):
+def test_the_full_fsdp_recipe_trains_from_the_bucket_and_resumes_reading_only_its_shards(ray_local, bucket, tmp_path,
+                                                                                         tiny_pretrained):
     """`configs/llama3-8b-full-fsdp.yaml` (FSDP2, a gradient reduce-scatter every micro-batch, asynchronous
-    checkpoints) from its bucket: 2 steps, each saved, and the final model in the bucket."""
+    checkpoints) from its bucket: 2 steps, each saved, and the final model in the bucket. Run on to step 3, it
+    resumes with each rank fetching its own shards' bytes from the bucket and nothing else of the checkpoint (no
+    copy of it per node), and without reading the base model's weights, which the checkpoint replaces (counted by
+    the S3 server)."""
     storage = f"s3://{bucket}/runs"
     argv = recipe("llama3-8b-full-fsdp", bucket, tmp_path, "run.name=fsdp-recipe", "scaling.fsdp_shard_size=null",
-                  "train.micro_batch_size=1", "train.max_steps=2", "train.checkpoint_every=1")
-    assert train.main(argv) == 0
-    rows = [json.loads(x) for x in read_s3(f"{storage}/fsdp-recipe/metrics.jsonl").decode().splitlines()]
+                  "train.micro_batch_size=1", "train.checkpoint_every=1")
+    assert train.main([*argv, "--set", "train.max_steps=2"]) == 0
+    run = f"{storage}/fsdp-recipe"
+    rows = [json.loads(x) for x in read_s3(f"{run}/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2] and [r for r in rows if "eval_loss" in r]
-    assert checkpoint.latest(f"{storage}/fsdp-recipe") == f"{storage}/fsdp-recipe/checkpoint_000002"
-    assert read_s3(f"{storage}/fsdp-recipe/final/config.json")
+    assert checkpoint.latest(run) == f"{run}/checkpoint_000002"
+    assert read_s3(f"{run}/final/config.json")
+
+    upload(Path(tiny_pretrained), f"s3://{bucket}/models/tiny")  # new times: a node's cached copy no longer counts
+    S3_TRAFFIC.reset()
+    assert train.main([*argv, "--set", "train.max_steps=3"]) == 0
+    fs, path = pafs.FileSystem.from_uri(f"{run}/checkpoint_000002/state")
+    shards = sum(i.size for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.endswith(".distcp"))
+    fetched = S3_TRAFFIC.under(f"{bucket}/runs/fsdp-recipe/checkpoint_000002/state/", ".distcp")
+    event = [r for r in (json.loads(x) for x in read_s3(f"{run}/metrics.jsonl").decode().splitlines())
+             if "resumed_from" in r][-1]
+    print(f"shards {shards:,} B; fetched {fetched:,} B; read by the ranks {event['restore_bytes']:,} B, the busiest "
+          f"{event['restore_bytes_max']:,} B")
+    assert event["resumed_from"] == f"{run}/checkpoint_000002"
+    assert shards <= fetched <= shards * 1.1  # no rank (no node) fetches shards not its own
+    assert event["restore_bytes"] == fetched
+    assert event["restore_bytes_max"] <= 0.6 * shards  # each of the 2 ranks about its half
+    assert S3_TRAFFIC.under(f"{bucket}/models/tiny/", ".safetensors") == 0  # the base's weights: never read
 
 
 def test_a_model_uploaded_again_to_the_same_uri_is_fetched_again(s3_server, tmp_path, monkeypatch):
