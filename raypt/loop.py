@@ -364,8 +364,8 @@ def _eval_sums(model, ctx: Context, blocks: np.ndarray, micro_batch_size: int, a
 
 def export(cfg: Config, ctx: Context, model, tok) -> None:
     """`run_dir/final`: a model AutoModelForCausalLM loads, plus the tokenizer; LoRA also leaves `final/adapter`
-    (PeftModel loads it). A 4-bit (QLoRA) or sharded (FSDP) LoRA model is merged into its base reloaded from disk
-    (QLoRA: unquantized, in bf16)."""
+    (PeftModel loads it). A 4-bit (QLoRA) or sharded (FSDP) LoRA model's adapter is merged into its base's files one
+    file at a time (`raypt.merge`; QLoRA: unquantized, in bf16), never the whole base in this process's memory."""
     sd = full_model_state(model)  # a collective under FSDP: the whole model on rank 0's CPU
     if ctx.rank != 0:
         return
@@ -375,18 +375,23 @@ def export(cfg: Config, ctx: Context, model, tok) -> None:
     else:
         inner.save_pretrained(final / "adapter", state_dict=sd, safe_serialization=True)
         if cfg.model.quantize or parallel.is_sharded(model):
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM
-
+            from raypt.merge import merge_adapter, streams
             from raypt.model import DTYPES, local_model_dir
 
-            dtype = torch.bfloat16 if cfg.model.quantize else DTYPES.get(cfg.model.dtype, "auto")
-            base = AutoModelForCausalLM.from_pretrained(local_model_dir(cfg.model.name_or_path), dtype=dtype,
-                                                        trust_remote_code=cfg.model.trust_remote_code)
-            merged = PeftModel.from_pretrained(base, final / "adapter").merge_and_unload()
+            base, dtype = local_model_dir(cfg.model.name_or_path), DTYPES.get(cfg.model.dtype)
+            dtype = torch.bfloat16 if cfg.model.quantize else dtype
+            if streams(base):
+                merge_adapter(base, final / "adapter", final, dtype)
+            else:  # (a base saved as .bin: merged by peft, the whole base in memory)
+                from peft import PeftModel
+                from transformers import AutoModelForCausalLM
+
+                whole = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto",
+                                                             trust_remote_code=cfg.model.trust_remote_code)
+                merged = PeftModel.from_pretrained(whole, final / "adapter").merge_and_unload()
+                merged.save_pretrained(final, safe_serialization=True)
         else:
-            merged = inner.merge_and_unload()
-        merged.save_pretrained(final, safe_serialization=True)
+            inner.merge_and_unload().save_pretrained(final, safe_serialization=True)
     tok.save_pretrained(final)
     (final / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 

@@ -4,12 +4,15 @@
 
 The model is built on PyTorch's meta device (no weights, no memory), so parameter counts are exact. Memory is an
 estimate: weights, gradients and AdamW state by dtype (trained weights fp32, a 4-bit base 4-bit; FSDP divides them
-by the GPU count), activations of one micro-batch from the tensors a Llama layer saves for backward (sdpa attention,
-bf16), with and without gradient checkpointing, plus what the loss holds (the chunked loss: one chunk's logits;
-HF's: all its fp32 logits). FSDP2 divides weights, AdamW state and (when they are reduce-scattered every
-micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
+by the GPU count), activations of one micro-batch from the bytes a Llama layer saves for backward (sdpa attention;
+by compute mode: FSDP2's bf16, DDP's autocast with its fp32 residual stream and bf16 weight copies, or fp32; with
+and without gradient checkpointing; measured exactly on CPU by the tests), plus what the loss holds (the chunked
+loss: one chunk's logits; HF's: all its fp32 logits). FSDP2 divides weights, AdamW state and (when they are
+reduce-scattered every micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
 gathers: the root's parameters (embeddings, LM head) and two decoder layers (the current one and the prefetched next)
-in bf16 plus one layer's fp32 gradient — or, with reshard_after_forward off, every parameter in bf16.
+in bf16, plus one layer's unsharded gradient and the fp32 reduce-scatter input it is copied into — or, with
+reshard_after_forward off, every parameter in bf16. Outside the tensors: 5% allocator slack and ~1 GB for the
+CUDA context and NCCL (assumed, not measured without a GPU).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Plan:
     activations_gb: float
     activations_no_ckpt_gb: float
     activations_ckpt_gb: float
+    runtime_gb: float
+    """Outside the tensors: allocator slack, the CUDA context and NCCL's buffers (assumed)."""
     total_gb: float
     tokens_per_step: int
     steps: int
@@ -92,6 +97,41 @@ def loss_bytes(model, m, b: int, s: int) -> int:
     return chunk * hf.vocab_size * (4 + 2) + b * s * hf.hidden_size * 4 + head_grad
 
 
+def compute_mode(cfg: Config) -> str:
+    """How a GPU run computes (`raypt.parallel`): "bf16" (FSDP2 gathers bf16 weights: every activation bf16 but the
+    norms' fp32 inputs), "autocast" (DDP and QLoRA: fp32 weights, bf16 matmuls, an fp32 residual stream) or
+    "fp32" (train.precision: fp32)."""
+    if cfg.train.precision == "fp32":
+        return "fp32"
+    return "bf16" if cfg.scaling.strategy == "fsdp" else "autocast"
+
+
+# Bytes a Llama decoder layer saves for backward per token (sdpa attention, hidden d, K/V width kv, MLP width I,
+# h heads): the coefficients of d, kv and I by compute mode, plus 4 per head (attention's fp32 log-sum-exp) and 8
+# (the two norms' fp32 rsqrt). Counted, not estimated: tests/test_plan.py measures them with saved-tensor hooks.
+LAYER_BYTES = {"bf16": (20, 4, 8), "autocast": (30, 4, 8), "fp32": (32, 8, 16)}
+# What LoRA adapters on all seven projections add (dropout's output and mask, each adapter's rank-r output):
+# coefficients of d, I and r.
+LORA_BYTES = {"bf16": (16, 2, 14), "autocast": (18, 4, 14), "fp32": (32, 4, 28)}
+RUNTIME_GB = 1.0
+"""Per GPU process outside PyTorch's allocator: the CUDA context (~0.5 GB) and NCCL's buffers (~0.5 GB for a few
+communicators). Assumed, from those libraries' documented defaults; not measured here."""
+ALLOCATOR_SLACK = 0.05
+"""The caching allocator's fragmentation on top of what tensors hold (assumed; `bench/gpu.py memory` measures)."""
+
+
+def layer_activation_bytes(hf, mode: str, lora_r: int = 0) -> int:
+    """Bytes one decoder layer saves for backward per token (LoRA on all seven projections with rank `lora_r`)."""
+    d, i, h = hf.hidden_size, hf.intermediate_size, hf.num_attention_heads
+    kv = hf.num_key_value_heads * (d // h)
+    a, b, c = LAYER_BYTES[mode]
+    n = a * d + b * kv + c * i + 4 * h + 8
+    if lora_r:
+        a, c, r = LORA_BYTES[mode]
+        n += a * d + c * i + r * lora_r
+    return n
+
+
 def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = None, vocab_size: int | None = None,
          tokens_per_s_per_gpu: float | None = None, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
     from transformers import AutoModelForCausalLM
@@ -123,23 +163,31 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         weights = params * (frozen_bytes if m.lora else 4)
     grads = trainable * 4
     optimizer = trainable * 8  # AdamW: two fp32 moments
+    mode = compute_mode(cfg)
     gathered, grads_shard = 0.0, shard
     if fsdp:
         layer = sum(p.numel() for p in model.model.layers[0].parameters())
         root = params - layer * hf.num_hidden_layers
-        gathered = (params * 2 if not sc.reshard_after_forward else (root + 2 * layer) * 2) + layer * 4
+        unit = 2 if mode == "bf16" else 4  # what FSDP2 gathers and computes gradients in (MixedPrecisionPolicy)
+        # gathered parameters, plus a layer's unsharded gradients and the fp32 reduce-scatter input they are copied
+        # into (FSDP2's foreach_reduce; one input is kept in flight at a time)
+        gathered = (params if not sc.reshard_after_forward else root + 2 * layer) * unit + layer * (unit + 4)
         if grad_accum_steps(cfg, gpus) > 1 and not sc.fsdp_sync_every_micro_batch:
             grads_shard = 1  # accumulated unsharded between reduce-scatters: a full gradient per GPU
 
-    # Activations of one micro-batch (bf16): per layer and token a Llama saves ~6d + 2 kv_dim + 4I values.
     b, s, L, dh = t.micro_batch_size, d.seq_len, hf.num_hidden_layers, hf.hidden_size
-    kv = hf.num_key_value_heads * (dh // hf.num_attention_heads)
-    per_layer = b * s * (6 * dh + 2 * kv + 4 * hf.intermediate_size) * 2
+    per_layer = b * s * layer_activation_bytes(hf, mode, m.lora_r if m.lora else 0)
+    if mode == "autocast":  # autocast's bf16 copy of every matmul weight (adapters' too), kept for backward; a
+        base = 0 if m.quantize else sum(mod.weight.numel() for mod in model.model.layers[0].modules()  # 4-bit one
+                                        if isinstance(mod, torch.nn.Linear))  # is dequantized again in backward
+        per_layer += 2 * (base + (trainable // L if m.lora else 0))
     logits = loss_bytes(model, m, b, s)
     act_full = L * per_layer + logits
-    act_ckpt = L * b * s * dh * 2 + per_layer + logits  # layer inputs + one layer recomputed
+    residual = 2 if mode == "bf16" else 4  # each checkpointed layer keeps its input alone
+    act_ckpt = L * b * s * dh * residual + per_layer + logits  # + one layer recomputed in backward
     activations = act_ckpt if m.gradient_checkpointing else act_full
-    total = (weights + optimizer) / shard + grads / grads_shard + gathered + activations
+    allocated = (weights + optimizer) / shard + grads / grads_shard + gathered + activations
+    total = allocated * (1 + ALLOCATOR_SLACK) + RUNTIME_GB * GB
 
     tokens_per_step = global_batch_size(cfg) * d.seq_len
     steps = t.max_steps
@@ -150,8 +198,9 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     tps = tokens_per_s_per_gpu or mfu * peak_tflops * 1e12 / fpt
     hours = tokens / (tps * gpus) / 3600
     return Plan(params, trainable, weights / shard / GB, grads / grads_shard / GB, optimizer / shard / GB,
-                gathered / GB, activations / GB, act_full / GB, act_ckpt / GB, total / GB, tokens_per_step, steps, tokens, fpt, tps,
-                hours, hours * gpus, gpus, None if gpu_mem_gb is None else total / GB <= gpu_mem_gb)
+                gathered / GB, activations / GB, act_full / GB, act_ckpt / GB, (total - allocated) / GB, total / GB,
+                tokens_per_step, steps, tokens, fpt, tps, hours, hours * gpus, gpus,
+                None if gpu_mem_gb is None else total / GB <= gpu_mem_gb)
 
 
 def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
@@ -168,7 +217,7 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
         + (f" + gathered by FSDP {p.gathered_gb:.2f} GB" if sc.strategy == "fsdp" else "") +
         f" + activations {p.activations_gb:.2f} GB (micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}; "
         f"{p.activations_ckpt_gb:.2f} GB with gradient checkpointing, {p.activations_no_ckpt_gb:.2f} GB without)"
-        f" = {p.total_gb:.2f} GB",
+        f" + allocator slack, CUDA context and NCCL {p.runtime_gb:.2f} GB = {p.total_gb:.2f} GB",
         f"batch: {p.tokens_per_step:,} tokens per optimizer step ({global_batch_size(cfg)} sequences, "
         f"{grad_accum_steps(cfg, p.gpus)} accumulation steps on {p.gpus} workers)",
         f"budget: {p.steps:,} steps = {p.tokens / 1e9:.3f} B tokens" + mixture(cfg, p.tokens),

@@ -15,7 +15,7 @@ TINY = ["data.train_paths=[x]", "data.seq_len=8", "model.preset=tiny", "model.hi
 
 
 def test_tiny_model_by_hand():
-    p = plan(load_config(None, TINY), vocab_size=100, tokens_per_s_per_gpu=1000, gpu_mem_gb=1)
+    p = plan(load_config(None, TINY), vocab_size=100, tokens_per_s_per_gpu=1000, gpu_mem_gb=1.01)
     # embeddings 100x16; per layer q 16x16, k and v 16x8 (2 KV heads of 4), o 16x16, gate/up/down 16x32, 2 norms;
     # final norm; tied LM head
     per_layer = 256 + 128 + 128 + 256 + 3 * 512 + 2 * 16
@@ -23,13 +23,14 @@ def test_tiny_model_by_hand():
     assert p.weights_gb * GB == pytest.approx(6288 * 4)  # fp32 from scratch
     assert p.grads_gb * GB == pytest.approx(6288 * 4)
     assert p.optimizer_gb * GB == pytest.approx(6288 * 8)
-    layer_act = 2 * 8 * (6 * 16 + 2 * 8 + 4 * 32) * 2  # b x s x (6d + 2kv + 4I) bf16 values
+    # DDP's autocast: b x s x (30d + 4kv + 8I + 4h + 8) bytes, and a bf16 copy of the layer's matmul weights
+    layer_act = 2 * 8 * (30 * 16 + 4 * 8 + 8 * 32 + 4 * 4 + 8) + 2 * (256 + 128 + 128 + 256 + 3 * 512)
     # the chunked loss: one chunk of fp32 logits and their bf16 gradient (all 14 predicted positions fit one), the
     # hidden states' fp32 gradient, the tied head's fp32 gradient
     logits = 14 * 100 * (4 + 2) + 2 * 8 * 16 * 4 + 100 * 16 * 4
     assert p.activations_no_ckpt_gb * GB == pytest.approx(2 * layer_act + logits)
-    assert p.activations_ckpt_gb * GB == pytest.approx(2 * 2 * 8 * 16 * 2 + layer_act + logits)
-    assert p.total_gb * GB == pytest.approx(6288 * 16 + 2 * layer_act + logits)
+    assert p.activations_ckpt_gb * GB == pytest.approx(2 * 2 * 8 * 16 * 4 + layer_act + logits)  # fp32 layer inputs
+    assert p.total_gb * GB == pytest.approx((6288 * 16 + 2 * layer_act + logits) * 1.05 + GB)  # slack, CUDA, NCCL
     assert p.tokens_per_step == 32 and p.steps == 10 and p.tokens == 320
     assert p.flops_per_token == 6 * 6288 + 12 * 2 * 16 * 8
     assert p.hours == pytest.approx(320 / 2000 / 3600) and p.gpu_hours == pytest.approx(2 * p.hours)
@@ -42,11 +43,12 @@ def test_fsdp_shards_weights_gradients_and_optimizer_state():
                 tokens_per_s_per_gpu=1)
     assert fsdp.weights_gb == pytest.approx(full.weights_gb / 2) and fsdp.optimizer_gb == pytest.approx(full.optimizer_gb / 2)
     assert fsdp.grads_gb == pytest.approx(full.grads_gb / 2)  # no accumulation: reduce-scattered every step
-    # gathered at a time: the root (embeddings 100x16, final norm) and two layers in bf16, one layer's fp32 gradient
+    # gathered at a time: the root (embeddings 100x16, final norm) and two layers in bf16, one layer's bf16 gradient
+    # and the fp32 reduce-scatter input it is copied into
     per_layer = 256 + 128 + 128 + 256 + 3 * 512 + 2 * 16
-    assert fsdp.gathered_gb * GB == pytest.approx((1616 + 2 * per_layer) * 2 + per_layer * 4)
-    assert fsdp.total_gb * GB == pytest.approx((full.weights_gb + full.grads_gb + full.optimizer_gb) / 2 * GB
-                                               + fsdp.gathered_gb * GB + fsdp.activations_gb * GB)
+    assert fsdp.gathered_gb * GB == pytest.approx((1616 + 2 * per_layer) * 2 + per_layer * (2 + 4))
+    assert fsdp.total_gb * GB == pytest.approx(((full.weights_gb + full.grads_gb + full.optimizer_gb) / 2 * GB
+                                                + fsdp.gathered_gb * GB + fsdp.activations_gb * GB) * 1.05 + GB)
     # accumulating 2 micro-batches without reduce-scattering in between keeps a full gradient on every GPU
     accum = TINY + ["scaling.strategy=fsdp", "train.global_batch_size=8"]
     assert plan(load_config(None, accum), vocab_size=100).grads_gb == pytest.approx(full.grads_gb)
@@ -54,7 +56,7 @@ def test_fsdp_shards_weights_gradients_and_optimizer_state():
     assert synced.grads_gb == pytest.approx(full.grads_gb / 2)
     kept = plan(load_config(None, TINY + ["scaling.strategy=fsdp", "scaling.reshard_after_forward=false"]),
                 vocab_size=100)
-    assert kept.gathered_gb * GB == pytest.approx(6288 * 2 + per_layer * 4)  # every parameter stays gathered
+    assert kept.gathered_gb * GB == pytest.approx(6288 * 2 + per_layer * 6)  # every parameter stays gathered
 
 
 def test_recipes_plan_and_a_misfit_is_flagged(capsys):
@@ -99,3 +101,54 @@ def test_a_mixture_plan_gives_the_tokens_of_each_source(capsys):
                  "--vocab-size", "2048"]) == 0  # (its base model is made by raypt.demo: planned as a scratch one)
     assert ("200 steps = 0.000 B tokens, of which cnews 70.0% = 286,720 tokens, general 30.0% = 122,880 tokens"
             in capsys.readouterr().out)
+
+
+def saved_by_one_layer(mode: str, lora_r: int, b: int = 2, s: int = 64) -> int:
+    """Bytes one more decoder layer saves for backward (saved-tensor hooks; parameters and storages shared by
+    several saved tensors counted once), for a micro-batch of b x s tokens."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def saved(layers: int) -> int:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=320,
+                                             num_hidden_layers=layers, num_attention_heads=6, num_key_value_heads=2,
+                                             attn_implementation="sdpa"))
+        if lora_r:
+            model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=0.05, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).get_base_model()
+        if mode == "bf16":  # FSDP2's MixedPrecisionPolicy: the layers compute with bf16 weights
+            model.to(torch.bfloat16)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            if (ptr := t.untyped_storage().data_ptr()) not in params:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")):
+            model.model(input_ids=torch.randint(0, 64, (b, s)), use_cache=False)
+        return sum(storages.values())
+
+    return saved(3) - saved(2)
+
+
+@pytest.mark.parametrize("lora_r", [0, 8], ids=["full", "lora"])
+@pytest.mark.parametrize("mode", ["bf16", "autocast", "fp32"])
+def test_a_layers_activations_are_what_it_saves_for_backward(mode, lora_r):
+    """The planner's bytes per decoder layer equal, to the byte, what transformers' Llama layer saves for backward
+    on CPU, in each compute mode, with and without LoRA, for a shape the coefficients were not read from."""
+    import torch
+    from transformers import LlamaConfig
+
+    from raypt.plan import layer_activation_bytes
+
+    hf = LlamaConfig(hidden_size=96, intermediate_size=320, num_attention_heads=6, num_key_value_heads=2)
+    planned = 2 * 64 * layer_activation_bytes(hf, mode, lora_r)
+    if mode == "autocast":  # its bf16 weight copies, the adapters' included
+        planned += 2 * (96 * 96 * 2 + 96 * 32 * 2 + 3 * 96 * 320)
+        planned += 2 * lora_r * ((96 + 96) * 2 + (96 + 32) * 2 + 3 * (96 + 320))
+    assert saved_by_one_layer(mode, lora_r) == planned
