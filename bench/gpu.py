@@ -5,7 +5,8 @@
 1. throughput: a scratch Llama (preset llama-12x1024: 0.25 B parameters with this vocabulary) in bf16
    autocast, seq 2048, micro-batch 8: tokens/s and MFU over the steps after warm-up, peak memory; then Llama-3.2-1B's
    shape with its 128k vocabulary: raypt with HF's own loss, with the chunked one, and with compiled layers, against
-   a bare loop over the whole model under torch.compile;
+   a bare loop over the whole model under torch.compile; beside each peak, what `raypt.plan` counts for its tensors
+   (the allocator's reserve above the tensors is what the planner's slack assumes);
 2. resume on CUDA: 20 steps straight vs 10 + resume from the step-10 checkpoint: per-step loss difference;
 3. non-finite guard on CUDA (fused AdamW's found_inf): a NaN injected in step 4 stops with the step named; in skip
    mode the step is skipped, counted, and the weights stay finite;
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raypt.config import load_config  # noqa: E402
 from raypt.loop import LocalContext, NonFiniteError, train  # noqa: E402
+from raypt.plan import plan  # noqa: E402
 
 
 def make_tokenizer(out: Path) -> str:
@@ -79,9 +81,12 @@ def speed(tok: str, run_dir: Path, vocab: int, seq: int, micro: int, steps: int,
     train(cfg, LocalContext(run_dir, blocks(vocab, micro * steps, seq), device=DEVICE))
     every = rows(run_dir)
     r = every[5:]
+    planned = plan(cfg, gpus=1, vocab_size=vocab)  # its tensors, without the assumed slack, CUDA context and NCCL
     return {"tokens_per_s": round(float(np.median([x["tokens_per_s"] for x in r]))),
             "mfu": round(float(np.median([x["mfu"] for x in r])), 4) if "mfu" in r[0] else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if DEVICE == "cuda" else None,
+            "planned_tensors_gb": round(planned.total_gb - planned.runtime_gb, 2),
             "loss_first_last": [every[0]["loss"], r[-1]["loss"]]}
 
 

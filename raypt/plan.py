@@ -117,7 +117,8 @@ RUNTIME_GB = 1.0
 """Per GPU process outside PyTorch's allocator: the CUDA context (~0.5 GB) and NCCL's buffers (~0.5 GB for a few
 communicators). Assumed, from those libraries' documented defaults; not measured here."""
 ALLOCATOR_SLACK = 0.05
-"""The caching allocator's fragmentation on top of what tensors hold (assumed; `bench/gpu.py memory` measures)."""
+"""The caching allocator's fragmentation on top of what tensors hold (assumed; `bench/gpu.py` reports the planned
+tensors beside the measured peak allocated and reserved memory)."""
 
 
 def layer_activation_bytes(hf, mode: str, lora_r: int = 0) -> int:
