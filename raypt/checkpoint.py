@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -185,13 +187,14 @@ class Checkpointer:
             tokenizer.save_pretrained(local)
         sd = _state_dicts(model, optimizer)
         writer = dcp.FileSystemWriter(str(local / STATE))
+        planner = _Planner() if is_sharded(model) else DefaultSavePlanner()
         if self.async_save:
-            future = dcp.async_save(sd, storage_writer=writer, process_group=self._group)
+            future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._group)
             self._pending = threading.Thread(target=self._finish_in_background, args=(future, dest, local, state),
                                              daemon=True)
             self._pending.start()
         else:
-            dcp.save(sd, storage_writer=writer, no_dist=not distributed())
+            dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not distributed())
             self._finish(dest, local, state, None)
         return dest
 
@@ -234,20 +237,65 @@ class Checkpointer:
         prune(self.run_dir, self.keep)
 
 
+class _Planner(DefaultSavePlanner):
+    """DCP's save planner for sharded state: what every rank holds alike (AdamW's step counts, a few hundred small
+    tensors) is written by rank 0 alone, after its shards, so a resuming rank reads it in one run instead of one
+    request per tensor from every file. (Replicated DDP state keeps DCP's default: spread over the ranks, which
+    share writing it.)"""
+
+    def __init__(self):
+        super().__init__(dedup_save_to_lowest_rank=True)
+
+    def create_global_plan(self, all_plans):
+        held = Counter(item.index for plan in all_plans for item in plan.items)
+        plans, metadata = super().create_global_plan(all_plans)
+        shared_last = sorted(plans[0].items, key=lambda item: held[item.index] > 1)  # (stable)
+        return [dataclasses.replace(plans[0], items=shared_last), *plans[1:]], metadata
+
+
 class StateReader(dcp.FileSystemReader):
-    """torch's DCP file reader over a pyarrow filesystem (a local path, s3://, gs://): every saved tensor a rank
-    needs is one ranged read of just its bytes (on S3 one ranged GET), counted in `bytes_read`; no file is fetched
-    whole and nothing is staged on local disk."""
+    """torch's DCP file reader over a pyarrow filesystem (a local path, s3://, gs://) that fetches what this rank's
+    plan needs in few large ranged reads: the saved tensors it needs, sorted by place in their file, are read as
+    runs of adjacent ones (or nearly: `GAP_BYTES`) of up to `RUN_BYTES` each (on S3 one ranged GET per run, not one
+    per tensor: ~870 tensors per rank for an 8B model), nothing staged on local disk. `bytes_read` counts them."""
+
+    RUN_BYTES = 64 << 20
+    GAP_BYTES = 4 << 10  # read across a gap this small (another rank's small tensor) rather than make two requests
 
     def __init__(self, path: str):
         super().__init__(path)
         fs, self.path = filesystem(path)
         self.fs = _Files(fs)
         self.bytes_read = 0
+        self._runs: dict[str, list[tuple[int, int]]] = {}
+        self._held = threading.local()  # .run: (file, offset, bytes) of the run a reading thread is consuming
+
+    def read_data(self, plan, planner):
+        where = {id(item): self.storage_data[item.storage_index] for item in plan.items}
+        items = sorted(plan.items, key=lambda i: (where[id(i)].relative_path, where[id(i)].offset))
+        self._runs = {}
+        for item in items:
+            info = where[id(item)]
+            runs = self._runs.setdefault(info.relative_path, [])
+            start, end = info.offset, info.offset + info.length
+            if runs and runs[-1][1] + self.GAP_BYTES >= start and end - runs[-1][0] <= self.RUN_BYTES:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+            elif not runs or end > runs[-1][1]:
+                runs.append((start, end))
+        try:
+            return super().read_data(dataclasses.replace(plan, items=items), planner)
+        finally:
+            self._held = threading.local()
 
     def _slice_file(self, file, sinfo):
-        self.bytes_read += sinfo.length
-        return io.BytesIO(file.read_at(sinfo.length, sinfo.offset))
+        held = getattr(self._held, "run", None)
+        if not (held and held[0] == sinfo.relative_path and held[1] <= sinfo.offset
+                and sinfo.offset + sinfo.length <= held[1] + len(held[2])):
+            start, end = next((a, b) for a, b in self._runs[sinfo.relative_path]
+                              if a <= sinfo.offset and sinfo.offset + sinfo.length <= b)
+            held = self._held.run = (sinfo.relative_path, start, file.read_at(end - start, start))
+            self.bytes_read += end - start
+        return io.BytesIO(memoryview(held[2])[sinfo.offset - held[1]:sinfo.offset - held[1] + sinfo.length])
 
 
 class _Files:
@@ -263,7 +311,10 @@ class _Files:
     def create_stream(self, path: str, mode: str):
         assert mode == "rb", mode
         with self.fs.open_input_file(str(path)) as f:
-            yield f
+            if str(path).endswith(".metadata"):  # unpickled in small reads: one request, not one per read
+                yield io.BytesIO(f.read())
+            else:
+                yield f
 
 
 def _state_dicts(model, optimizer) -> dict:

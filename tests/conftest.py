@@ -106,11 +106,18 @@ class S3Traffic:
 
     def __init__(self):
         self.sent: Counter = Counter()
+        self.gets: Counter = Counter()
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         with self._lock:
             self.sent.clear()
+            self.gets.clear()
+
+    def requests(self, prefix: str, suffix: str = "") -> int:
+        """GET requests for the objects `under` counts."""
+        with self._lock:
+            return sum(n for path, n in self.gets.items() if path.startswith("/" + prefix) and path.endswith(suffix))
 
     def under(self, prefix: str, suffix: str = "") -> int:
         """Bytes sent of the objects whose key starts with `prefix` ("bucket/key...") and ends with `suffix`."""
@@ -119,6 +126,9 @@ class S3Traffic:
 
     def wrap(self, app):
         def counted(environ, start_response):
+            if environ["REQUEST_METHOD"] == "GET":
+                with self._lock:
+                    self.gets[environ["PATH_INFO"]] += 1
             body = app(environ, start_response)
             try:
                 for chunk in body:

@@ -100,9 +100,9 @@ def test_the_full_fsdp_recipe_trains_from_the_bucket_and_resumes_reading_only_it
                                                                                          tiny_pretrained):
     """`configs/llama3-8b-full-fsdp.yaml` (FSDP2, a gradient reduce-scatter every micro-batch, asynchronous
     checkpoints) from its bucket: 2 steps, each saved, and the final model in the bucket. Run on to step 3, it
-    resumes with each rank fetching its own shards' bytes from the bucket and nothing else of the checkpoint (no
-    copy of it per node), and without reading the base model's weights, which the checkpoint replaces (counted by
-    the S3 server)."""
+    resumes with each rank fetching its own shards' bytes from the bucket, in a request or two, and nothing else of
+    the checkpoint (no copy of it per node), and without reading the base model's weights, which the checkpoint
+    replaces (counted by the S3 server)."""
     storage = f"s3://{bucket}/runs"
     argv = recipe("llama3-8b-full-fsdp", bucket, tmp_path, "run.name=fsdp-recipe", "scaling.fsdp_shard_size=null",
                   "train.micro_batch_size=1", "train.checkpoint_every=1")
@@ -121,8 +121,11 @@ def test_the_full_fsdp_recipe_trains_from_the_bucket_and_resumes_reading_only_it
     fetched = S3_TRAFFIC.under(f"{bucket}/runs/fsdp-recipe/checkpoint_000002/state/", ".distcp")
     event = [r for r in (json.loads(x) for x in read_s3(f"{run}/metrics.jsonl").decode().splitlines())
              if "resumed_from" in r][-1]
-    print(f"shards {shards:,} B; fetched {fetched:,} B; read by the ranks {event['restore_bytes']:,} B, the busiest "
-          f"{event['restore_bytes_max']:,} B")
+    files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.endswith(".distcp")]
+    gets = S3_TRAFFIC.requests(f"{bucket}/runs/fsdp-recipe/checkpoint_000002/state/", ".distcp")
+    print(f"shards {shards:,} B in {len(files)} files; fetched {fetched:,} B in {gets} GETs; read by the ranks "
+          f"{event['restore_bytes']:,} B, the busiest {event['restore_bytes_max']:,} B")
+    assert gets <= 2 * len(files)  # each rank: its own file in one read, what all ranks hold alike in one
     assert event["resumed_from"] == f"{run}/checkpoint_000002"
     assert shards <= fetched <= shards * 1.1  # no rank (no node) fetches shards not its own
     assert event["restore_bytes"] == fetched
