@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.utils import _create_file_view
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -239,17 +240,18 @@ class Checkpointer:
 
 class _Planner(DefaultSavePlanner):
     """DCP's save planner for sharded state: what every rank holds alike (AdamW's step counts, a few hundred small
-    tensors) is written by rank 0 alone, after its shards, so a resuming rank reads it in one run instead of one
-    request per tensor from every file. (Replicated DDP state keeps DCP's default: spread over the ranks, which
-    share writing it.)"""
-
-    def __init__(self):
-        super().__init__(dedup_save_to_lowest_rank=True)
+    tensors) is written by rank 0 alone, together (after its shards; a CUDA writer orders by size, which keeps these
+    smallest ones together too), so a resuming rank reads it in one run instead of one request per tensor from
+    every file. Shards that several ranks hold (HSDP's replicas) are still spread over
+    them by DCP's default, so no node writes the others' share. (Replicated DDP state keeps DCP's default too.)"""
 
     def create_global_plan(self, all_plans):
         held = Counter(item.index for plan in all_plans for item in plan.items)
+        everyone = {index for index, n in held.items() if n == len(all_plans) > 1}
+        all_plans = [all_plans[0], *(dataclasses.replace(p, items=[i for i in p.items if i.index not in everyone])
+                                     for p in all_plans[1:])]
         plans, metadata = super().create_global_plan(all_plans)
-        shared_last = sorted(plans[0].items, key=lambda item: held[item.index] > 1)  # (stable)
+        shared_last = sorted(plans[0].items, key=lambda item: item.index in everyone)  # (stable)
         return [dataclasses.replace(plans[0], items=shared_last), *plans[1:]], metadata
 
 
@@ -288,14 +290,15 @@ class StateReader(dcp.FileSystemReader):
             self._held = threading.local()
 
     def _slice_file(self, file, sinfo):
-        held = getattr(self._held, "run", None)
+        held = getattr(self._held, "run", None)  # (file, start, end, the run's bytes as a stream: no copy of them)
         if not (held and held[0] == sinfo.relative_path and held[1] <= sinfo.offset
-                and sinfo.offset + sinfo.length <= held[1] + len(held[2])):
+                and sinfo.offset + sinfo.length <= held[2]):
+            self._held.run = None  # (the previous run is let go before the next is read)
             start, end = next((a, b) for a, b in self._runs[sinfo.relative_path]
                               if a <= sinfo.offset and sinfo.offset + sinfo.length <= b)
-            held = self._held.run = (sinfo.relative_path, start, file.read_at(end - start, start))
+            held = self._held.run = (sinfo.relative_path, start, end, io.BytesIO(file.read_at(end - start, start)))
             self.bytes_read += end - start
-        return io.BytesIO(memoryview(held[2])[sinfo.offset - held[1]:sinfo.offset - held[1] + sinfo.length])
+        return _create_file_view(held[3], sinfo.offset - held[1], sinfo.length)  # (torch's own view of a slice)
 
 
 class _Files:

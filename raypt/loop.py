@@ -375,14 +375,14 @@ def export(cfg: Config, ctx: Context, model, tok) -> None:
     else:
         inner.save_pretrained(final / "adapter", state_dict=sd, safe_serialization=True)
         if cfg.model.quantize or parallel.is_sharded(model):
-            from raypt.merge import merge_adapter, streams
+            from raypt.merge import merge_adapter, merges_by_file
             from raypt.model import DTYPES, local_model_dir
 
             base, dtype = local_model_dir(cfg.model.name_or_path), DTYPES.get(cfg.model.dtype)
             dtype = torch.bfloat16 if cfg.model.quantize else dtype
-            if streams(base):
+            if merges_by_file(base, final / "adapter"):
                 merge_adapter(base, final / "adapter", final, dtype)
-            else:  # (a base saved as .bin: merged by peft, the whole base in memory)
+            else:  # (a base saved as .bin, an adapter on the embeddings: peft's merge, the whole base in memory)
                 from peft import PeftModel
                 from transformers import AutoModelForCausalLM
 

@@ -27,10 +27,17 @@ class MergeError(UserError):
     """An adapter or base this merge cannot combine file by file."""
 
 
-def streams(base_dir: str | Path) -> bool:
-    """Whether the base's weights are safetensors files (what this merge reads)."""
+def merges_by_file(base_dir: str | Path, adapter_dir: str | Path) -> bool:
+    """Whether this merge can do it: the base's weights are safetensors files and the adapter is plain LoRA on
+    linear layers (else peft's merge_and_unload must, the whole base in memory)."""
     d = Path(base_dir)
-    return (d / INDEX).exists() or (d / "model.safetensors").exists()
+    if not ((d / INDEX).exists() or (d / "model.safetensors").exists()):
+        return False
+    try:
+        _deltas(Path(adapter_dir))
+    except MergeError:
+        return False
+    return True
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
@@ -95,5 +102,8 @@ def _deltas(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]
     with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as f:
         for key in f.keys():
             module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):  # (an embedding's lora_embedding_A/B merge transposed)
+                raise MergeError(f"{adapter / ADAPTER_WEIGHTS}: {key} is not a linear layer's LoRA weight; merge "
+                                 "it with peft's merge_and_unload")
             pairs.setdefault(f"{module}.weight", {})[kind] = f.get_tensor(key)
     return {weight: (ab["B.weight"], ab["A.weight"], scaling) for weight, ab in pairs.items()}

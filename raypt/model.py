@@ -79,7 +79,7 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer=No
 def local_model_dir(name_or_path: str, config_only: bool = False) -> str:
     """A local directory holding the model: `name_or_path` itself, or a node-wide cached copy of an s3://, gs://
     URI (downloaded once per node; concurrent workers wait on a file lock). `config_only`: of a URI, its config.json
-    (and any code beside it) alone, not its weights."""
+    and generation_config.json (and any code beside them) alone, not its weights."""
     if "://" not in name_or_path:
         if not Path(name_or_path).is_dir():
             raise ModelError(f"model.name_or_path {name_or_path!r} is not a directory; give a saved model's directory")
@@ -93,7 +93,7 @@ def local_model_dir(name_or_path: str, config_only: bool = False) -> str:
             if "config.json" not in names:
                 raise ModelError(f"model.name_or_path {name_or_path!r} has no config.json; give a saved model's "
                                  "directory")
-            return [n for n in names if n == "config.json" or n.endswith(".py")]
+            return [n for n in names if n in ("config.json", "generation_config.json") or n.endswith(".py")]
         return read_by_from_pretrained(names)
 
     return str(node_copy_of(name_or_path, "models", pick))
@@ -148,6 +148,13 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
     else:
         with torch.device("meta"):  # a skeleton: no memory, no init work
             model = _skeleton(cfg, vocab_size, seq_len, tokenizer)
+        if not weights and (other := unbuildable_buffers(model)):
+            if rank == 0:
+                log.warning("reading the base model although the checkpoint holds every weight: its buffers %s are "
+                            "made only as it loads", ", ".join(other[:3]))
+            weights = True
+            if shard is None:
+                model = _load_pretrained(cfg, device)
     _check_positions(model.config, seq_len)
     if cfg.loss == "chunked":
         from raypt.loss import supported, use_chunked_loss
@@ -213,13 +220,18 @@ def _skeleton(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer):
         model = LlamaForCausalLM(scratch_config(cfg, vocab_size, seq_len, tokenizer))
         model.config._attn_implementation = cfg.attn_implementation
         return model
-    hf = AutoConfig.from_pretrained(local_model_dir(cfg.name_or_path, config_only=True),
-                                    trust_remote_code=cfg.trust_remote_code)
+    from transformers import GenerationConfig
+
+    where = Path(local_model_dir(cfg.name_or_path, config_only=True))
+    hf = AutoConfig.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
     dtype = (DTYPES.get(cfg.dtype) or getattr(hf, "dtype", None) or torch.float32) if cfg.lora else torch.float32
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, torch.float32)
-    return AutoModelForCausalLM.from_config(hf, attn_implementation=cfg.attn_implementation, dtype=dtype,
-                                            trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_config(hf, attn_implementation=cfg.attn_implementation, dtype=dtype,
+                                             trust_remote_code=cfg.trust_remote_code)
+    if (where / "generation_config.json").exists():  # (what from_pretrained would read: the export keeps it)
+        model.generation_config = GenerationConfig.from_pretrained(where)
+    return model
 
 
 def hf_model(model):
@@ -267,13 +279,28 @@ def init_weights(model, seed: int) -> None:
     init_buffers(model)
 
 
+ROPE_BUFFERS = {"inv_freq", "original_inv_freq"}
+
+
 def init_buffers(model) -> None:
-    """The non-persistent buffers (RoPE's inverse frequencies) a meta-device build leaves empty: no state dict holds
-    them."""
+    """The non-persistent buffers a meta-device build leaves empty (no state dict holds them): RoPE's inverse
+    frequencies, which transformers' `_init_weights` recomputes; `unbuildable_buffers` names any others."""
     hf = hf_model(model)
     for mod in hf.modules():
-        if "RotaryEmbedding" in type(mod).__name__:
+        if _rope(mod, mod._non_persistent_buffers_set):
             hf._init_weights(mod)
+
+
+def unbuildable_buffers(model) -> list[str]:
+    """Non-persistent buffers `init_buffers` cannot remake (Gemma's embed_scale, a remote-code RoPE): a model that
+    has them must be read from its files."""
+    return [f"{name}.{b}" if name else b for name, mod in hf_model(model).named_modules()
+            if (names := mod._non_persistent_buffers_set) and not _rope(mod, names) for b in sorted(names)]
+
+
+def _rope(mod, names) -> bool:
+    return ("RotaryEmbedding" in type(mod).__name__ and hasattr(mod, "original_inv_freq")
+            and set(names) <= ROPE_BUFFERS)
 
 
 def _broadcast_pretrained(model, cfg: ModelConfig, seed: int, rank: int) -> None:

@@ -211,3 +211,32 @@ def test_sharded_save_needs_a_fraction_of_a_full_gather():
     assert new["peak_rss_mb"] < 0.6 * old["peak_rss_mb"], (old, new)
     for rank in (0, 1):  # each rank writes its half
         assert 0.4 < rows["sharded", rank]["written_mb"] / old["written_mb"] < 0.6, rows
+
+
+def test_sharded_saves_put_what_every_rank_holds_in_rank_0s_file_and_spread_replicas():
+    """The sharded save plan over 4 ranks as HSDP makes it (2 replicas of 2 shards): a tensor all 4 hold (a step
+    count) is written once, by rank 0, after its shards; a shard both replicas hold is written once, by whichever
+    rank DCP's default picks, so neither replica group writes everything."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    from raypt.checkpoint import _Planner
+
+    def item(fqn, offset, size, total=None):
+        return WriteItem(index=MetadataIndex(fqn, torch.Size([offset])), type=WriteItemType.SHARD,
+                         tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size([offset]),
+                                                                                torch.Size([size])),
+                                                     properties=TensorProperties.create_from_tensor(torch.zeros(1)),
+                                                     size=torch.Size([total or size])))
+
+    step = lambda: item("step", 0, 1)  # noqa: E731
+    plans = [SavePlan([item("w", 0 if rank % 2 == 0 else 1000, 1000, 2000), item(f"v{rank % 2}", 0, 10), step()],
+                      planner_data={}) for rank in range(4)]
+    planner = _Planner()
+    planner.set_up_planner({}, is_coordinator=True)
+    out, _ = planner.create_global_plan(plans)
+    written = [(i.index.fqn, i.index.offset[0]) for p in out for i in p.items]
+    assert sorted(written) == sorted(set(written))  # every item once
+    assert [(i.index.fqn) for i in out[0].items][-1] == "step" and all("step" not in
+                                                                        [i.index.fqn for i in p.items] for p in out[1:])
+    assert all(p.items for p in out[1:]) and not any(len(p.items) > 3 for p in out)  # the replicas share the writing

@@ -56,15 +56,27 @@ def test_scratch_loss_decreases_and_exports(tokenizer_dir, tmp_path):
     assert (ckpts[0] / "rng" / "rank_00000.pt").exists() and (ckpts[0] / "train_state.json").exists()
 
 
-@pytest.mark.parametrize("base", [False, True], ids=["scratch", "pretrained"])
+@pytest.mark.parametrize("base", [None, "llama", "gemma"], ids=["scratch", "pretrained", "gemma"])
 def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tiny_pretrained, tmp_path, base):
-    """Resumed from step 20, the run goes on as if never stopped; a full-parameter run of a pretrained model resumes
-    without its base weights (the checkpoint holds every weight): they are gone by then."""
+    """Resumed from step 20, the run goes on as if never stopped. A full-parameter run of a pretrained Llama
+    resumes without its base weights (the checkpoint holds every weight): they are gone by then. A Gemma has a
+    buffer no checkpoint holds and only loading makes (embed_scale): it reads its base again."""
     import shutil
 
     sets = []
-    if base:
+    if base == "llama":
         shutil.copytree(tiny_pretrained, tmp_path / "base")
+        generation = json.loads((tmp_path / "base" / "generation_config.json").read_text())
+        (tmp_path / "base" / "generation_config.json").write_text(json.dumps(
+            generation | {"do_sample": True, "temperature": 0.6}))  # the base's own: kept without its weights
+    elif base == "gemma":
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        torch.manual_seed(0)
+        GemmaForCausalLM(GemmaConfig(vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), hidden_size=32,
+                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, head_dim=16)).save_pretrained(tmp_path / "base")
+    if base:
         sets = [f"model.name_or_path={tmp_path / 'base'}"]
     data = blocks(tokenizer_dir, 64, 32)
     full = tmp_path / "full"
@@ -74,7 +86,7 @@ def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tiny_pretraine
     # drop the last checkpoint: the re-run resumes from step 20
     shutil.rmtree(part / "checkpoint_000040")
     (part / "metrics.jsonl").unlink()
-    for weights in (tmp_path / "base").glob("*.safetensors"):
+    for weights in (tmp_path / "base").glob("*.safetensors") if base == "llama" else ():
         weights.unlink()
     train(cfg_for(tokenizer_dir, *sets), LocalContext(part, data))
     resumed, _ = metrics(part)
@@ -84,6 +96,8 @@ def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tiny_pretraine
         assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["tokens_seen"] == b["tokens_seen"]
+    if base == "llama":
+        assert json.loads((part / "final" / "generation_config.json").read_text())["temperature"] == 0.6
 
 
 def test_labels_are_shifted_once(tokenizer_dir):

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from raypt.merge import MergeError, merge_adapter
+from raypt.merge import MergeError, merge_adapter, merges_by_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,6 +55,18 @@ def test_the_merge_equals_peft_file_by_file(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the index and config came along
     assert loaded.dtype == torch.bfloat16
     assert json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"].keys() == ours.keys()
+
+
+def test_only_what_merges_file_by_file_is_merged_so(tmp_path):
+    """An adapter on the embeddings (peft merges those transposed) and a base saved as .bin go to peft's merge."""
+    base, adapter = base_and_adapter(tmp_path)
+    assert merges_by_file(base, adapter)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])).save_pretrained(tmp_path / "emb")
+    assert not merges_by_file(base, tmp_path / "emb")
+    (tmp_path / "bin").mkdir()
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert not merges_by_file(tmp_path / "bin", adapter)
 
 
 def test_an_adapter_for_another_model_is_refused_naming_the_weight(tmp_path):
