@@ -6,8 +6,9 @@ The model is built on PyTorch's meta device (no weights, no memory), so paramete
 estimate: weights, gradients and AdamW state by dtype (trained weights fp32, a 4-bit base 4-bit; FSDP divides them
 by the GPU count), activations of one micro-batch from the bytes a Llama layer saves for backward (sdpa attention;
 by compute mode: FSDP2's bf16, DDP's autocast with its fp32 residual stream and bf16 weight copies, or fp32; with
-and without gradient checkpointing; measured exactly on CPU by the tests), plus what the loss holds (the chunked
-loss: one chunk's logits; HF's: all its fp32 logits). FSDP2 divides weights, AdamW state and (when they are
+and without gradient checkpointing; measured exactly on CPU by the tests), plus what the loss holds at its peak
+(the chunked loss: one chunk's logits; HF's: three fp32 copies of all its logits; with the activations, within 10% of
+the peak torch's MemTracker measures on CPU). FSDP2 divides weights, AdamW state and (when they are
 reduce-scattered every micro-batch, or there is no accumulation) gradients by the shard group; it adds what it
 gathers: the root's parameters (embeddings, LM head) and two decoder layers (the current one and the prefetched next)
 in bf16, plus one layer's unsharded gradient and the fp32 reduce-scatter input it is copied into — or, with
@@ -83,18 +84,20 @@ def model_config(cfg: Config, vocab_size: int | None):
                      f"or one of the known architectures ({', '.join(KNOWN)})")
 
 
-def loss_bytes(model, m, b: int, s: int) -> int:
-    """What the loss holds for one micro-batch of b x s tokens. HF's own: the fp32 logits and their gradient.
-    The chunked loss (`raypt.loss`): one chunk's fp32 logits and their gradient in bf16, the gradient of the hidden
-    states (fp32), and a trained head's fp32 gradient."""
+def loss_bytes(model, m, b: int, s: int, mode: str = "bf16") -> int:
+    """What the loss holds at its peak for one micro-batch of b x s tokens. HF's own: three fp32 copies of the
+    logits (the upcast logits, the log-softmax cross-entropy keeps, their gradient). The chunked loss
+    (`raypt.loss`): one chunk's fp32 logits, turned into their gradient in place (and a bf16 copy of it under bf16
+    compute), the gradient of the hidden states (fp32) and a trained head's fp32 gradient. (tests/test_plan.py
+    measures both with torch's MemTracker.)"""
     from raypt.loss import CHUNK_BYTES, supported
 
     hf = model.config
     if m.loss != "chunked" or not supported(model):
-        return b * s * hf.vocab_size * 4 * 2
+        return b * s * hf.vocab_size * 4 * 3
     chunk = min(b * (s - 1), max(1, CHUNK_BYTES // (4 * hf.vocab_size)))
     head_grad = 0 if m.lora else hf.vocab_size * hf.hidden_size * 4
-    return chunk * hf.vocab_size * (4 + 2) + b * s * hf.hidden_size * 4 + head_grad
+    return chunk * hf.vocab_size * (4 if mode == "fp32" else 4 + 2) + b * s * hf.hidden_size * 4 + head_grad
 
 
 def compute_mode(cfg: Config) -> str:
@@ -182,7 +185,7 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         base = 0 if m.quantize else sum(mod.weight.numel() for mod in model.model.layers[0].modules()  # 4-bit one
                                         if isinstance(mod, torch.nn.Linear))  # is dequantized again in backward
         per_layer += 2 * (base + (trainable // L if m.lora else 0))
-    logits = loss_bytes(model, m, b, s)
+    logits = loss_bytes(model, m, b, s, mode)
     act_full = L * per_layer + logits
     residual = 2 if mode == "bf16" else 4  # each checkpointed layer keeps its input alone
     act_ckpt = L * b * s * dh * residual + per_layer + logits  # + one layer recomputed in backward

@@ -152,3 +152,35 @@ def test_a_layers_activations_are_what_it_saves_for_backward(mode, lora_r):
         planned += 2 * (96 * 96 * 2 + 96 * 32 * 2 + 3 * 96 * 320)
         planned += 2 * lora_r * ((96 + 96) * 2 + (96 + 32) * 2 + 3 * (96 + 320))
     assert saved_by_one_layer(mode, lora_r) == planned
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
+@pytest.mark.parametrize("loss", ["hf", "chunked"])
+def test_activations_and_loss_are_the_measured_peak(loss, precision):
+    """A forward and backward of a 2-layer model with a 32k vocabulary (where the loss dominates) on CPU, DDP's
+    autocast or fp32: the peak memory above the parameters (torch's MemTracker follows every tensor) is the plan's
+    activations and loss within 10%."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from raypt.model import build_model
+
+    cfg = load_config(None, ["data.train_paths=[x]", "data.seq_len=512", "model.preset=tiny", "model.hidden_size=64",
+                             "model.intermediate_size=128", "model.num_hidden_layers=2", "model.num_attention_heads=4",
+                             "model.num_key_value_heads=2", "model.tie_word_embeddings=false",
+                             "train.micro_batch_size=2", "train.global_batch_size=2", f"model.loss={loss}",
+                             f"train.precision={precision}", "scaling.num_workers=1"])
+    planned = plan(cfg, vocab_size=32000, tokens_per_s_per_gpu=1).activations_no_ckpt_gb * GB
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model, vocab_size=32000, seq_len=512, device=torch.device("cpu"))
+    x = torch.randint(0, 32000, (2, 512))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            value = model(input_ids=x, labels=x, use_cache=False).loss
+        value.backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    measured = peak - sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"{loss} {precision}: measured {measured / 2**20:.1f} MiB, planned {planned / 2**20:.1f} MiB")
+    assert planned == pytest.approx(measured, rel=0.1)
