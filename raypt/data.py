@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import resource
+import socket
 import sys
 import time
 from collections import Counter
@@ -44,6 +45,7 @@ from ray.data.extensions import ArrowTensorArray
 from raypt.cli import command
 from raypt.config import Config, Source, sources
 from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
+from raypt.errors import UserError
 from raypt.packing import TOKEN_DTYPE, BlockPacker
 from raypt.pipeline_stats import Stats
 from raypt.progress import Progress
@@ -538,9 +540,19 @@ class _QuietUserErrors(logging.Filter):
         return "CorpusError" not in text and not text.startswith("Exception occurred in Ray Data or Ray Core internal")
 
 
+class ClusterError(UserError):
+    """A Ray cluster that cannot be joined; the message says what to do."""
+
+
 def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (what `ray job submit` sets) or start a local one."""
+    """Join the cluster in RAY_ADDRESS (what `ray job submit` sets), else the one `ray start` recorded on this
+    machine, else start a local one."""
     if not ray.is_initialized():
+        if stale := stale_cluster():
+            raise ClusterError(
+                f"the Ray cluster this machine last started ({stale[0]}, recorded in {stale[1]}) is not "
+                "answering: it ended without `ray stop`, and Ray would retry it for minutes. Run `ray stop` (or "
+                "delete that file) to start a fresh local Ray, or set RAY_ADDRESS to the cluster to join")
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # (raypt shows one bar per phase, `raypt.progress`, not one per operator)
@@ -549,6 +561,25 @@ def init_ray() -> None:
     log_once("ray_data_progress_manager_disabled")  # (and Ray Data's advice to turn its own on is not printed)
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
         logging.getLogger(name).addFilter(_QuietUserErrors())
+
+
+def stale_cluster() -> tuple[str, str] | None:
+    """Without RAY_ADDRESS: the address of the cluster `ray start` recorded in Ray's temp dir (which `ray.init()`
+    joins) and that file, when nothing listens there any more; else None."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        file = get_ray_address_file(None)
+        address = Path(file).read_text().strip()
+        host, _, port = address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=3):
+            return None
+    except (FileNotFoundError, ImportError, ValueError):  # (none recorded; a Ray that keeps it elsewhere)
+        return None
+    except OSError:  # refused or timed out: nothing answers there
+        return address, file
 
 
 def _arguments(ap: argparse.ArgumentParser) -> None:

@@ -121,3 +121,27 @@ def test_trust_remote_code_is_off_by_default_and_warned_when_on(tokenizer_dir, t
     with caplog.at_level("WARNING"):
         build_model(cfg.model, vocab_size=len(tok), seq_len=32, device=torch.device("cpu"))
     assert "trust_remote_code is on" in caplog.text
+
+
+@pytest.mark.parametrize("cli", ["raypt.data", "raypt.train"])
+def test_a_local_ray_that_ended_uncleanly_is_named_in_seconds_not_retried(tokenizer_dir, tmp_path, cli):
+    """Ray's record of the last cluster `ray start` made names a port where nothing listens any more (a cluster
+    that ended without `ray stop`): instead of retrying that GCS for minutes, the CLI says what to do at once."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import free_port
+
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
+    docs = write_shards(tmp_path / "docs", make_docs(20), shards=1)
+    args = ["--set", f"data.train_paths=[{docs}]", "--set", f"tokenizer.path={tokenizer_dir}",
+            "--set", f"run.storage_path={tmp_path / 'runs'}"]
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", cli, *args, *(["--out", str(tmp_path / "out")] * (cli == "raypt.data"))],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "is not answering" in r.stderr + r.stdout and "ray stop" in r.stderr + r.stdout
+    assert time.perf_counter() - t0 < 60  # (the interpreter's start and imports; Ray would retry for minutes)
