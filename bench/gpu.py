@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def speed(tok: str, run_dir: Path, vocab: int, seq: int, micro: int, steps: int,
         torch.cuda.reset_peak_memory_stats()
     train(cfg, LocalContext(run_dir, blocks(vocab, micro * steps, seq), device=DEVICE))
     every = rows(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # (its checkpoint and export: 20 GB for the 1B shape)
     r = every[5:]
     planned = plan(cfg, gpus=1, vocab_size=vocab)  # its tensors, without the assumed slack, CUDA context and NCCL
     return {"tokens_per_s": round(float(np.median([x["tokens_per_s"] for x in r]))),
@@ -263,11 +265,63 @@ def checkpoint_save(tok: str, vocab: int, out: Path) -> dict:
         dist.destroy_process_group()
 
 
+def activations(tok: str, out: Path) -> dict:
+    """What one decoder layer of Llama-3.2-1B's shape saves for backward on this device under bf16 autocast
+    (saved-tensor hooks, one layer more), and the memory a forward leaves for backward in the whole model (eager,
+    the chunked loss's forward included), each beside what `raypt.plan` counts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raypt.plan import layer_activation_bytes
+
+    preset, vocab, seq, micro = ("llama3.2-1b", 128256, 2048, 8) if DEVICE == "cuda" else ("tiny", 16384, 64, 2)
+    cfg = cfg_for(tok, f"model.preset={preset}", f"model.vocab_size={vocab}", f"data.seq_len={seq}",
+                  f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", "train.compile=false")
+    from raypt.model import PRESETS
+
+    arch = PRESETS[preset]
+    x = torch.randint(0, vocab, (micro, seq), device=DEVICE)
+
+    def saved(layers: int) -> int:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **dict(arch, num_hidden_layers=layers),
+                                             attn_implementation="sdpa")).to(DEVICE)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            if (ptr := t.untyped_storage().data_ptr()) not in params:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(DEVICE, torch.bfloat16):
+            model.model(input_ids=x, use_cache=False)
+        del model
+        return sum(storages.values())
+
+    measured = saved(3) - saved(2)
+    hf = LlamaConfig(vocab_size=vocab, **arch)
+    weights = sum(n for n in (hf.hidden_size * hf.hidden_size * 2,
+                              2 * hf.hidden_size * hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads),
+                              3 * hf.hidden_size * hf.intermediate_size))
+    planned = micro * seq * layer_activation_bytes(hf, "autocast") + 2 * weights
+    from raypt.model import build_model
+
+    model, _ = build_model(cfg.model, vocab_size=vocab, seq_len=seq, device=torch.device(DEVICE))
+    state = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+    with torch.autocast(DEVICE, torch.bfloat16):
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+    held = (torch.cuda.memory_allocated() - state) if DEVICE == "cuda" else 0
+    p = plan(cfg, gpus=1, vocab_size=vocab)
+    return {"layer_saved_gb": round(measured / 2**30, 3), "layer_planned_gb": round(planned / 2**30, 3),
+            "forward_held_gb": round(held / 2**30, 2), "planned_activations_and_loss_gb": round(p.activations_gb, 2),
+            "loss": float(loss)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks this script, measures nothing")
+    ap.add_argument("--only", nargs="*", help="run these parts alone (default: all)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,7 +339,10 @@ def main() -> int:
                      ("throughput_1b", lambda: throughput_1b(tok, out, args.steps)),
                      ("resume", lambda: resume(tok, vocab, out)), ("nan_guard", lambda: nan_guard(tok, vocab, out)),
                      ("qlora", lambda: qlora(tok, vocab, out)),
-                     ("checkpoint", lambda: checkpoint_save(tok, vocab, out))]:
+                     ("checkpoint", lambda: checkpoint_save(tok, vocab, out)),
+                     ("activations", lambda: activations(tok, out))]:
+        if args.only and name not in args.only:
+            continue
         t0 = time.perf_counter()
         try:
             report[name] = fn()
