@@ -13,7 +13,11 @@
 4. QLoRA: a small Llama saved locally, loaded in nf4 (bitsandbytes, double quant, bf16 compute) with LoRA r=8 on all
    projections: trains, loss falls, and final/ holds the adapter and a merged bf16 model;
 5. FSDP2 on CUDA (one rank: bf16 mixed-precision policy) and the sharded checkpoint of the llama-12x1024 preset with its
-   AdamW state: seconds training is blocked by a synchronous save and by an async one (device-to-host copy only).
+   AdamW state: seconds training is blocked by a synchronous save and by an async one (device-to-host copy only);
+6. activations: what a decoder layer of Llama-3.2-1B's shape saves for backward under bf16 autocast, and what the
+   whole model's forward leaves held for backward, beside what `raypt.plan` counts.
+
+    python bench/gpu.py --out DIR --only activations   (parts by name: throughput, throughput_1b, resume, ...)
 
 Prints one JSON object of the numbers (also written to DIR/gpu.json).
 """
