@@ -275,7 +275,7 @@ def activations(tok: str, out: Path) -> dict:
     the chunked loss's forward included), each beside what `raypt.plan` counts."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from raypt.plan import layer_activation_bytes
+    from raypt.plan import layer_activation_bytes, saved_for_backward
 
     preset, vocab, seq, micro = ("llama3.2-1b", 128256, 2048, 8) if DEVICE == "cuda" else ("tiny", 16384, 64, 2)
     cfg = cfg_for(tok, f"model.preset={preset}", f"model.vocab_size={vocab}", f"data.seq_len={seq}",
@@ -288,25 +288,18 @@ def activations(tok: str, out: Path) -> dict:
     def saved(layers: int) -> int:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **dict(arch, num_hidden_layers=layers),
                                              attn_implementation="sdpa")).to(DEVICE)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages: dict[int, int] = {}
 
-        def pack(t):
-            if (ptr := t.untyped_storage().data_ptr()) not in params:
-                storages[ptr] = t.untyped_storage().nbytes()
-            return t
+        def forward():
+            with torch.autocast(DEVICE, torch.bfloat16):
+                model.model(input_ids=x, use_cache=False)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(DEVICE, torch.bfloat16):
-            model.model(input_ids=x, use_cache=False)
-        del model
-        return sum(storages.values())
+        return saved_for_backward(model, forward)
 
     measured = saved(3) - saved(2)
     hf = LlamaConfig(vocab_size=vocab, **arch)
-    weights = sum(n for n in (hf.hidden_size * hf.hidden_size * 2,
-                              2 * hf.hidden_size * hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads),
-                              3 * hf.hidden_size * hf.intermediate_size))
-    planned = micro * seq * layer_activation_bytes(hf, "autocast") + 2 * weights
+    d, kv = hf.hidden_size, hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads)
+    weights = 2 * d * d + 2 * d * kv + 3 * d * hf.intermediate_size  # q, o; k, v; gate, up, down
+    planned = micro * seq * layer_activation_bytes(hf, "autocast") + 2 * weights  # (+ autocast's bf16 copies)
     from raypt.model import build_model
 
     model, _ = build_model(cfg.model, vocab_size=vocab, seq_len=seq, device=torch.device(DEVICE))

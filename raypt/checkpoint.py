@@ -144,10 +144,11 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                            options=_options(model, strict=False))
             fs, path = filesystem(d)
-            rng = f"{path}/rng/rank_{self.rank:05d}.pt"
-            if fs.get_file_info(rng).type == pafs.FileType.File:  # (a rank the saving run did not have keeps the
-                with fs.open_input_file(rng) as f:                   # per-rank seed build_model gave it)
+            try:
+                with fs.open_input_file(f"{path}/rng/rank_{self.rank:05d}.pt") as f:
                     _set_rng(torch.load(io.BytesIO(f.read()), weights_only=True))
+            except FileNotFoundError:  # a rank the saving run did not have keeps the per-rank seed build_model gave
+                pass
             with fs.open_input_file(f"{path}/{TRAIN_STATE}") as f:
                 state = TrainState(**json.loads(f.read())["state"])
         return state, reader.bytes_read

@@ -378,8 +378,8 @@ def export(cfg: Config, ctx: Context, model, tok) -> None:
             from raypt.merge import merge_adapter, merges_by_file
             from raypt.model import DTYPES, local_model_dir
 
-            base, dtype = local_model_dir(cfg.model.name_or_path), DTYPES.get(cfg.model.dtype)
-            dtype = torch.bfloat16 if cfg.model.quantize else dtype
+            base = local_model_dir(cfg.model.name_or_path)
+            dtype = torch.bfloat16 if cfg.model.quantize else DTYPES.get(cfg.model.dtype)
             if merges_by_file(base, final / "adapter"):
                 merge_adapter(base, final / "adapter", final, dtype)
             else:  # (a base saved as .bin, an adapter on the embeddings: peft's merge, the whole base in memory)

@@ -78,13 +78,13 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         index = json.loads((base / INDEX).read_text())
         index.setdefault("metadata", {})["total_size"] = total
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    for extra in ("config.json", "generation_config.json"):
-        if (base / extra).exists():
-            shutil.copyfile(base / extra, out / extra)
-    if dtype is not None and (out / "config.json").exists():
-        config = json.loads((out / "config.json").read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
+    if (base / "generation_config.json").exists():
+        shutil.copyfile(base / "generation_config.json", out / "generation_config.json")
+    if (base / "config.json").exists():
+        config = json.loads((base / "config.json").read_text())
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            config.pop("torch_dtype", None)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

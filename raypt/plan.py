@@ -104,9 +104,27 @@ def compute_mode(cfg: Config) -> str:
     """How a GPU run computes (`raypt.parallel`): "bf16" (FSDP2 gathers bf16 weights: every activation bf16 but the
     norms' fp32 inputs), "autocast" (DDP and QLoRA: fp32 weights, bf16 matmuls, an fp32 residual stream) or
     "fp32" (train.precision: fp32)."""
-    if cfg.train.precision == "fp32":
+    from raypt.parallel import bf16_compute
+
+    if not bf16_compute(cfg.train, torch.device("cuda")):
         return "fp32"
     return "bf16" if cfg.scaling.strategy == "fsdp" else "autocast"
+
+
+def saved_for_backward(model: torch.nn.Module, forward) -> int:
+    """Bytes of the tensors `forward()` saves for backward, what `layer_activation_bytes` counts: each storage once
+    (views share one), `model`'s parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if (ptr := t.untyped_storage().data_ptr()) not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
 
 
 # Bytes a Llama decoder layer saves for backward per token (sdpa attention, hidden d, K/V width kv, MLP width I,

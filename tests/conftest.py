@@ -116,13 +116,15 @@ class S3Traffic:
 
     def requests(self, prefix: str, suffix: str = "") -> int:
         """GET requests for the objects `under` counts."""
-        with self._lock:
-            return sum(n for path, n in self.gets.items() if path.startswith("/" + prefix) and path.endswith(suffix))
+        return self._sum(self.gets, prefix, suffix)
 
     def under(self, prefix: str, suffix: str = "") -> int:
         """Bytes sent of the objects whose key starts with `prefix` ("bucket/key...") and ends with `suffix`."""
+        return self._sum(self.sent, prefix, suffix)
+
+    def _sum(self, counts: Counter, prefix: str, suffix: str) -> int:
         with self._lock:
-            return sum(n for path, n in self.sent.items() if path.startswith("/" + prefix) and path.endswith(suffix))
+            return sum(n for path, n in counts.items() if path.startswith("/" + prefix) and path.endswith(suffix))
 
     def wrap(self, app):
         def counted(environ, start_response):

@@ -104,11 +104,13 @@ def test_a_mixture_plan_gives_the_tokens_of_each_source(capsys):
 
 
 def saved_by_one_layer(mode: str, lora_r: int, b: int = 2, s: int = 64) -> int:
-    """Bytes one more decoder layer saves for backward (saved-tensor hooks; parameters and storages shared by
-    several saved tensors counted once), for a micro-batch of b x s tokens."""
+    """Bytes one more decoder layer saves for backward (`raypt.plan.saved_for_backward`), for a micro-batch of b x s
+    tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raypt.plan import saved_for_backward
 
     def saved(layers: int) -> int:
         torch.manual_seed(0)
@@ -120,18 +122,12 @@ def saved_by_one_layer(mode: str, lora_r: int, b: int = 2, s: int = 64) -> int:
                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).get_base_model()
         if mode == "bf16":  # FSDP2's MixedPrecisionPolicy: the layers compute with bf16 weights
             model.to(torch.bfloat16)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages: dict[int, int] = {}
 
-        def pack(t):
-            if (ptr := t.untyped_storage().data_ptr()) not in params:
-                storages[ptr] = t.untyped_storage().nbytes()
-            return t
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+                model.model(input_ids=torch.randint(0, 64, (b, s)), use_cache=False)
 
-        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-              torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast")):
-            model.model(input_ids=torch.randint(0, 64, (b, s)), use_cache=False)
-        return sum(storages.values())
+        return saved_for_backward(model, forward)
 
     return saved(3) - saved(2)
 
