@@ -64,7 +64,7 @@ def worker(rank: int, world: int, port: int, fmt: str, args, out: str, results) 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from raypt.checkpoint import Checkpointer, TrainState
+    from raypt.checkpoint import Checkpointer
     from raypt.config import load_config
     from raypt.model import build_model
     from raypt.optim import build_optimizer
@@ -98,7 +98,7 @@ def worker(rank: int, world: int, port: int, fmt: str, args, out: str, results) 
         written = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) if rank == 0 else 0
     else:
         ckpt = Checkpointer(out, rank=rank, keep=1, async_save=fmt == "sharded-async")
-        ckpt.save(model=model, optimizer=optimizer, state=TrainState(step=1), config_yaml="", tokenizer=NoTokenizer())
+        ckpt.save(model=model, optimizer=optimizer, state={"step": 1}, config_yaml="", tokenizer=NoTokenizer())
         blocked = time.perf_counter() - t0
         ckpt.wait()
         dist.barrier()

@@ -45,7 +45,8 @@ class OldFeeder:
 
     def __init__(self, cfg_dict: dict, world: int, shuffle_blocks: int):
         from raypt.config import config_from_dict
-        from raypt.data import build_dataset, init_ray
+        from raypt.cluster import init_ray
+        from raypt.data import build_dataset
 
         init_ray()
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # what its order rested on
@@ -233,7 +234,8 @@ def main() -> int:
         tok = tmp / "tok"
         train_tokenizer([str(SOURCE)], 4096, str(tok))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        from raypt.data import build_dataset, init_ray, summarize
+        from raypt.cluster import init_ray
+        from raypt.data import build_dataset, summarize
 
         init_ray()
         t0 = time.perf_counter()  # the tokenizer's own rate: the pipeline alone, nothing consuming but a count

@@ -233,7 +233,7 @@ def checkpoint_save(tok: str, vocab: int, out: Path) -> dict:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from raypt.checkpoint import Checkpointer, TrainState
+    from raypt.checkpoint import Checkpointer
     from raypt.model import build_model
     from raypt.optim import build_optimizer
     from raypt.parallel import fsdp_sharder
@@ -259,7 +259,7 @@ def checkpoint_save(tok: str, vocab: int, out: Path) -> dict:
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            ckpt.save(model=model, optimizer=optimizer, state=TrainState(step=1), config_yaml="",
+            ckpt.save(model=model, optimizer=optimizer, state={"step": 1}, config_yaml="",
                       tokenizer=AutoTokenizer.from_pretrained(tok))
             blocked = time.perf_counter() - t0
             ckpt.wait()

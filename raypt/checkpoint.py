@@ -4,7 +4,7 @@
       state/             model + AdamW state, torch.distributed.checkpoint (DCP): every rank writes its own shard
                          file (__R_0.distcp) in parallel, rank 0 the .metadata index (LoRA: the adapter only)
       rng/rank_RRRRR.pt  each rank's RNG state
-      train_state.json   step, tokens seen, data position
+      train_state.json   what the run's stateful parts hand over: step, tokens seen, the data's position (JSON)
       config.yaml, tokenizer files
       COMPLETE           written last by rank 0, once every rank has finished: every file with its size
 
@@ -29,7 +29,6 @@ import tempfile
 import threading
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -42,10 +41,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from raypt import faults
-from raypt.corpus import filesystem, is_uri, node_copy
 from raypt.model import unwrap
 from raypt.parallel import distributed, is_sharded
 from raypt.errors import UserError
+from raypt.storage import filesystem, is_uri, node_copy, upload
 
 MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
@@ -54,44 +53,6 @@ STATE = "state"
 
 class CheckpointError(UserError):
     """A directory that is not a complete raypt checkpoint."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    """Optimizer steps done."""
-    tokens_seen: int = 0
-    """Training tokens consumed by all workers together."""
-    epoch: int = 0
-    """The data position (`raypt.stream.Position`): passes started over the training data,"""
-    unit: int = 0
-    """the first work unit (in the pass's order) of the shuffle window holding the next block,"""
-    offset: int = 0
-    """and the blocks of that window already consumed."""
-    sources: list[list[int]] | None = None
-    """A mixture's position (`raypt.stream.MixPosition`): [epoch, unit, offset, blocks taken] per source at the start
-    of the mixture window holding the next block (`offset` above: blocks of it consumed; epoch and unit unused)."""
-    data: dict | None = None
-    """The data fingerprint (`raypt.data.fingerprint`) the position refers to."""
-
-    @property
-    def position(self):
-        from raypt.stream import MixPosition, Position
-
-        if self.sources is not None:
-            return MixPosition(tuple(Position(*s[:3]) for s in self.sources), tuple(s[3] for s in self.sources),
-                               self.offset)
-        return Position(self.epoch, self.unit, self.offset)
-
-    @position.setter
-    def position(self, pos) -> None:
-        from raypt.stream import MixPosition
-
-        if isinstance(pos, MixPosition):
-            self.epoch, self.unit, self.offset = 0, 0, pos.offset
-            self.sources = [[p.epoch, p.unit, p.offset, t] for p, t in zip(pos.sources, pos.taken)]
-        else:
-            self.epoch, self.unit, self.offset, self.sources = pos.epoch, pos.unit, pos.offset, None
 
 
 def dirname(step: int) -> str:
@@ -134,9 +95,9 @@ class Checkpointer:
             dist.broadcast_object_list(choice, src=0)
         return choice[0], choice[1]
 
-    def restore(self, source: str, *, model, optimizer) -> tuple[TrainState, int]:
-        """Load `source` into the (sharded or whole) model and optimizer of this rank; return the train state and
-        the bytes of saved state this rank read."""
+    def restore(self, source: str, *, model, optimizer) -> tuple[dict, int]:
+        """Load `source` into the (sharded or whole) model and optimizer of this rank; return the state the run's
+        other parts saved (`save`) and the bytes of saved state this rank read."""
         with self._readable(source, is_sharded(model)) as d:
             sd = _state_dicts(model, optimizer)
             reader = StateReader(f"{d}/{STATE}")
@@ -150,7 +111,7 @@ class Checkpointer:
             except FileNotFoundError:  # a rank the saving run did not have keeps the per-rank seed build_model gave
                 pass
             with fs.open_input_file(f"{path}/{TRAIN_STATE}") as f:
-                state = TrainState(**json.loads(f.read())["state"])
+                state = json.loads(f.read())["state"]
         return state, reader.bytes_read
 
     @contextlib.contextmanager
@@ -169,12 +130,13 @@ class Checkpointer:
             shutil.rmtree(dest, ignore_errors=True)
 
     # -- save -----------------------------------------------------------------------------------------------------
-    def save(self, *, model, optimizer, state: TrainState, config_yaml: str, tokenizer) -> str:
-        """Write the checkpoint of `state.step`; every rank calls. Returns its path. With async_save this returns
-        once the state is copied to host memory; the files are written and marked complete in the background."""
+    def save(self, *, model, optimizer, state: dict, config_yaml: str, tokenizer) -> str:
+        """Write the checkpoint of step `state["step"]`; every rank calls. `state`: what the run's other stateful
+        parts hand over (their `state_dict()`s side by side, JSON), returned by `restore`. Returns the checkpoint's
+        path. With async_save this returns once the state is copied to host memory; the files are written and marked
+        complete in the background."""
         self.wait()
-        state = dataclasses.replace(state)  # the loop goes on changing its own while a background save finishes
-        dest = f"{self.run_dir}/{dirname(state.step)}"
+        dest = f"{self.run_dir}/{dirname(state['step'])}"
         fs, path = filesystem(dest)
         if self.rank == 0:
             fs.delete_dir_contents(path, missing_dir_ok=True)  # leftovers of an attempt that died writing this step
@@ -184,7 +146,7 @@ class Checkpointer:
         (local / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), local / "rng" / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
-            (local / TRAIN_STATE).write_text(json.dumps({"state": dataclasses.asdict(state)}) + "\n")
+            (local / TRAIN_STATE).write_text(json.dumps({"state": state}) + "\n")
             (local / "config.yaml").write_text(config_yaml, encoding="utf-8")
             tokenizer.save_pretrained(local)
         sd = _state_dicts(model, optimizer)
@@ -209,24 +171,21 @@ class Checkpointer:
             error, self._error = self._error, None
             raise error
 
-    def _finish_in_background(self, future, dest: str, local: Path, state: TrainState) -> None:
+    def _finish_in_background(self, future, dest: str, local: Path, state: dict) -> None:
         try:
             future.result()
             self._finish(dest, local, state, self._group)
         except BaseException as e:  # re-raised by wait() on the training thread
             self._error = e
 
-    def _finish(self, dest: str, local: Path, state: TrainState, group) -> None:
+    def _finish(self, dest: str, local: Path, state: dict, group) -> None:
         """After this rank's files are written: upload them (URIs), wait for every rank, then rank 0 marks the
         checkpoint complete and prunes old ones."""
         fs, path = filesystem(dest)
         if is_uri(dest):
-            for f in sorted(local.rglob("*")):
-                if f.is_file():
-                    pafs.copy_files(str(f), f"{path}/{f.relative_to(local)}",
-                                    source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            upload(local, dest)
             shutil.rmtree(local, ignore_errors=True)
-        faults.maybe_kill("save", state.step, self.rank)
+        faults.maybe_kill("save", state["step"], self.rank)
         if distributed():
             dist.barrier(group=group)
         if self.rank != 0:
@@ -235,7 +194,7 @@ class Checkpointer:
         files = {i.path[len(path) + 1:]: i.size for i in sorted(infos, key=lambda i: i.path)
                  if i.type == pafs.FileType.File}
         with fs.open_output_stream(f"{path}/{MARKER}") as f:  # last: from now on the checkpoint counts
-            f.write((json.dumps({"state": dataclasses.asdict(state), "files": files}) + "\n").encode())
+            f.write((json.dumps({"state": state, "files": files}) + "\n").encode())
         prune(self.run_dir, self.keep)
 
 
@@ -336,7 +295,7 @@ def _saved(model, model_sd: dict) -> dict:
     return {k: v for k, v in model_sd.items() if k in trainable}
 
 
-def load_weights(source: str | Path, model) -> TrainState:
+def load_weights(source: str | Path, model) -> dict:
     """A complete checkpoint's model weights (not the optimizer's state) into a whole model in one process, however
     many ranks wrote it and whether DDP or FSDP did (DCP reshards): for inference and evaluation. The caller has
     `check`ed it (before building the model)."""
@@ -399,11 +358,11 @@ def problem(directory: str) -> str | None:
     return None
 
 
-def saved_state(directory: str) -> TrainState:
-    """The train state recorded in a complete checkpoint's marker."""
+def saved_state(directory: str) -> dict:
+    """The state recorded in a complete checkpoint's marker (what `Checkpointer.save` was handed)."""
     fs, path = filesystem(directory)
     with fs.open_input_stream(f"{path}/{MARKER}") as f:
-        return TrainState(**json.loads(f.read())["state"])
+        return json.loads(f.read())["state"]
 
 
 def check(directory: str | Path) -> None:

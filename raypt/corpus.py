@@ -14,13 +14,13 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypt.errors import UserError
+from raypt.storage import filesystem, is_uri
 
 READ_CHUNK = 4 << 20  # bytes read from a stream at a time; lines longer than this are assembled across chunks
 FORMATS = ("text", "text_file", "jsonl", "parquet", "hf")
@@ -34,52 +34,6 @@ class CorpusError(UserError):
 
 def _is_hidden(name: str) -> bool:
     return name.startswith((".", "_"))
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for `path` and the path inside it."""
-    if is_uri(path):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as e:  # pyarrow raises several kinds for bad schemes / missing credentials
-            raise CorpusError(f"cannot open {path}: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def node_copy(uri: str, kind: str, key: str | None = None, files: list[str] | None = None) -> Path:
-    """A local copy of the directory at `uri`, shared by the processes of this node: downloaded once into
-    $RAYPT_CACHE/kind (default ~/.cache/raypt), the others waiting on a file lock. `key` (default: the URI) names the
-    copy; `files`: only these files of the directory (default: all of it)."""
-    import hashlib
-
-    from filelock import FileLock
-
-    cache = Path(os.environ.get("RAYPT_CACHE", Path.home() / ".cache" / "raypt")) / kind
-    cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / hashlib.sha256((key or uri).encode()).hexdigest()[:16]
-    with FileLock(str(dest) + ".lock"):
-        if not (dest / ".complete").exists():
-            fs, path = filesystem(uri)
-            dest.mkdir(exist_ok=True)
-            for src, to in [(path, dest)] if files is None else [(f"{path}/{f}", dest / f) for f in files]:
-                pafs.copy_files(src, str(to), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            (dest / ".complete").touch()
-    return dest
-
-
-def node_copy_of(uri: str, kind: str, pick) -> Path:
-    """A node-wide copy (`node_copy`) of the files at the top of the directory at `uri` that `pick` chooses from
-    their sorted names (it may raise, naming what is missing), keyed by their names, sizes and times: files uploaded
-    again are fetched again."""
-    fs, inner = filesystem(uri)
-    infos = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-             if i.type == pafs.FileType.File}
-    names = pick(sorted(infos))
-    return node_copy(uri, kind, uri + "".join(f"|{n}:{infos[n].size}:{infos[n].mtime_ns}" for n in names), names)
 
 
 @dataclass
@@ -100,31 +54,31 @@ def list_files(paths: list[str], what: str = "data.train_paths", fmt: str = "tex
     gives its Arrow/Parquet data files alone (`_hf_data`)."""
     out, infos = Listing(), {}
     for spec in paths:
-        fs, base = filesystem(spec)
+        fs, inner = filesystem(spec)
         scheme = spec.split("://", 1)[0] + "://" if is_uri(spec) else ""
-        root = base
-        if glob.has_magic(base):
-            root = _glob_root(base)
-            found = _glob(fs, base)
+        root = inner
+        if glob.has_magic(inner):
+            root = _glob_root(inner)
+            found = _glob(fs, inner)
             if not found:
                 raise CorpusError(f"{what}: the glob {spec!r} matches no file; check the pattern and the directory")
             candidates = [i.path for i in found]
             infos.update((scheme + i.path, i) for i in found)
         else:
-            info = fs.get_file_info(base)
+            info = fs.get_file_info(inner)
             if info.type == pafs.FileType.NotFound:
                 raise CorpusError(f"{what}: {spec!r} does not exist; fix the path (relative paths start at {os.getcwd()})")
             if info.type == pafs.FileType.File:
-                out.files.append(scheme + base)  # named explicitly: read even if hidden
-                infos[scheme + base] = info
+                out.files.append(scheme + inner)  # named explicitly: read even if hidden
+                infos[scheme + inner] = info
                 continue
-            found = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File]
+            found = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
             candidates = [i.path for i in found]
             infos.update((scheme + i.path, i) for i in found)
             if not candidates:
                 raise CorpusError(f"{what}: the directory {spec!r} contains no file; point it at the corpus shards")
             if fmt == "hf":
-                candidates = _hf_data(fs, base, spec, candidates, what)
+                candidates = _hf_data(fs, inner, spec, candidates, what)
         before = len(out.files)
         for p in sorted(candidates):
             rel = p[len(root):] if p.startswith(root) else p
@@ -141,9 +95,9 @@ def list_files(paths: list[str], what: str = "data.train_paths", fmt: str = "tex
     return out
 
 
-def _hf_data(fs: pafs.FileSystem, base: str, spec: str, files: list[str], what: str) -> list[str]:
+def _hf_data(fs: pafs.FileSystem, inner: str, spec: str, files: list[str], what: str) -> list[str]:
     """A `save_to_disk` directory's data files; a DatasetDict's root is refused (its splits would mix)."""
-    info = fs.get_file_info(f"{base}/dataset_dict.json")
+    info = fs.get_file_info(f"{inner}/dataset_dict.json")
     if info.type == pafs.FileType.File:
         with fs.open_input_stream(info.path) as f:
             splits = json.loads(f.read()).get("splits") or []

@@ -3,10 +3,10 @@
     python -m raypt.data --config CFG [--set section.key=value ...] --out DIR
 
 `build_dataset` returns a streaming Ray Dataset of ``{"input_ids": int32[seq_len], "unit"}`` rows, one tagged block
-per work unit, that the trainer's order actor (`raypt.feed`) sequences without reading; the CLI writes the same rows
+per work unit, that the trainer's `Feeder` (`raypt.feed`) sequences without reading; the CLI writes the same rows
 as Parquet under ``DIR/train`` and ``DIR/eval`` plus ``DIR/summary.json``.
 
-The corpus is planned into units of ~8 MB (`raypt.corpus.plan_units`: small files grouped, big ones cut into line
+The corpus is planned into units of ~8 MB (`raypt.rundata.plan_split`: small files grouped, big ones cut into line
 ranges); the plan depends on the data alone, not on the cluster. An actor pool maps units to blocks: each actor loads
 the tokenizer once, reads its unit's documents (`raypt.corpus` decodes and counts skips), encodes them in batches with
 the fast tokenizer and cuts the unit's stream into blocks (each unit's last tail, < seq_len, is dropped and counted).
@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import logging
-import math
 import os
 import resource
-import socket
 import sys
 import time
 from collections import Counter
@@ -37,27 +33,27 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.extensions import ArrowTensorArray
 
 from raypt.cli import command
+from raypt.cluster import STREAM_CPUS, init_ray, tokenize_pool
 from raypt.config import Config, Source, sources
-from raypt.corpus import CorpusError, Listing, Segment, filesystem, iter_documents, list_files, plan_units
-from raypt.errors import UserError
+from raypt.corpus import CorpusError, Listing, Segment, iter_documents
 from raypt.packing import TOKEN_DTYPE, BlockPacker
 from raypt.pipeline_stats import Stats
 from raypt.progress import Progress
-from raypt.tokenizer import TOKENIZER_FILES, EncoderSpec, encoder_spec, tokenizer_path
+from raypt.rundata import Split, plan_split, split_dir, split_field
+from raypt.storage import filesystem
+from raypt.tokenizer import EncoderSpec, encoder_spec, tokenizer_path
 
 SPLITS = ("train", "eval")
 TEXT_BATCH_CHARS = 8 << 20  # a tokenizer batch is closed at this many characters even if it has few documents
-MIN_UNITS = 16  # a small corpus is cut finer (down to 64 KB units) so that actors share it; each unit drops a tail
 
 
 UNIT_KEY, BLOCKS_KEY = b"raypt.unit", b"raypt.unit_blocks"  # an output block's schema metadata: its unit, and all
-# the blocks of that unit (a unit may be cut into several Ray blocks); the order actor reads them without the data
+# the blocks of that unit (a unit may be cut into several Ray blocks); the Feeder reads them without the data
 
 
 def unit_table(blocks: np.ndarray, unit: int) -> pa.Table:
@@ -173,123 +169,6 @@ def read_pretokenized(batch: dict, seq_len: int, stats: Stats, items: pa.Table) 
     yield unit_table(blocks, unit)
 
 
-def plan(cfg: Config, split: str = "train", src: Source | None = None) -> tuple[Listing, list[list[Segment]]]:
-    """A source's split: its files and its work units, in plan order (default source: the run's first). A function
-    of the data alone (never of the cluster), so a data position recorded by one run means the same units in the
-    next."""
-    src = src or sources(cfg)[0]
-    paths = src.paths if split == "train" else src.eval_paths
-    listing = list_files(paths, split_field(split, src), src.format)
-    return listing, plan_units(listing, src.format, cfg.data.unit_bytes, min_units=MIN_UNITS)
-
-
-def split_field(split: str, src: Source | None) -> str:
-    """The config field that names a source's split, for messages."""
-    if src is None or not src.name:
-        return f"data.{split}_paths"
-    return f"data.sources[{src.name}].{'paths' if split == 'train' else 'eval_paths'}"
-
-
-def split_dir(root: str, split: str, src: Source) -> str:
-    """Where `raypt.data --out` puts a source's split: ROOT/split, or ROOT/split/NAME for a mixture's source."""
-    return f"{root}/{split}/{src.name}" if src.name else f"{root}/{split}"
-
-
-def pretokenized_files(cfg: Config, split: str = "train", src: Source | None = None) -> Listing:
-    """The Parquet files of a pre-tokenized split, sorted: its units."""
-    path = split_dir(cfg.data.pretokenized, split, src or sources(cfg)[0])
-    listing = list_files([path], "data.pretokenized")
-    keep = [i for i, f in enumerate(listing.files) if f.endswith(".parquet")]
-    if not keep:
-        raise CorpusError(f"data.pretokenized: {path} holds no .parquet files; write it with "
-                          "`python -m raypt.data --config ... --out DIR`")
-    return Listing([listing.files[i] for i in keep], listing.hidden_skipped, [listing.sizes[i] for i in keep],
-                   [listing.mtimes[i] for i in keep])
-
-
-def units_of(cfg: Config, split: str = "train", src: Source | None = None) -> tuple[Listing, list]:
-    """A source's split: its listing and its units, the text plan (`plan`) or a pre-tokenized split's Parquet files."""
-    if cfg.data.pretokenized:
-        listing = pretokenized_files(cfg, split, src)
-        return listing, listing.files
-    return plan(cfg, split, src)
-
-
-HEADROOM = 2.0
-"""A rate-sized tokenize pool makes this many times the tokens/s training reads."""
-
-
-def actors_needed(train_tokens_per_s: float | None, actor_tokens_per_s: float | None) -> int | None:
-    """The tokenize actors that make HEADROOM x what training reads, from both measured rates (None: not known yet)."""
-    if not train_tokens_per_s or not actor_tokens_per_s:
-        return None
-    return max(1, math.ceil(HEADROOM * train_tokens_per_s / actor_tokens_per_s))
-
-
-def pool_plan(cfg: Config, units: int, reserved_cpus: float = 0.0, needed: int | None = None,
-              source: int | None = None) -> tuple[int, int]:
-    """(fewest, most) tokenize actors. Ray Data's autoscaling pool grows from two actors while work is queued, up to
-    one single-threaded actor per free CPU (measured faster than fewer actors with more tokenizer threads: the
-    per-token Python work then also runs in parallel), `data.max_tokenize_workers`, the units, and `needed` (the rate
-    target, `actors_needed`, once the run has measured it); `data.num_tokenize_workers` fixes the size. A mixture's
-    sources stream side by side, each from its own pool (`source`: which one; None: one pool for all): the actors are
-    shared out by weight (`mixture_caps`), so no pool can hold the CPUs another one waits for. `reserved_cpus` are held by training
-    workers. On a cluster an autoscaler can grow, CPUs it lacks now are no error: the pool's pending actors are what
-    makes it add nodes, so it asks for two until the rate is measured."""
-    d = cfg.data
-    total = ray.cluster_resources().get("CPU", 0)
-    free = total - reserved_cpus
-    grows = free < d.cpus_per_tokenize_worker and cluster_can_grow()
-    if free < d.cpus_per_tokenize_worker and not grows:
-        raise CorpusError(
-            f"no CPU left for tokenize actors: training workers reserve {reserved_cpus:g} of the cluster's "
-            f"{total:g} CPUs; set data.materialize: true (tokenize before training), lower scaling.cpus_per_worker "
-            "or data.cpus_per_tokenize_worker, or add CPU nodes"
-        )
-    if grows:
-        free = d.cpus_per_tokenize_worker * (needed or 2)
-    weights = [src.weight for src in sources(cfg)] if source is not None else [1.0]
-    if d.num_tokenize_workers:
-        n = min(mixture_caps(d.num_tokenize_workers, weights, "data.num_tokenize_workers")[source or 0], units)
-        return n, n
-    cap = int(free // d.cpus_per_tokenize_worker)
-    if not grows:
-        cap = mixture_caps(cap, weights, "the free CPUs")[source or 0]
-    most = max(1, min(units, cap, d.max_tokenize_workers, needed or units))
-    return min(2, most), most
-
-
-def mixture_caps(actors: int, weights: list[float], what: str = "the free CPUs") -> list[int]:
-    """`actors` shared out among a mixture's sources by weight, at least one each (one source: all of them); `what`
-    gives the actors, for the error when there are fewer than sources."""
-    if len(weights) == 1:
-        return [actors]
-    if actors < len(weights):
-        raise CorpusError(f"the mixture's {len(weights)} sources stream side by side, each needing a tokenize actor, "
-                          f"and {what} give {actors}; lower data.cpus_per_tokenize_worker (e.g. 0.5), raise "
-                          "data.num_tokenize_workers, set data.materialize: true, or add CPUs")
-    caps = [max(1, int(actors * w / sum(weights))) for w in weights]
-    while sum(caps) > actors:
-        caps[caps.index(max(caps))] -= 1
-    return caps
-
-
-def cluster_can_grow() -> bool:
-    """Whether an autoscaler can add nodes to the cluster (a cold one has no worker node before a job asks). KubeRay
-    and Ray's autoscaler v2 publish their node types in the GCS; the v1 autoscaler (`ray up`, `ray start
-    --autoscaling-config`) reports its status there, and on a cluster that cannot grow that status names only Ray's
-    read-only node types, one per node (`node_<id>`)."""
-    from ray._private import ray_constants
-    from ray._private.state import state
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    if state.get_cluster_config() is not None:
-        return True
-    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    types = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {} if status else {}
-    return any(not t.startswith("node_") for t in types.values())
-
-
 @dataclass
 class SplitData:
     dataset: ray.data.Dataset
@@ -300,19 +179,22 @@ class SplitData:
 
 
 def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0, order: list[int] | None = None,
-                  first: int = 0, ahead: int | None = None, planned: tuple[Listing, list] | None = None,
+                  first: int = 0, ahead: int | None = None, planned: Split | None = None,
                   needed: int | None = None, stats: ray.actor.ActorHandle | None = None,
                   encoder: EncoderSpec | None = None, src: Source | None = None) -> SplitData:
     """The streaming Ray Dataset of a split's packed blocks ("train" or "eval"; pre-tokenized Parquet with
     data.pretokenized), one tagged table per unit (`unit_table`) in completion order (re-sequence them with
     `raypt.feed.units_in_order`): the units `order[first:]` (default: plan order). With `ahead`, a unit waits to
-    start until fewer than `ahead` units before it are still missing. `planned`: the split's `units_of`, when the
-    caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for (`pool_plan`);
+    start until fewer than `ahead` units before it are still missing. `planned`: the split (`rundata.plan_split`), when
+    the caller has it already (no listing again); `needed`: the tokenize actors the rate target asks for
+    (`cluster.tokenize_pool`);
     `stats`: the `PipelineStats` actor to count in (default: a new one); `encoder`: the run's `encoder_spec`, when the
     caller has it (a process without transformers imported then never imports it); `src`: the source (default: the
     run's first). Nothing runs until consumed."""
-    d, src = cfg.data, src or sources(cfg)[0]
-    listing, units = planned or units_of(cfg, split, src)
+    d, srcs = cfg.data, sources(cfg)
+    src = src or srcs[0]
+    planned = planned or plan_split(cfg, split, src)
+    listing, units = planned.listing, planned.units
     order = list(range(len(units))) if order is None else [int(u) for u in order]
     if first >= len(order):
         raise CorpusError(f"{split_field(split, src)} has {len(units)} work units; a data position at unit {first} is "
@@ -322,10 +204,11 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
     if d.pretokenized:
         rows, table = unit_rows([{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs])
         blocks = rows.map_batches(
-            read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=0.25,  # light: a Parquet read
+            read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=STREAM_CPUS,  # light: a Parquet read
             fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=table))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
-    fewest, most = pool_plan(cfg, len(order) - first, reserved_cpus, needed, sources(cfg).index(src))  # (its share)
+    fewest, most = tokenize_pool(d, len(order) - first, reserved_cpus, needed, [s.weight for s in srcs],
+                                 srcs.index(src))  # (its share)
     encoder = encoder or encoder_spec(cfg)  # (a tokenizer problem fails here, not inside every actor)
     items = [unit_item(order[s], s, units[order[s]], stats, src) for s in seqs]
     blocks = pack(cfg, items, (fewest, most), encoder, stats, turnstile=ahead is not None)
@@ -373,62 +256,6 @@ def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: Encod
         fn_constructor_kwargs=dict(cfg=cfg, encoder=encoder, threads=max(1, int(d.cpus_per_tokenize_worker)),
                                    stats=stats, items=table),
     )
-
-
-def fingerprint(cfg: Config, encoder: EncoderSpec | None = None) -> dict:
-    """What the data order of a run depends on: the files (path, size; mtime too, reported only), the unit plan, the tokenizer's files
-    and special tokens, and every data setting that changes the blocks or their order; for a mixture, each source's
-    files, plan and weight. Saved in each checkpoint; a resume against a different fingerprint is refused
-    (`run.data_changed`). `encoder`: the run's `encoder_spec`, when the caller has it (the tokenizer is not loaded
-    again)."""
-    d = cfg.data
-    fp: dict = {"order_version": ORDER_VERSION, "seq_len": d.seq_len, "shuffle": d.shuffle,
-                "shuffle_tokens": d.shuffle_tokens, "seed": cfg.run.seed}
-    if d.pretokenized:
-        fp["pretokenized"] = d.pretokenized
-    else:
-        encoder = encoder or encoder_spec(cfg)
-        fp.update(decode_errors=d.decode_errors, unit_bytes=d.unit_bytes, max_doc_chars=d.max_doc_chars,
-                  tokenizer=_tokenizer_digest(encoder.path), bos_eos=[encoder.bos_id, encoder.eos_id])
-    srcs = sources(cfg)
-    if len(srcs) == 1 and not srcs[0].name:
-        fp.update(_source_fingerprint(cfg, srcs[0]))
-    else:
-        fp["sources"] = {src.name: {"weight": src.weight, **_source_fingerprint(cfg, src)} for src in srcs}
-    return fp
-
-
-def _source_fingerprint(cfg: Config, src: Source) -> dict:
-    listing, units = units_of(cfg, "train", src)
-    fp: dict = {} if cfg.data.pretokenized else {"format": src.format, "text_field": src.text_field}
-    files = [[f, s, round(m, 3)] for f, s, m in zip(listing.files, listing.sizes, listing.mtimes)]
-    # (paths and sizes decide; a new mtime alone, say a corpus written again with the same bytes, is only reported)
-    fp["num_files"], fp["files_sha256"] = len(files), _digest(json.dumps([f[:2] for f in files]))
-    if len(files) <= FINGERPRINT_FILES:  # small enough to keep: a refused resume can then name the file
-        fp["files"] = files
-    if not cfg.data.pretokenized:
-        fp["units_sha256"] = _digest(json.dumps([[dataclasses.astuple(s) for s in u] for u in units]))
-    return fp
-
-
-ORDER_VERSION = 2  # bump when the stream definition (raypt.stream) changes: old positions then mean other blocks
-FINGERPRINT_FILES = 10_000
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _tokenizer_digest(path: str) -> str:
-    """sha256 over the tokenizer's own files in `path` (not a model's weights next to them)."""
-    fs, inner = filesystem(path)
-    h = hashlib.sha256()
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
-    for info in sorted(infos, key=lambda i: i.path):
-        if info.type == pafs.FileType.File and info.base_name.startswith(TOKENIZER_FILES):
-            with fs.open_input_stream(info.path) as f:
-                h.update(info.base_name.encode() + b"\0" + f.read())
-    return h.hexdigest()
 
 
 def summarize(split: SplitData, seq_len: int, seconds: float) -> dict:
@@ -479,14 +306,14 @@ def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None
         if (Path(out) / key).is_dir() and any(f.is_file() for f in (Path(out) / key).iterdir()):
             raise CorpusError(f"--out {out}: {Path(out) / key} already holds files, which would mix with this "
                               "run's units; give a new directory or delete it")
-    planned = {key: plan(cfg, split, src) for key, (split, src) in parts.items()}
+    planned = {key: plan_split(cfg, split, src) for key, (split, src) in parts.items()}
     encoder = encoder or encoder_spec(cfg)
     stats, items = {}, []  # one entry per part in one PipelineStats actor
     for key, (split, src) in parts.items():
         stats[key] = Stats.open(next(iter(stats.values())).actor if stats else None, None, 0)
         items += [unit_item(i, i, u, stats[key], src, str((Path(out) / key / f"unit-{i:06d}.parquet").resolve()))
-                  for i, u in enumerate(planned[key][1])]
-    actors = pool_plan(cfg, len(items))
+                  for i, u in enumerate(planned[key].units)]
+    actors = tokenize_pool(cfg.data, len(items))
     t0 = time.perf_counter()
     with Progress(f"tokenizing and packing on {actors[1]} actors", total=len(items), unit="unit") as bar:
         for _ in pack(cfg, items, actors, encoder, next(iter(stats.values())),
@@ -496,11 +323,11 @@ def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None
     summary = {"seq_len": cfg.data.seq_len, "tokenizer": tokenizer_path(cfg), "tokenize_actors": actors[1],
                "seconds": round(seconds, 2)}
     for key, (split, src) in parts.items():
-        summary[key] = split_counts(stats[key].get()[0], planned[key][0], cfg.data.seq_len)
+        summary[key] = split_counts(stats[key].get()[0], planned[key].listing, cfg.data.seq_len)
         check_not_empty(summary[key], split, cfg, src)
     tokens = sum(summary[key]["tokens"] for key in parts)
     first, last = zip(*(s.span() for s in stats.values()))  # (one pool: the rates are the whole pipeline's)
-    steady = max(t for t in last if t) - min(t for t in first if t) if any(last) and any(first) else None
+    steady = max(w for w in last if w) - min(w for w in first if w) if any(last) and any(first) else None
     summary["tokens_per_s"] = round(tokens / seconds) if seconds > 0 else None
     summary["steady_tokens_per_s"] = round(tokens / steady) if steady else None
     out_dir = Path(out)
@@ -527,59 +354,6 @@ def format_summary(summary: dict) -> str:
     lines.append(f"{summary['seconds']} s with {summary['tokenize_actors']} tokenize actors at most: "
                  f"{summary['tokens_per_s']:,} tokens/s ({summary['steady_tokens_per_s'] or 0:,} once started)")
     return "\n".join(lines)
-
-
-class _QuietUserErrors(logging.Filter):
-    """Ray Data logs a failed UDF's stack trace before raising; for a user's input error raypt prints one clear
-    line instead, so those records are dropped (other errors keep their traceback)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += repr(record.exc_info[1])
-        return "CorpusError" not in text and not text.startswith("Exception occurred in Ray Data or Ray Core internal")
-
-
-class ClusterError(UserError):
-    """A Ray cluster that cannot be joined; the message says what to do."""
-
-
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (what `ray job submit` sets), else the one `ray start` recorded on this
-    machine, else start a local one."""
-    if not ray.is_initialized():
-        if stale := stale_cluster():
-            raise ClusterError(
-                f"the Ray cluster this machine last started ({stale[0]}, recorded in {stale[1]}) is not "
-                "answering: it ended without `ray stop`, and Ray would retry it for minutes. Run `ray stop` (or "
-                "delete that file) to start a fresh local Ray, or set RAY_ADDRESS to the cluster to join")
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # (raypt shows one bar per phase, `raypt.progress`, not one per operator)
-    from ray.util.debug import log_once
-
-    log_once("ray_data_progress_manager_disabled")  # (and Ray Data's advice to turn its own on is not printed)
-    for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
-        logging.getLogger(name).addFilter(_QuietUserErrors())
-
-
-def stale_cluster() -> tuple[str, str] | None:
-    """Without RAY_ADDRESS: the address of the cluster `ray start` recorded in Ray's temp dir (which `ray.init()`
-    joins) and that file, when nothing listens there any more; else None."""
-    if os.environ.get("RAY_ADDRESS"):
-        return None
-    try:
-        from ray._common.utils import get_ray_address_file
-
-        file = get_ray_address_file(None)
-        address = Path(file).read_text().strip()
-        host, _, port = address.rpartition(":")
-        with socket.create_connection((host, int(port)), timeout=3):
-            return None
-    except (FileNotFoundError, ImportError, ValueError):  # (none recorded; a Ray that keeps it elsewhere)
-        return None
-    except OSError:  # refused or timed out: nothing answers there
-        return address, file
 
 
 def _arguments(ap: argparse.ArgumentParser) -> None:

@@ -62,12 +62,13 @@ def eval_config(loaded, args):
 def blocks_of(cfg, tok, bos_eos: tuple[int | None, int | None]) -> tuple[np.ndarray, Counter]:
     """The eval text's blocks, unit after unit, as training packs them (documents wrapped in `bos_eos`); the counts
     (tokens, blocks, skips)."""
-    from raypt.data import pack_unit, plan
+    from raypt.data import pack_unit
+    from raypt.rundata import plan_split
     from raypt.tokenizer import DocumentEncoder
 
     encode = DocumentEncoder(tok, *bos_eos, cfg.data.max_doc_chars)
     counts: Counter = Counter()
-    _, units = plan(cfg, "eval")
+    units = plan_split(cfg, "eval").units
     parts = [pack_unit(unit, cfg.data.format, cfg.data.text_field, encode, cfg.data, counts) for unit in units]
     return np.concatenate(parts), counts
 
@@ -104,7 +105,7 @@ def score_on_ray(path: str, blocks: np.ndarray, batch_size: int, workers: int, d
     """`score` in `workers` Ray tasks, each on its share of the blocks (one GPU each where the cluster has GPUs)."""
     import ray
 
-    from raypt.data import init_ray
+    from raypt.cluster import init_ray
 
     init_ray()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
@@ -122,9 +123,9 @@ def lm_eval_tasks(loaded, tasks: str, include_path: str | None, batch_size: int,
     except ImportError:
         raise UserError("--tasks needs lm-eval-harness: pip install 'raypt[eval]' (or lm-eval)") from None
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
     manager = TaskManager(include_path=include_path)
-    if unknown := [t for t in names if t not in manager.all_tasks]:
+    if unknown := [name for name in names if name not in manager.all_tasks]:
         raise UserError(f"--tasks: unknown lm-eval task(s) {unknown}" + (
             "" if include_path else "; a local task YAML needs --include-path DIR"))
     results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False)
@@ -145,8 +146,8 @@ def main(args) -> None:
     result = {"model": args.model}
     if args.data:
         cfg = eval_config(loaded, args)
-        tok, t = loaded.tokenizer, cfg.tokenizer
-        bos_eos = special_ids(tok, t.add_bos, t.add_eos, t.bos_id, t.eos_id)
+        tok, tc = loaded.tokenizer, cfg.tokenizer
+        bos_eos = special_ids(tok, tc.add_bos, tc.add_eos, tc.bos_id, tc.eos_id)
         blocks, counts = blocks_of(cfg, tok, bos_eos)
         tails = int(counts["tokens"] - len(blocks) * cfg.data.seq_len)
         if args.max_blocks:

@@ -25,10 +25,13 @@ from functools import partial
 import numpy as np
 import ray
 
+from raypt.cluster import HEADROOM, actors_needed, init_ray
 from raypt.config import config_from_dict, global_batch_size, sources
 from raypt.corpus import CorpusError
-from raypt.data import HEADROOM, actors_needed, build_dataset, init_ray, table_blocks, unit_tag, units_of
+from raypt.data import build_dataset, table_blocks, unit_tag
 from raypt.pipeline_stats import PipelineStats, Stats
+from raypt.rundata import DataChangedError, RunData, split_dir
+from raypt.storage import filesystem
 from raypt.stream import (EmptyStream, MixPosition, Position, RankStream, Sequencer, Unit, Window, gather,
                           mix_windows, order_args, stream_windows, unit_order)
 
@@ -61,11 +64,11 @@ def fetch_unit(unit: Unit) -> np.ndarray:
     """A unit's (n, seq_len) blocks, read from this node's object store (pulled here first if made elsewhere)."""
     uid, refs = unit.data
     tables = ray.get(list(refs))
-    for t in tables:  # the unit tag was read from the schema; the rows say it too
-        units = t.column("unit")
+    for table in tables:  # the unit tag was read from the schema; the rows say it too
+        units = table.column("unit")
         if len(units) and (units[0].as_py() != uid or units[-1].as_py() != uid):
             raise RuntimeError(f"a data block tagged as unit {uid} holds rows of unit {units[0].as_py()}")
-    blocks = [table_blocks(t) for t in tables]
+    blocks = [table_blocks(table) for table in tables]
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
@@ -73,16 +76,15 @@ class Feeder:
     """Owns the run's training order; ranks ask it for the shuffle windows (`window`) and fetch the blocks
     themselves. A Ray actor (`raypt.train` starts it next to the driver, with no CPU)."""
 
-    def __init__(self, cfg_dict: dict, encoder=None, stats=None):
+    def __init__(self, cfg_dict: dict, data: RunData | None = None, encoder=None, stats=None):
         init_ray()  # this process's DataContext; quiet user errors
         self.cfg = config_from_dict(cfg_dict)
         d = self.cfg.data
         self.encoder = encoder
         self._workers(self.cfg.scaling.max_workers)
         self.min_blocks, self.seed = order_args(self.cfg)
-        self.sources = sources(self.cfg)  # one, or a mixture's
-        self.planned = [units_of(self.cfg, "train", src) for src in self.sources]  # listed once: every pass and
-        self.num_units = [len(units) for _, units in self.planned]  # resume reuses them
+        self.data = data or RunData.build(self.cfg, encoder)  # listed once: every pass and resume reuse it
+        self.sources, self.num_units = self.data.sources, self.data.num_units
         self.stats_actor = stats or PipelineStats.remote()  # counts and turnstiles of all this run's pipelines
         self.stats: list[Stats] = []  # the pipelines started so far
         self.pools: list = []  # and their tokenize pools' (fewest, most) actors
@@ -92,8 +94,10 @@ class Feeder:
         self._reset()
 
     def _reset(self) -> None:
-        self.kept, self.base, self.asked = [], 0, {}
-        self.cum = [0]  # tokens in the windows before window k of the opened stream
+        self.held: list[Window] = []  # the windows some rank may still ask for: first_held, first_held + 1, ...
+        self.first_held = 0
+        self.asked_by: dict[int, int] = {}  # the window each rank asked for last
+        self.tokens_before = [0]  # tokens in the windows before window k of the opened stream
         self.rate_from = None  # (when, tokens before window k - 1) at rank 0's first ask for a window k >= 2
 
     def _workers(self, world_size: int) -> None:
@@ -119,7 +123,7 @@ class Feeder:
         share = self.sources[i].weight / sum(src.weight for src in self.sources)
         needed = actors_needed(self.train_rate and self.train_rate * share, actor_rate)
         split = build_dataset(self.cfg, "train", reserved_cpus=self.reserved, order=order, first=first, ahead=AHEAD,
-                              planned=self.planned[i], needed=needed, stats=self.stats_actor, encoder=self.encoder,
+                              planned=self.data.train[i], needed=needed, stats=self.stats_actor, encoder=self.encoder,
                               src=self.sources[i])
         self.stats.append(split.stats)
         self.pools.append(split.actors)
@@ -150,13 +154,13 @@ class Feeder:
         n = len(self.sources)
         if n > 1 and pos == Position():  # a mixture's start (a fresh run, or run.data_changed: restart)
             pos = MixPosition((Position(),) * n, (0,) * n)
-        if not warm and self.wins is not None and pos == self.opened and not self.asked:
+        if not warm and self.wins is not None and pos == self.opened and not self.asked_by:
             return
         at = pos.sources if isinstance(pos, MixPosition) else (pos,)
         if len(at) != n or any(p.unit > u or (p.unit == u and p.offset > 0) for p, u in zip(at, self.num_units)):
             if warm:
                 return  # (rank 0 meets it and reports it)
-            raise CorpusError(f"the checkpoint's data position ({pos}) does not fit the {self.num_units} work units "
+            raise DataChangedError(f"the checkpoint's data position ({pos}) does not fit the {self.num_units} work units "
                               f"of the training data's {n} source(s): the corpus changed since it was saved; start a "
                               "new run.name or restore the corpus")
         self.close()
@@ -174,35 +178,35 @@ class Feeder:
                 self.close()
 
     def _pull(self) -> None:
-        self.kept.append(next(self.wins))
-        self.cum.append(self.cum[-1] + self.kept[-1].size * self.cfg.data.seq_len)
+        self.held.append(next(self.wins))
+        self.tokens_before.append(self.tokens_before[-1] + self.held[-1].size * self.cfg.data.seq_len)
 
     def window(self, k: int, rank: int) -> Window:
         """Window k (0: the one holding the opened position) of the stream, as references. Asking for k says that
         the rank has all windows before it, so those are let go once every rank has asked past them."""
         if self.wins is None:
             raise RuntimeError("Feeder.window before Feeder.open")
-        if k < self.base:
+        if k < self.first_held:
             raise RuntimeError(f"rank {rank} asked for window {k}, already let go; a restarted rank needs Feeder.open")
         if rank == 0 and k >= 2:
             self._measure(k)
         try:
-            while self.base + len(self.kept) <= k:
+            while self.first_held + len(self.held) <= k:
                 self._pull()
         except EmptyStream as e:
             raise CorpusError(str(e)) from None
-        self.asked[rank] = k
-        done = min(self.asked.get(r, 0) for r in range(self.world_size))
-        if done > self.base:
-            del self.kept[: done - self.base]
-            self.base = done
-        return self.kept[k - self.base]
+        self.asked_by[rank] = k
+        done = min(self.asked_by.get(r, 0) for r in range(self.world_size))
+        if done > self.first_held:
+            del self.held[: done - self.first_held]
+            self.first_held = done
+        return self.held[k - self.first_held]
 
     def _measure(self, k: int) -> None:
         """Training's read rate from rank 0's asks (from window 2 on: window 0 and 1 are asked at start-up). A rank
         asks for window k as soon as it has window k - 1, so the rate is what it trained at, or what the pipeline
         delivered at when that was slower."""
-        now, tokens = time.monotonic(), self.cum[k - 1]
+        now, tokens = time.monotonic(), self.tokens_before[k - 1]
         if self.rate_from is None:
             self.rate_from = now, tokens
         elif now > self.rate_from[0]:
@@ -289,9 +293,6 @@ def _eval_chunks(cfg, src, world_size: int, encoder=None, stats=None) -> list | 
     d, t = cfg.data, cfg.train
     if d.pretokenized:
         import pyarrow.fs as pafs
-
-        from raypt.corpus import filesystem
-        from raypt.data import split_dir
 
         fs, path = filesystem(split_dir(d.pretokenized, "eval", src))
         if fs.get_file_info(path).type != pafs.FileType.Directory:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from raypt.errors import UserError
+from raypt.storage import is_uri, node_copy
 
 
 @dataclass
@@ -59,8 +60,6 @@ def load(path: str, device: str | torch.device = "cpu") -> Loaded:
 
 
 def _local(path: str) -> Path:
-    from raypt.corpus import is_uri, node_copy
-
     if is_uri(path):
         return node_copy(path, "models")
     if not Path(path).is_dir():

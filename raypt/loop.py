@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -16,14 +17,15 @@ import numpy as np
 import torch
 
 from raypt import faults, parallel
-from raypt.checkpoint import Checkpointer, TrainState, full_model_state
-from raypt.config import Config, global_batch_size, grad_accum_steps, sources
-from raypt.stream import (MixPosition, Position, RankStream, Unit, fingerprint_changes, gather, order_args,
-                          stream_windows)
+from raypt.checkpoint import Checkpointer
+from raypt.config import Config, global_batch_size, grad_accum_steps
+from raypt.export import end_sample, export, write_report
 from raypt.loss import IGNORE
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
 from raypt.model import build_model, hf_model, unwrap
 from raypt.optim import NonFiniteError, StepGuard, build_optimizer, set_lr
+from raypt.rundata import RunData
+from raypt.stream import Position, RankStream, Unit, gather, order_args, stream_windows
 
 __all__ = ["Context", "LocalContext", "NonFiniteError", "document_inputs", "train"]
 
@@ -37,17 +39,17 @@ class Context(Protocol):
     """Local directory for metrics and the final model (rank 0 writes)."""
     storage: str
     """The run's directory on its storage (path or URI): checkpoints are written and looked for there."""
-    data_fingerprint: dict | None
-    """What the training data order depends on (`raypt.data.fingerprint`), checked against a checkpoint's on resume;
-    None: not checked."""
+    data: RunData
+    """The run's data (`RunData.light`): its position, and the fingerprint a checkpoint's position is checked
+    against."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wrap for DDP; identity in one process and for a model FSDP already sharded."""
 
-    def train_steps(self, cfg: Config, position: Position, step: int) -> Iterator[tuple[list[torch.Tensor], Position]]:
+    def train_steps(self, cfg: Config, position: Position) -> Iterator[tuple[list[torch.Tensor], Position]]:
         """From `position` on, endlessly: this worker's micro-batches ((at most micro_batch_size, seq_len) int64
-        tensors, `grad_accum_steps(cfg, world_size)` of them) of each next step (`step + 1`, ...), with the data
-        position after that step's global batch."""
+        tensors, `grad_accum_steps(cfg, world_size)` of them) of each next step, with the data position after that
+        step's global batch."""
 
     def eval_blocks(self) -> dict[str, np.ndarray] | None:
         """This worker's share of each fixed eval set, (n, seq_len) with the same n on every rank, by source name
@@ -58,129 +60,182 @@ class Context(Protocol):
 
 
 def train(cfg: Config, ctx: Context) -> dict:
-    from raypt.tokenizer import load_tokenizer, special_ids, tokenizer_path
-
-    t, rank0 = cfg.train, ctx.rank == 0
-    tok = load_tokenizer(tokenizer_path(cfg))
-    tc = cfg.tokenizer
-    docs = special_ids(tok, tc.add_bos, tc.add_eos, tc.bos_id, tc.eos_id) if cfg.data.document_masking else None
-    ckpt = Checkpointer(ctx.storage, rank=ctx.rank, local_rank=ctx.local_rank, keep=cfg.run.checkpoints_to_keep,
-                        async_save=ctx.device.type == "cuda" if cfg.run.async_checkpoint is None
-                        else cfg.run.async_checkpoint)
-    source, skipped = ckpt.source(cfg.run.resume_from)  # decided first: a checkpoint replaces the weights read
-    model, info = setup_model(cfg, ctx, tok, weights=source is None)
-    optimizer = build_optimizer(model, t, ctx.device)
-    metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=rank0, loggers=cfg.run.loggers, name=cfg.run.name,
-                            config=cfg.to_dict())
-    state = resume(cfg, ctx, ckpt, source, skipped, model, optimizer, metrics)
-
-    batch = global_batch_size(cfg)
-    tokens_per_step = batch * cfg.data.seq_len
-    autocast, one_row = parallel.autocast(t, ctx.device, model), packs_one_row(model)
-    guard = StepGuard(t, ctx.device, ctx.rank, ctx.world_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    peak, config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
-    # the eval set is eval_batches micro-batches per worker of the largest group, the same blocks at any size
-    eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
-    nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
-    steps = ctx.train_steps(cfg, state.position, state.step)  # starts where the checkpoint's data ended
-    model.train()
-    steps_since_log, t_log, last_eval, loss_avg, last = 0, time.perf_counter(), None, None, False
-    while not last:
+    """Train from the run's latest checkpoint (or from the start) to train.max_steps / train.max_tokens, logging,
+    evaluating and checkpointing as configured; export the model at the end. Returns the run's summary."""
+    training = Training(cfg, ctx)
+    t = cfg.train
+    periodic = [Every(t.log_every, training.log, pauses=False), Every(t.eval_every, training.evaluate),
+                Every(t.checkpoint_every, training.save)]
+    steps = ctx.train_steps(cfg, ctx.data.position)  # starts where the checkpoint's data ended
+    training.model.train()
+    while not training.done:
         micro, position = next(steps)
+        training.step(micro, position)
+        due = [p for p in periodic if p.due(training.progress.step, training.done)]
+        if due:  # host syncs anyway: never evaluate or save past a non-finite step
+            training.guard.check()
+        for p in due:
+            t0 = time.perf_counter()
+            p.action()
+            if p.pauses:  # eval and checkpoint time is kept out of tokens/s
+                training.t_log += time.perf_counter() - t0
+    return training.finish()
+
+
+@dataclass
+class Every:
+    """An action taken every `steps` optimizer steps (0 or None: never) and after the last one."""
+
+    steps: int | None
+    action: Callable[[], None]
+    pauses: bool = True
+    """Whether its time is kept out of the training rate."""
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or bool(self.steps) and step % self.steps == 0
+
+
+@dataclass
+class Progress:
+    """The loop's part of a checkpoint."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    tokens_seen: int = 0
+    """Training tokens consumed by all workers together."""
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+
+class Training:
+    """One worker's training run: its model, optimizer, data position and checkpoints, set up (and resumed) on
+    construction; `step` trains one global batch, `log`, `evaluate` and `save` are the periodic actions."""
+
+    def __init__(self, cfg: Config, ctx: Context):
+        from raypt.tokenizer import load_tokenizer, special_ids, tokenizer_path
+
+        t, self.cfg, self.ctx, self.data = cfg.train, cfg, ctx, ctx.data
+        self.tok = load_tokenizer(tokenizer_path(cfg))
+        tc = cfg.tokenizer
+        self.docs = (special_ids(self.tok, tc.add_bos, tc.add_eos, tc.bos_id, tc.eos_id) if cfg.data.document_masking
+                     else None)
+        self.ckpt = Checkpointer(ctx.storage, rank=ctx.rank, local_rank=ctx.local_rank,
+                                 keep=cfg.run.checkpoints_to_keep,
+                                 async_save=ctx.device.type == "cuda" if cfg.run.async_checkpoint is None
+                                 else cfg.run.async_checkpoint)
+        source, skipped = self.ckpt.source(cfg.run.resume_from)  # decided first: a checkpoint replaces the weights
+        self.model, self.info = setup_model(cfg, ctx, self.tok, weights=source is None)
+        self.optimizer = build_optimizer(self.model, t, ctx.device)
+        self.metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=ctx.rank == 0, loggers=cfg.run.loggers,
+                                     name=cfg.run.name, config=cfg.to_dict())
+        self.progress = Progress() if source is None else self.resume(source, skipped)
+        self.batch = global_batch_size(cfg)
+        self.tokens_per_step = self.batch * cfg.data.seq_len
+        self.autocast, self.one_row = parallel.autocast(t, ctx.device, self.model), packs_one_row(self.model)
+        self.guard = StepGuard(t, ctx.device, ctx.rank, ctx.world_size)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.peak, self.config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
+        # the eval set is eval_batches micro-batches per worker of the largest group, the same blocks at any size
+        self.eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
+        self.nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
+        self.done, self.steps_since_log, self.t_log = False, 0, time.perf_counter()
+        self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
+
+    def resume(self, source: str, skipped: list[str]) -> Progress:
+        """The checkpoint `source` (`Checkpointer.source`: newer incomplete ones `skipped`) loaded into the model,
+        the optimizer and the data position. A checkpoint of other data is refused, or with run.data_changed:
+        restart, keeps its model and optimizer and starts the new data's order from the beginning
+        (`RunData.load_state_dict`)."""
+        ctx, metrics = self.ctx, self.metrics
+        t0 = time.perf_counter()
+        saved, read = self.ckpt.restore(source, model=self.model, optimizer=self.optimizer)
+        seconds = time.perf_counter() - t0
+        read = torch.tensor(float(read), dtype=torch.float64, device=ctx.device)
+        total = parallel.all_reduce(read.clone()).item()
+        most = parallel.all_reduce(read, op=torch.distributed.ReduceOp.MAX).item()
+        for why in skipped if metrics.enabled else ():
+            emit(f"skipping {why}")
+        name = source.rstrip("/").rsplit("/", 1)[-1]
+        changes = self.data.load_state_dict(saved, name, self.cfg.run.data_changed)
+        progress = Progress(saved["step"], saved["tokens_seen"])
+        w = ctx.world_size
+        metrics.event(progress.step, f"resuming from {name} on {w} worker{'s' * (w > 1)}: step {progress.step}, "
+                      f"{progress.tokens_seen:,} tokens seen, data at {self.data.where()}; {total / 1e6:,.1f} MB of "
+                      f"saved state read ({most / 1e6:,.1f} MB by the busiest worker) in {seconds:.1f} s",
+                      resumed_from=source, workers=w, restore_bytes=int(total), restore_bytes_max=int(most),
+                      restore_s=round(seconds, 3))
+        if changes:
+            metrics.event(progress.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is "
+                          "restart, so the model and optimizer go on and the new data is read from the start of its "
+                          "order", data_changed=changes)
+        return progress
+
+    def step(self, micro: list[torch.Tensor], position) -> None:
+        """One optimizer step over this rank's micro-batches of the global batch; `position`: the data's after it."""
+        model, t, ctx, step = self.model, self.cfg.train, self.ctx, self.progress.step + 1
         step_loss = torch.zeros((), device=ctx.device)  # stays on the device until a log step
         for i, x in enumerate(micro):
-            with parallel.accumulating(model, i == len(micro) - 1, cfg.scaling.fsdp_sync_every_micro_batch), autocast:
+            with parallel.accumulating(model, i == len(micro) - 1, self.cfg.scaling.fsdp_sync_every_micro_batch), \
+                    self.autocast:
                 # (the model shifts the labels itself; no KV cache: training never reads one back, and each
                 # layer's cache slot would make a compiled layer's graph that layer's alone)
-                loss = weighted(model(**inputs(x, docs, one_row), use_cache=False).loss, len(x), batch, ctx.world_size)
-            if state.step + 1 in nan_steps:
+                loss = weighted(model(**inputs(x, self.docs, self.one_row), use_cache=False).loss, len(x), self.batch,
+                                ctx.world_size)
+            if step in self.nan_steps:
                 loss = loss * float("nan")
             loss.backward()
             step_loss += loss.detach()
-        grad_norm = parallel.clip_grad_norm_(params, t.grad_clip)
-        lr = set_lr(optimizer, state.step, t)
-        guard.step(optimizer, state.step + 1, step_loss, grad_norm)
-        optimizer.zero_grad(set_to_none=True)
-        state.step, state.position, state.tokens_seen = state.step + 1, position, state.tokens_seen + tokens_per_step
-        faults.maybe_kill("step", state.step, ctx.rank)
-        steps_since_log += 1
-        last = state.step >= t.max_steps or (t.max_tokens is not None and state.tokens_seen >= t.max_tokens)
+        self.grad_norm = parallel.clip_grad_norm_(self.params, t.grad_clip)
+        self.lr = set_lr(self.optimizer, step - 1, t)
+        self.guard.step(self.optimizer, step, step_loss, self.grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step, self.progress.tokens_seen = step, self.progress.tokens_seen + self.tokens_per_step
+        self.data.position = position
+        faults.maybe_kill("step", step, ctx.rank)
+        self.steps_since_log += 1
+        self.done = step >= t.max_steps or (t.max_tokens is not None and self.progress.tokens_seen >= t.max_tokens)
 
-        log_now = state.step % t.log_every == 0 or last
-        eval_now = (t.eval_every and state.step % t.eval_every == 0) or last
-        ckpt_now = (t.checkpoint_every and state.step % t.checkpoint_every == 0) or last
-        if log_now or eval_now or ckpt_now:  # host syncs anyway: never evaluate or save past a non-finite step
-            guard.check()
-        if log_now:
-            loss_avg, tps = guard.mean_loss(), steps_since_log * tokens_per_step / (time.perf_counter() - t_log)
-            metrics.log(state.step, {
-                "loss": loss_avg, "lr": lr, "grad_norm": grad_norm.item(), "skipped_steps": guard.skipped or None,
-                "tokens_seen": state.tokens_seen, "tokens_per_s": tps,
-                "mfu": mfu(info.flops_per_token, tps / ctx.world_size, peak), **passes(cfg, position),
-            })
-            steps_since_log, t_log = 0, time.perf_counter()
-        t_pause = time.perf_counter()  # eval and checkpoint time is kept out of tokens/s
-        if eval_now and (last_eval := evaluate(model, ctx, t.micro_batch_size, eval_rows, autocast, docs)):
-            metrics.log(state.step, last_eval)
-        if ckpt_now:
-            t_ckpt = time.perf_counter()
-            path = ckpt.save(model=model, optimizer=optimizer, state=state, config_yaml=config_yaml, tokenizer=tok)
-            ctx.sync()
-            seconds = time.perf_counter() - t_ckpt
-            metrics.event(state.step, f"saved {path.rsplit('/', 1)[-1]} in {seconds:.1f} s"
-                          + (" (writing in the background)" if ckpt.async_save else ""),
-                          checkpoint=path, checkpoint_s=round(seconds, 3))
-        t_log += time.perf_counter() - t_pause
+    def log(self) -> None:
+        self.loss_avg = self.guard.mean_loss()
+        tps = self.steps_since_log * self.tokens_per_step / (time.perf_counter() - self.t_log)
+        self.metrics.log(self.progress.step, {
+            "loss": self.loss_avg, "lr": self.lr, "grad_norm": self.grad_norm.item(),
+            "skipped_steps": self.guard.skipped or None, "tokens_seen": self.progress.tokens_seen,
+            "tokens_per_s": tps, "mfu": mfu(self.info.flops_per_token, tps / self.ctx.world_size, self.peak),
+            **self.data.passes(),
+        })
+        self.steps_since_log, self.t_log = 0, time.perf_counter()
 
-    ckpt.wait()
-    metrics.close()
-    export(cfg, ctx, model, tok)
-    text = end_sample(cfg, model, tok, autocast)
-    if rank0 and cfg.run.report:
-        write_report(ctx.run_dir)
-    ctx.sync()
-    return {"step": state.step, "tokens_seen": state.tokens_seen, "final_loss": loss_avg, **(last_eval or {}),
-            **({"sample": text} if text is not None else {})}
+    def evaluate(self) -> None:
+        if result := evaluate(self.model, self.ctx, self.cfg.train.micro_batch_size, self.eval_rows, self.autocast,
+                              self.docs):
+            self.last_eval = result
+            self.metrics.log(self.progress.step, result)
 
+    def save(self) -> None:
+        t0 = time.perf_counter()
+        path = self.ckpt.save(model=self.model, optimizer=self.optimizer,
+                              state={**self.progress.state_dict(), **self.data.state_dict()},
+                              config_yaml=self.config_yaml, tokenizer=self.tok)
+        self.ctx.sync()
+        seconds = time.perf_counter() - t0
+        self.metrics.event(self.progress.step, f"saved {path.rsplit('/', 1)[-1]} in {seconds:.1f} s"
+                           + (" (writing in the background)" if self.ckpt.async_save else ""),
+                           checkpoint=path, checkpoint_s=round(seconds, 3))
 
-def end_sample(cfg: Config, model, tok, autocast) -> str | None:
-    """The run's sample: train.sample_tokens of greedy continuation of train.sample_prompt by the trained model,
-    made where it already is (on the workers' devices; the driver, on a head with less memory than the model, never
-    loads it). Every rank takes part: under FSDP each forward gathers the layers, so every rank makes all the tokens
-    (none stops at an EOS before the others). Compiled layers run eagerly here: a few forwards of growing length are
-    not worth new graphs."""
-    from types import SimpleNamespace
-
-    from raypt.generate import generate
-
-    n = cfg.train.sample_tokens
-    if not n:
-        return None
-    inner = unwrap(model)
-    inner.eval()
-    with autocast, torch.compiler.set_stance("force_eager"):
-        return generate(SimpleNamespace(model=inner, tokenizer=tok), cfg.train.sample_prompt or "The ",
-                        max_new_tokens=n, temperature=0, top_p=1, seed=0,
-                        min_new_tokens=n if parallel.is_sharded(model) else None)
-
-
-def write_report(run_dir: Path) -> None:
-    """run_dir/report (`raypt.report`); a failure to plot is reported, never the end of a finished run."""
-    from raypt.report import write
-
-    try:
-        emit(f"report: {write([str(run_dir)])}")
-    except Exception as e:  # noqa: BLE001 (the model is saved; the report can be made again with raypt.report)
-        emit(f"WARNING: no report ({type(e).__name__}: {e}); make it with `python -m raypt.report {run_dir}`")
-
-
-def passes(cfg: Config, position) -> dict:
-    """A mixture's pass over each source (1: the first) at the start of the current mixture window, pass/NAME: how
-    often a small source has been upsampled."""
-    if not isinstance(position, MixPosition):
-        return {}
-    return {f"pass/{src.name}": p.epoch + 1 for src, p in zip(sources(cfg), position.sources)}
+    def finish(self) -> dict:
+        """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""
+        cfg, ctx = self.cfg, self.ctx
+        self.ckpt.wait()
+        self.metrics.close()
+        export(cfg, ctx.rank, ctx.run_dir, self.model, self.tok)
+        text = end_sample(cfg, self.model, self.tok, self.autocast)
+        if ctx.rank == 0 and cfg.run.report:
+            write_report(ctx.run_dir)
+        ctx.sync()
+        return {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen, "final_loss": self.loss_avg,
+                **(self.last_eval or {}), **({"sample": text} if text is not None else {})}
 
 
 def inputs(x: torch.Tensor, docs: tuple[int | None, int | None] | None, one_row: bool = False) -> dict:
@@ -269,57 +324,6 @@ def compiling(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" and not cfg.model.quantize
 
 
-def resume(cfg: Config, ctx: Context, ckpt: Checkpointer, source: str | None, skipped: list[str], model, optimizer,
-           metrics: MetricsLogger) -> TrainState:
-    """The checkpoint `source` (`Checkpointer.source`: newer incomplete ones `skipped`) loaded into model and
-    optimizer; without one a fresh state. A checkpoint whose data fingerprint differs from the context's is refused,
-    or with run.data_changed: restart, keeps its model and optimizer and starts the new data's order from the
-    beginning."""
-    fingerprint, world_size = ctx.data_fingerprint, ctx.world_size
-    if source is None:
-        return TrainState(data=fingerprint)
-    t0 = time.perf_counter()
-    state, read = ckpt.restore(source, model=model, optimizer=optimizer)
-    seconds = time.perf_counter() - t0
-    total = parallel.all_reduce(torch.tensor(float(read), dtype=torch.float64, device=ctx.device)).item()
-    most = parallel.all_reduce(torch.tensor(float(read), dtype=torch.float64, device=ctx.device),
-                               op=torch.distributed.ReduceOp.MAX).item()
-    for why in skipped if metrics.enabled else ():
-        emit(f"skipping {why}")
-    name = source.rstrip("/").rsplit("/", 1)[-1]
-    changes = fingerprint_changes(state.data, fingerprint) if fingerprint is not None else []
-    if changes and cfg.run.data_changed != "restart":
-        from raypt.corpus import CorpusError
-
-        raise CorpusError(data_changed_message(name, changes))
-    metrics.event(state.step, f"resuming from {name} on {world_size} worker{'s' * (world_size > 1)}: step "
-                  f"{state.step}, {state.tokens_seen:,} tokens seen, data at {where(cfg, state.position)}; "
-                  f"{total / 1e6:,.1f} MB of saved state read ({most / 1e6:,.1f} MB by the busiest worker) in "
-                  f"{seconds:.1f} s", resumed_from=source, workers=world_size, restore_bytes=int(total),
-                  restore_bytes_max=int(most), restore_s=round(seconds, 3))
-    if changes:
-        state.position = Position()
-        metrics.event(state.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is restart, "
-                      "so the model and optimizer go on and the new data is read from the start of its order",
-                      data_changed=changes)
-    state.data = fingerprint
-    return state
-
-
-def where(cfg: Config, pos) -> str:
-    """A data position in words."""
-    if isinstance(pos, MixPosition):
-        return "; ".join(f"{src.name} pass {p.epoch + 1} unit {p.unit} block {p.offset} ({t:,} blocks taken)"
-                         for src, p, t in zip(sources(cfg), pos.sources, pos.taken)) + f"; mixture block {pos.offset}"
-    return f"epoch {pos.epoch}, unit {pos.unit}, block {pos.offset}"
-
-
-def data_changed_message(name: str, changes: list[str]) -> str:
-    return (f"the training data changed since {name}: {'; '.join(changes)}. Its data position would point at other "
-            "blocks; restore the data, start a new run.name, or set run.data_changed: restart to keep the model and "
-            "optimizer and start the new data's order from the beginning")
-
-
 @torch.no_grad()
 def evaluate(model, ctx: Context, micro_batch_size: int, max_rows: int, autocast, docs=None) -> dict | None:
     """Mean loss and perplexity over this worker's eval blocks (at most `max_rows` of each set), averaged over all
@@ -362,50 +366,16 @@ def _eval_sums(model, ctx: Context, blocks: np.ndarray, micro_batch_size: int, a
     return parallel.all_reduce(total).tolist()
 
 
-def export(cfg: Config, ctx: Context, model, tok) -> None:
-    """`run_dir/final`: a model AutoModelForCausalLM loads, plus the tokenizer; LoRA also leaves `final/adapter`
-    (PeftModel loads it). A 4-bit (QLoRA) or sharded (FSDP) LoRA model's adapter is merged into its base's files one
-    file at a time (`raypt.merge`; QLoRA: unquantized, in bf16), never the whole base in this process's memory."""
-    sd = full_model_state(model)  # a collective under FSDP: the whole model on rank 0's CPU
-    if ctx.rank != 0:
-        return
-    final, inner = ctx.run_dir / "final", unwrap(model)
-    if not cfg.model.lora:
-        inner.save_pretrained(final, state_dict=sd, safe_serialization=True)
-    else:
-        inner.save_pretrained(final / "adapter", state_dict=sd, safe_serialization=True)
-        if cfg.model.quantize or parallel.is_sharded(model):
-            from raypt.merge import merge_adapter, merges_by_file
-            from raypt.model import DTYPES, local_model_dir
-
-            base = local_model_dir(cfg.model.name_or_path)
-            dtype = torch.bfloat16 if cfg.model.quantize else DTYPES.get(cfg.model.dtype)
-            if merges_by_file(base, final / "adapter"):
-                merge_adapter(base, final / "adapter", final, dtype)
-            else:  # (a base saved as .bin, an adapter on the embeddings: peft's merge, the whole base in memory)
-                from peft import PeftModel
-                from transformers import AutoModelForCausalLM
-
-                whole = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto",
-                                                             trust_remote_code=cfg.model.trust_remote_code)
-                merged = PeftModel.from_pretrained(whole, final / "adapter").merge_and_unload()
-                merged.save_pretrained(final, safe_serialization=True)
-        else:
-            inner.merge_and_unload().save_pretrained(final, safe_serialization=True)
-    tok.save_pretrained(final)
-    (final / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-
-
 class LocalContext:
     """One process, no Ray: blocks from memory, checkpoints in `run_dir`. For tests and debugging."""
 
     rank, local_rank, world_size = 0, 0, 1
-    data_fingerprint = None
 
     def __init__(self, run_dir: Path, train_blocks: np.ndarray, eval_blocks: np.ndarray | None = None,
                  device: str = "cpu"):
         self.run_dir, self.device = Path(run_dir), torch.device(device)
         self.storage = str(self.run_dir)
+        self.data = RunData([], None)  # (the blocks as given: no fingerprint to check)
         self._train, self._eval = train_blocks, eval_blocks
 
     def prepare(self, model):
@@ -414,7 +384,7 @@ class LocalContext:
     def sync(self) -> None:
         pass
 
-    def train_steps(self, cfg: Config, position: Position, step: int):
+    def train_steps(self, cfg: Config, position: Position):
         """The blocks as one unit, in the run's order."""
         min_blocks, seed = order_args(cfg)
         units = [Unit(0, len(self._train), self._train)]

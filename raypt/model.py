@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from raypt.config import ModelConfig
+from raypt.settings import ModelConfig
 from raypt.errors import UserError
+from raypt.storage import is_uri, node_copy_of
 
 log = logging.getLogger("raypt")
 
@@ -47,7 +48,6 @@ class ModelInfo:
     trainable_params: int
     flops_per_token: float
     """Training FLOPs per token (`training_flops`): 6 per trained matmul weight, 4 per frozen one, plus attention."""
-    max_positions: int
 
 
 def scratch_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer=None):
@@ -80,12 +80,10 @@ def local_model_dir(name_or_path: str, config_only: bool = False) -> str:
     """A local directory holding the model: `name_or_path` itself, or a node-wide cached copy of an s3://, gs://
     URI (downloaded once per node; concurrent workers wait on a file lock). `config_only`: of a URI, its config.json
     and generation_config.json (and any code beside them) alone, not its weights."""
-    if "://" not in name_or_path:
+    if not is_uri(name_or_path):
         if not Path(name_or_path).is_dir():
             raise ModelError(f"model.name_or_path {name_or_path!r} is not a directory; give a saved model's directory")
         return name_or_path
-    from raypt.corpus import node_copy_of
-
     def pick(names: list[str]) -> list[str]:
         if not names:
             raise ModelError(f"model.name_or_path {name_or_path!r} holds no files; give a saved model's directory")
@@ -116,10 +114,10 @@ def _check_positions(config, seq_len: int) -> None:
         )
 
 
-def preflight(cfg: ModelConfig, seq_len: int) -> None:
+def check_model(cfg: ModelConfig, seq_len: int) -> None:
     """Refuse in the driver, before any worker starts, what `build_model` would refuse on every worker: a missing
     local model directory, or a seq_len above a pretrained model's positions (its config.json is all that is read)."""
-    if not cfg.name_or_path or "://" in cfg.name_or_path:
+    if not cfg.name_or_path or is_uri(cfg.name_or_path):
         return
     from transformers import AutoConfig
 
@@ -359,7 +357,7 @@ def model_info(model, seq_len: int, adapters: int = 0) -> ModelInfo:
     matmul = total - embed * (1 if getattr(c, "tie_word_embeddings", False) else 2) + embed  # + the LM head
     trained = adapters or (matmul if trainable == total else trainable)
     flops = training_flops(matmul + adapters, trained, c.num_hidden_layers, c.hidden_size, seq_len)
-    return ModelInfo(total, trainable, flops, getattr(c, "max_position_embeddings", seq_len))
+    return ModelInfo(total, trainable, flops)
 
 
 def training_flops(matmul: int, trained: int, layers: int, hidden: int, seq_len: int) -> float:

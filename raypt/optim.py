@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from raypt.config import TrainConfig
+from raypt.settings import TrainConfig
 from raypt.errors import UserError
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from raypt.config import ScalingConfig, TrainConfig
+from raypt.settings import ScalingConfig, TrainConfig
 
 
 def bf16_compute(train: TrainConfig, device: torch.device) -> bool:

@@ -101,11 +101,11 @@ class Stats:
         actor = actor or PipelineStats.remote()
         return cls(actor, ray.get(actor.start.remote(ahead, first)))
 
-    def ready(self, t: float) -> None:
-        self.actor.ready.remote(self.pipe, t)
+    def ready(self, when: float) -> None:
+        self.actor.ready.remote(self.pipe, when)
 
-    def add(self, counts: dict, t: float, rss_mb: float, busy_s: float) -> None:
-        self.actor.add.remote(self.pipe, counts, t, rss_mb, busy_s)
+    def add(self, counts: dict, when: float, rss_mb: float, busy_s: float) -> None:
+        self.actor.add.remote(self.pipe, counts, when, rss_mb, busy_s)
 
     def turn(self, seq: int) -> None:
         ray.get(self.actor.turn.remote(self.pipe, seq))

@@ -67,13 +67,13 @@ def model_config(cfg: Config, vocab_size: int | None):
 
     from raypt.model import scratch_config
 
-    m, t = cfg.model, cfg.tokenizer
+    m, tc = cfg.model, cfg.tokenizer
     if m.name_or_path is None:
-        if vocab_size is None and t.path and Path(t.path).is_dir():
+        if vocab_size is None and tc.path and Path(tc.path).is_dir():
             from raypt.tokenizer import load_tokenizer
 
-            vocab_size = len(load_tokenizer(t.path))
-        return scratch_config(m, vocab_size or t.vocab_size or 32000, cfg.data.seq_len)
+            vocab_size = len(load_tokenizer(tc.path))
+        return scratch_config(m, vocab_size or tc.vocab_size or 32000, cfg.data.seq_len)
     if Path(m.name_or_path).is_dir():
         return AutoConfig.from_pretrained(m.name_or_path)
     name = m.name_or_path.rstrip("/").rsplit("/", 1)[-1].lower().replace("meta-", "")

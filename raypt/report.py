@@ -22,6 +22,7 @@ import numpy as np
 
 from raypt.cli import command
 from raypt.errors import UserError
+from raypt.storage import filesystem, is_uri
 
 PLOTS = ("loss", "perplexity", "lr", "grad_norm", "throughput")
 
@@ -43,14 +44,12 @@ class Run:
         known = [(r["step"], r["tokens_seen"]) for r in self.logs if "tokens_seen" in r]
         if not known:
             return np.asarray(steps, float)
-        s, t = map(np.asarray, zip(*[(0, 0), *known]))
-        return np.interp(steps, s, t, right=None) if len(s) > 1 else np.asarray(steps, float)
+        at, seen = map(np.asarray, zip(*[(0, 0), *known]))
+        return np.interp(steps, at, seen, right=None) if len(at) > 1 else np.asarray(steps, float)
 
 
 def read_run(run_dir: str) -> Run:
     """A run's metrics.jsonl (local path or URI); rows of steps trained again after a resume replace the first."""
-    from raypt.corpus import filesystem
-
     fs, path = filesystem(f"{run_dir.rstrip('/')}/metrics.jsonl")
     try:
         with fs.open_input_stream(path) as f:
@@ -194,7 +193,7 @@ def write(run_dirs: list[str], out: str | Path | None = None) -> Path:
     """report.md and the plots of `run_dirs` in `out`; returns report.md's path."""
     runs = [read_run(d) for d in run_dirs]
     if out is None:
-        one_local = len(run_dirs) == 1 and "://" not in run_dirs[0]
+        one_local = len(run_dirs) == 1 and not is_uri(run_dirs[0])
         out = Path(run_dirs[0]) / "report" if one_local else Path("report")
     out = Path(out)
     plots = plot(runs, out)

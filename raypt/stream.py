@@ -132,16 +132,16 @@ class Sequencer:
     def add(self, seq: int, total: int, rows: int, piece) -> list[Unit]:
         if seq < self.next:
             raise RuntimeError(f"unit {seq} arrived twice")
-        t, got, pieces = self.pending.get(seq, (total, 0, []))
+        expected, got, pieces = self.pending.get(seq, (total, 0, []))
         if rows and piece is not None:
             pieces.append(piece)
-        if t != total or got + rows > total:
+        if expected != total or got + rows > total:
             raise RuntimeError(f"unit {seq}: {got + rows} rows arrived for a unit of {total}")
-        self.pending[seq] = (t, got + rows, pieces)
+        self.pending[seq] = (expected, got + rows, pieces)
         ready = []
         while self.next in self.pending and self.pending[self.next][1] == self.pending[self.next][0]:
-            t, _, pieces = self.pending.pop(self.next)
-            ready.append(Unit(self.next, t, tuple(pieces)))
+            expected, _, pieces = self.pending.pop(self.next)
+            ready.append(Unit(self.next, expected, tuple(pieces)))
             self.next += 1
         return ready
 
@@ -299,48 +299,3 @@ def gather(rows: Slice, fetch: Callable[[Unit], np.ndarray]) -> np.ndarray:
             part[sel] = got
         parts.append(part)
     return np.concatenate(parts)
-
-
-def fingerprint_changes(saved: dict | None, now: dict, prefix: str = "") -> list[str]:
-    """What differs between a checkpoint's data fingerprint and the current one, in words (empty: the same); a
-    mixture's sources are compared one by one (`prefix`: the source's, in their words)."""
-    if saved is None:
-        return ["the checkpoint records no data fingerprint (saved by an older raypt)"]
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        if key in ("files", "files_sha256", "units_sha256", "num_files") or saved.get(key) == now.get(key):
-            continue
-        if key == "sources" and isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
-            before, after = saved[key], now[key]
-            out += [f"source {name}: {'added' if name in after else 'removed'}" for name in sorted(
-                set(before) ^ set(after))]
-            for name in sorted(set(before) & set(after)):
-                out += fingerprint_changes(before[name], after[name], f"source {name}: ")
-            continue
-        out.append(prefix + ("tokenizer: its files changed" if key == "tokenizer" else
-                             f"{key}: {saved.get(key)!r} -> {now.get(key)!r}"))
-    if saved.get("files_sha256") != now.get("files_sha256"):
-        if "files" in saved and "files" in now:
-            before, after = {f[0]: f[1] for f in saved["files"]}, {f[0]: f[1] for f in now["files"]}
-            changed = [f"{p} (added)" for p in after if p not in before] + [
-                f"{p} (removed)" for p in before if p not in after] + [
-                f"{p} (size {before[p]} -> {after[p]})" for p in after if p in before and before[p] != after[p]]
-            out.append(prefix + "files: " + ", ".join(changed[:5])
-                       + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
-        else:
-            out.append(f"{prefix}files: the list of {saved.get('num_files')} files changed "
-                       f"(now {now.get('num_files')})")
-    elif saved.get("units_sha256") != now.get("units_sha256"):
-        out.append(prefix + "the work-unit plan changed")
-    return out
-
-
-def touched_files(saved: dict | None, now: dict) -> list[str]:
-    """Files of a fingerprint whose size is the same but whose mtime is new (written again, say): reported, since
-    only the bytes could tell whether they changed."""
-    if saved and isinstance(saved.get("sources"), dict) and isinstance(now.get("sources"), dict):
-        return [f for name, fp in now["sources"].items() for f in touched_files(saved["sources"].get(name), fp)]
-    if not saved or "files" not in saved or "files" not in now:
-        return []
-    before = {f[0]: f[1:] for f in saved["files"]}
-    return [f[0] for f in now["files"] if f[0] in before and before[f[0]][0] == f[1] and before[f[0]][1] != f[2]]

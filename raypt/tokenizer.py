@@ -20,11 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from raypt.cli import command
-from raypt.corpus import FORMATS, CorpusError, is_uri, iter_documents, list_files, node_copy_of
+from raypt.corpus import FORMATS, iter_documents, list_files
+from raypt.errors import UserError
+from raypt.storage import is_uri, node_copy_of
 from raypt.packing import concat_documents
 from raypt.progress import Progress
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+class TokenizerError(UserError):
+    """A tokenizer that is missing or cannot serve the run (no EOS token, ids outside its vocabulary)."""
 
 
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece")
@@ -36,7 +42,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not is_uri(path) and not Path(path).exists():
-        raise CorpusError(
+        raise TokenizerError(
             f"tokenizer.path {path!r} does not exist; train one with `python -m raypt.tokenizer --data ... --out {path}`"
         )
     return AutoTokenizer.from_pretrained(local_tokenizer_dir(path))
@@ -51,7 +57,7 @@ def local_tokenizer_dir(path: str) -> str:
 
     def pick(names: list[str]) -> list[str]:
         if not any(n.startswith(TOKENIZER_FILES) for n in names):
-            raise CorpusError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...); set "
+            raise TokenizerError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...); set "
                               "tokenizer.path to the tokenizer's directory")
         return [n for n in names if n.startswith(TOKENIZER_FILES) or n == "config.json"]
 
@@ -65,12 +71,12 @@ def special_ids(tok, add_bos: bool, add_eos: bool, bos_id: int | None = None, eo
     name = getattr(tok, "name_or_path", "the tokenizer")
     for what, wanted, value in (("bos", add_bos, bos), ("eos", add_eos, eos)):
         if wanted and value is None:
-            raise CorpusError(
+            raise TokenizerError(
                 f"{name} has no {what.upper()} token; set tokenizer.{what}_id to the id to use, "
                 f"or tokenizer.add_{what}: false to leave documents without one"
             )
         if value is not None and not 0 <= value < len(tok):
-            raise CorpusError(f"tokenizer.{what}_id {value} is outside the vocabulary (size {len(tok)})")
+            raise TokenizerError(f"tokenizer.{what}_id {value} is outside the vocabulary (size {len(tok)})")
     return bos, eos
 
 
@@ -220,7 +226,7 @@ def tokenizer_path(cfg) -> str:
     """The run's tokenizer directory: tokenizer.path, else the pretrained model's own."""
     path = cfg.tokenizer.path or cfg.model.name_or_path
     if not path:
-        raise CorpusError(
+        raise TokenizerError(
             "no tokenizer: set tokenizer.path (train one with `python -m raypt.tokenizer`) or model.name_or_path"
         )
     return path
@@ -235,7 +241,7 @@ def train_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + 3:
-        raise CorpusError(f"--vocab-size must be at least 259 (256 bytes + 3 special tokens), got {vocab_size}")
+        raise TokenizerError(f"--vocab-size must be at least 259 (256 bytes + 3 special tokens), got {vocab_size}")
     t0 = time.perf_counter()
     counts: Counter = Counter()
     tk = Tokenizer(models.BPE())
@@ -252,7 +258,7 @@ def train_tokenizer(
     with Progress("reading and counting text for the tokenizer", total=round(total, 1), unit="MB") as bar:
         tk.train_from_iterator(_counted(docs, bar), trainer=trainer)
     if counts["documents"] == 0:
-        raise CorpusError(f"--data {' '.join(paths)} holds no document to train a tokenizer on")
+        raise TokenizerError(f"--data {' '.join(paths)} holds no document to train a tokenizer on")
     # Like Llama's tokenizer, a plain tok(text) starts with BOS; raypt's pipeline adds BOS/EOS itself.
     tk.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tk.token_to_id(BOS))]

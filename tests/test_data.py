@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import ray
 from transformers import AutoTokenizer
 
-from raypt import data
+from raypt import cluster, data, rundata
 from raypt.config import load_config
 from raypt.corpus import iter_documents, list_files
 from raypt.tokenizer import DocumentEncoder
@@ -79,12 +79,12 @@ def test_one_unit_equals_the_reference_stream(ray_local, corpus, tokenizer_dir):
 
 
 def test_a_mixture_shares_the_tokenize_actors_out_by_weight_at_least_one_each():
-    assert data.mixture_caps(10, [0.7, 0.3]) == [7, 3]
-    assert data.mixture_caps(2, [0.9, 0.1]) == [1, 1]  # at least one each
-    assert data.mixture_caps(3, [0.98, 0.01, 0.01]) == [1, 1, 1]
-    assert sum(data.mixture_caps(7, [5, 3, 2])) <= 7 and data.mixture_caps(5, [1]) == [5]
-    with pytest.raises(data.CorpusError, match="3 sources stream side by side.*the free CPUs give 2"):
-        data.mixture_caps(2, [1, 1, 1])
+    assert cluster.mixture_caps(10, [0.7, 0.3]) == [7, 3]
+    assert cluster.mixture_caps(2, [0.9, 0.1]) == [1, 1]  # at least one each
+    assert cluster.mixture_caps(3, [0.98, 0.01, 0.01]) == [1, 1, 1]
+    assert sum(cluster.mixture_caps(7, [5, 3, 2])) <= 7 and cluster.mixture_caps(5, [1]) == [5]
+    with pytest.raises(cluster.ClusterError, match="3 sources stream side by side.*the free CPUs give 2"):
+        cluster.mixture_caps(2, [1, 1, 1])
 
 
 def test_a_pipeline_input_row_holds_only_its_index_and_the_items_come_back_exactly(ray_local):
@@ -116,7 +116,7 @@ def test_a_saved_hf_dataset_gives_the_blocks_of_the_same_documents_as_jsonl(ray_
         got[fmt] = np.concatenate(in_order(split)[0])
         assert split.units == 1 and data.summarize(split, 32, 1.0)["documents"] == len(docs)
     assert len(got["hf"]) > 50 and np.array_equal(got["hf"], got["jsonl"])
-    assert [f[0].rsplit("/", 1)[1] for f in data.fingerprint(cfg)["files"]] == ["data-00000-of-00001.arrow"]
+    assert [f[0].rsplit("/", 1)[1] for f in rundata.fingerprint(cfg)["files"]] == ["data-00000-of-00001.arrow"]
 
 
 def test_the_stream_is_the_same_in_every_run_each_unit_packed_alone(ray_local, corpus, tokenizer_dir, busy_cpus):
@@ -134,7 +134,7 @@ def test_the_stream_is_the_same_in_every_run_each_unit_packed_alone(ray_local, c
         runs.append((np.concatenate(blocks), units))
     for blocks, units in runs[1:]:
         assert np.array_equal(runs[0][0], blocks) and np.array_equal(runs[0][1], units)
-    _, units = data.plan(cfg)
+    units = rundata.plan_split(cfg).units
     assert len(units) > 4
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     enc = DocumentEncoder(tok, tok.bos_token_id, tok.eos_token_id)

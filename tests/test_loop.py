@@ -440,10 +440,10 @@ def test_lora_on_an_fp16_base_freezes_it_in_bf16_and_trains_fp32_adapters(tokeni
 class CompileCounting(LocalContext):
     """LocalContext that notes Dynamo's counters once steps 1 and 2 are done (when step 3's batch is asked for)."""
 
-    def train_steps(self, cfg, position, step):
+    def train_steps(self, cfg, position):
         from torch._dynamo.utils import counters
 
-        for i, item in enumerate(super().train_steps(cfg, position, step)):
+        for i, item in enumerate(super().train_steps(cfg, position)):
             if i == 2:
                 self.after_two = {k: dict(v) for k, v in counters.items()}
             yield item

@@ -5,8 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from raypt.stream import (EmptyStream, MixPosition, Position, RankStream, Sequencer, Unit, Window, fingerprint_changes,
-                          gather, mix_schedule, mix_windows, stream_windows, touched_files, unit_order)
+from raypt.rundata import fingerprint_changes, touched_files
+from raypt.stream import (EmptyStream, MixPosition, Position, RankStream, Sequencer, Unit, Window, gather, mix_schedule,
+                          mix_windows, stream_windows, unit_order)
 
 SIZES = [3, 7, 1, 0, 4, 6, 2, 5]  # blocks per unit (one without any)
 

@@ -1,8 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from raypt.corpus import CorpusError
-from raypt.tokenizer import DocumentEncoder, main, special_ids, split_long
+from raypt.tokenizer import DocumentEncoder, TokenizerError, main, special_ids, split_long
 
 from conftest import make_docs
 
@@ -40,14 +39,14 @@ def test_special_ids(tokenizer_dir):
     assert special_ids(tok, True, True) == (tok.bos_token_id, tok.eos_token_id)
     assert special_ids(tok, False, True) == (None, tok.eos_token_id)
     assert special_ids(tok, True, True, bos_id=7, eos_id=8) == (7, 8)
-    with pytest.raises(CorpusError, match="outside the vocabulary"):
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
         special_ids(tok, True, True, eos_id=10**6)
 
 
 def test_tokenizer_without_eos_is_a_clear_error(tokenizer_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.eos_token = None
-    with pytest.raises(CorpusError, match="has no EOS token; set tokenizer.eos_id"):
+    with pytest.raises(TokenizerError, match="has no EOS token; set tokenizer.eos_id"):
         special_ids(tok, True, True)
     assert special_ids(tok, True, False) == (tok.bos_token_id, None)
 
