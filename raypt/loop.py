@@ -139,7 +139,8 @@ class Training:
         # the eval set is eval_batches micro-batches per worker of the largest group, the same blocks at any size
         self.eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
         self.nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
-        self.done, self.steps_since_log, self.t_log = False, 0, time.perf_counter()
+        self.done = self.at_end()  # (a finished run started again trains no further step)
+        self.steps_since_log, self.t_log = 0, time.perf_counter()
         self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
 
     def resume(self, source: str, skipped: list[str]) -> Progress:
@@ -194,7 +195,11 @@ class Training:
         self.data.position = position
         faults.maybe_kill("step", step, ctx.rank)
         self.steps_since_log += 1
-        self.done = step >= t.max_steps or (t.max_tokens is not None and self.progress.tokens_seen >= t.max_tokens)
+        self.done = self.at_end()
+
+    def at_end(self) -> bool:
+        t, p = self.cfg.train, self.progress
+        return p.step >= t.max_steps or (t.max_tokens is not None and p.tokens_seen >= t.max_tokens)
 
     def log(self) -> None:
         self.loss_avg = self.guard.mean_loss()

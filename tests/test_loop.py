@@ -56,6 +56,16 @@ def test_scratch_loss_decreases_and_exports(tokenizer_dir, tmp_path):
     assert (ckpts[0] / "rng" / "rank_00000.pt").exists() and (ckpts[0] / "train_state.json").exists()
 
 
+def test_a_finished_run_started_again_trains_no_further_step(tokenizer_dir, tmp_path):
+    cfg = cfg_for(tokenizer_dir, "train.max_steps=4", "train.checkpoint_every=4", "train.sample_tokens=0")
+    data = blocks(tokenizer_dir, 64, 32)
+    assert train(cfg, LocalContext(tmp_path, data))["step"] == 4
+    again = train(cfg, LocalContext(tmp_path, data))
+    assert again["step"] == 4 and again["tokens_seen"] == 4 * 8 * 32 and again["final_loss"] is None
+    assert [c.name for c in tmp_path.glob("checkpoint_*")] == ["checkpoint_000004"]
+    assert max(r["step"] for r in metrics(tmp_path)[0]) == 4 and (tmp_path / "final" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("base", [None, "llama", "gemma"], ids=["scratch", "pretrained", "gemma"])
 def test_resume_continues_at_the_right_step_and_lr(tokenizer_dir, tiny_pretrained, tmp_path, base):
     """Resumed from step 20, the run goes on as if never stopped. A full-parameter run of a pretrained Llama
