@@ -65,6 +65,7 @@ def worker(rank: int, world: int, port: int, fmt: str, args, out: str, results) 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from raypt.checkpoint import Checkpointer
+    from raypt.rundata import RunData
     from raypt.config import load_config
     from raypt.model import build_model
     from raypt.optim import build_optimizer
@@ -98,7 +99,8 @@ def worker(rank: int, world: int, port: int, fmt: str, args, out: str, results) 
         written = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) if rank == 0 else 0
     else:
         ckpt = Checkpointer(out, rank=rank, keep=1, async_save=fmt == "sharded-async")
-        ckpt.save(model=model, optimizer=optimizer, state={"step": 1}, config_yaml="", tokenizer=NoTokenizer())
+        state = {"step": 1, "tokens_seen": 0, **RunData([], None).state_dict()}
+        ckpt.save(model=model, optimizer=optimizer, state=state, config_yaml="", tokenizer=NoTokenizer())
         blocked = time.perf_counter() - t0
         ckpt.wait()
         dist.barrier()

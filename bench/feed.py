@@ -10,7 +10,7 @@ blocks. For N consumer
 actors standing in for ranks (each pulls its slices of global batches of N x 8 blocks as fast as it can, at
 seq_len 2048) it reports tokens/s delivered, and of the order-keeping actor: CPU seconds, RSS and bytes it sent
 (old: the blocks; new: window descriptors, with every object reference counted as its 28-byte id). Then the
-order actor's RSS at each --seq-lens (N = 8): the old one holds shuffle windows of blocks, the new one none.
+Feeder's RSS at each --seq-lens (N = 8): the old one holds shuffle windows of blocks, the new one none.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class Consumer:
         feed = RankFeed(feeder, cfg, rank, world, Position())
         take = feed._take
 
-        def counted():  # the bytes of each window descriptor the order actor sent, refs as their ids
+        def counted():  # the bytes of each window descriptor the Feeder sent, refs as their ids
             nonlocal desc
             before = len(feed.ready)
             take()

@@ -234,6 +234,7 @@ def checkpoint_save(tok: str, vocab: int, out: Path) -> dict:
     from transformers import AutoTokenizer
 
     from raypt.checkpoint import Checkpointer
+    from raypt.rundata import RunData
     from raypt.model import build_model
     from raypt.optim import build_optimizer
     from raypt.parallel import fsdp_sharder
@@ -259,7 +260,8 @@ def checkpoint_save(tok: str, vocab: int, out: Path) -> dict:
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            ckpt.save(model=model, optimizer=optimizer, state={"step": 1}, config_yaml="",
+            state = {"step": 1, "tokens_seen": 0, **RunData([], None).state_dict()}
+            ckpt.save(model=model, optimizer=optimizer, state=state, config_yaml="",
                       tokenizer=AutoTokenizer.from_pretrained(tok))
             blocked = time.perf_counter() - t0
             ckpt.wait()

@@ -45,16 +45,19 @@ def init_ray() -> None:
 
     log_once("ray_data_progress_manager_disabled")  # (and Ray Data's advice to turn its own on is not printed)
     for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
-        logging.getLogger(name).addFilter(_QuietUserErrors())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietUserErrors) for f in logger.filters):
+            logger.addFilter(_QuietUserErrors())
 
 
 class _QuietUserErrors(logging.Filter):
     """Drops Ray Data's log records of a failed UDF when what failed is a user's input error (recognised by type,
-    `raypt.errors.user_error`: the record's exception, or one in its arguments), and Ray's advice to report an internal
-    error that goes with them."""
+    `raypt.errors.user_error`: the record's exception, or one in its arguments), and, for any failure, Ray's advice
+    to report it as a Ray bug (the error itself still reaches the caller, with its traceback when it is not a user's
+    input error)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg.startswith("Exception occurred in Ray Data or Ray Core internal"):
+        if str(record.msg).startswith("Exception occurred in Ray Data or Ray Core internal"):
             return False
         errors = [a for a in (record.args or ()) if isinstance(a, BaseException)]
         if record.exc_info and record.exc_info[1] is not None:
@@ -131,11 +134,9 @@ def worker_room(need: dict[str, float], nodes: list[tuple[dict, int]]) -> int:
     return sum(n * count for n, (_, count) in zip(per_node, nodes))
 
 
-def check_fits(cfg, reserved_cpus: float, units: list[int], weights: list[float]) -> None:
-    """Refuse, before any worker starts, a run whose training workers fit on no node the cluster has or can have
-    (Ray would wait for them forever), or that leaves no CPU to stream its data (`units`: each source's work units,
-    `weights` theirs); on a cluster that an autoscaler can grow, say that the nodes come as the run asks for them."""
-    d, sc = cfg.data, cfg.scaling
+def check_workers_fit(sc) -> None:
+    """Refuse, before any worker starts, a run whose training workers (`sc`: the scaling config) fit on no node
+    the cluster has or can have: Ray would wait for them forever."""
     need = {"CPU": sc.cpus_per_worker, "GPU": 1.0 if sc.use_gpu else 0.0}
     if (known := node_types()) and (room := worker_room(need, known[0])) < sc.min_workers:
         wants = ", ".join(f"{v:g} {k}" for k, v in need.items() if v)
@@ -144,6 +145,13 @@ def check_fits(cfg, reserved_cpus: float, units: list[int], weights: list[float]
             + ("set scaling.use_gpu: false or add GPU nodes" if sc.use_gpu and not any(
                 r.get("GPU") for r, _ in known[0]) else "lower scaling.num_workers or scaling.cpus_per_worker, or "
                "add nodes"))
+
+
+def check_data_fits(cfg, reserved_cpus: float, units: list[int], weights: list[float]) -> None:
+    """Refuse a run that leaves no CPU to stream its data beside its training workers' `reserved_cpus` (`units`:
+    each source's work units, `weights` theirs); on a cluster that an autoscaler can grow, say that the nodes come
+    as the run asks for them."""
+    d, sc = cfg.data, cfg.scaling
     total = ray.cluster_resources().get("CPU", 0)
     grows = total - reserved_cpus < max(STREAM_CPUS, d.cpus_per_tokenize_worker) and can_grow()
     if grows:

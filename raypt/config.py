@@ -162,6 +162,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"scaling.num_workers must be a count >= 1 or [min, max] with 1 <= min <= max, got {sc.num_workers}")
     if t.max_steps < 1:
         p.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if t.log_every < 1:
+        p.append(f"train.log_every must be >= 1, got {t.log_every}")
     if t.micro_batch_size < 1:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if t.global_batch_tokens is not None and t.global_batch_tokens % d.seq_len:

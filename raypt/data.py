@@ -44,7 +44,7 @@ from raypt.corpus import CorpusError, Listing, Segment, iter_documents
 from raypt.packing import TOKEN_DTYPE, BlockPacker
 from raypt.pipeline_stats import Stats
 from raypt.progress import Progress
-from raypt.rundata import Split, plan_split, split_dir, split_field
+from raypt.rundata import Split, plan_split, plan_text, split_dir, split_field
 from raypt.storage import filesystem
 from raypt.tokenizer import EncoderSpec, encoder_spec, tokenizer_path
 
@@ -306,7 +306,7 @@ def write_pretokenized(cfg: Config, out: str, encoder: EncoderSpec | None = None
         if (Path(out) / key).is_dir() and any(f.is_file() for f in (Path(out) / key).iterdir()):
             raise CorpusError(f"--out {out}: {Path(out) / key} already holds files, which would mix with this "
                               "run's units; give a new directory or delete it")
-    planned = {key: plan_split(cfg, split, src) for key, (split, src) in parts.items()}
+    planned = {key: plan_text(cfg, split, src) for key, (split, src) in parts.items()}
     encoder = encoder or encoder_spec(cfg)
     stats, items = {}, []  # one entry per part in one PipelineStats actor
     for key, (split, src) in parts.items():

@@ -3,12 +3,12 @@
     python -m raypt.eval --model PATH --data PATH... [--format F] [--seq-len N] [--workers W] [--tasks T,...]
 
 Loss, perplexity and bits per byte over the text's blocks. The text goes through training's own corpus reader, work
-units and packer (`raypt.data.plan`, `pack_unit`) with the model's tokenizer: for a run's own eval data the blocks
-are the ones its eval loss was computed on, so the perplexity here is the run's. Bits per byte (the summed loss in
-bits over the UTF-8 bytes of the predicted tokens, `raypt.tokenizer.token_bytes`) does not depend on the tokenizer,
-so models with different tokenizers compare. Each unit's last tail (< seq_len tokens) is not scored, as in training;
-the count is reported. `--workers W` scores the blocks in W Ray tasks (each loads the model) and sums their totals.
-`--tasks` hands the model to lm-eval-harness (when installed) for its benchmark tasks.
+units and packer (`raypt.rundata.plan_split`, `raypt.data.pack_unit`) with the model's tokenizer: for a run's own
+eval data the blocks are the ones its eval loss was computed on, so the perplexity here is the run's. Bits per byte
+(the summed loss in bits over the UTF-8 bytes of the predicted tokens, `raypt.tokenizer.token_bytes`) does not
+depend on the tokenizer, so models with different tokenizers compare. Each unit's last tail (< seq_len tokens) is
+not scored, as in training; the count is reported. `--workers W` scores the blocks in W Ray tasks (each loads the
+model) and sums their totals. `--tasks` hands the model to lm-eval-harness (when installed) for its benchmark tasks.
 PATH is anything `raypt.load` reads. The last stdout line is the result as JSON.
 """
 

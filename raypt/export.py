@@ -14,9 +14,10 @@ from raypt.model import unwrap
 
 
 def export(cfg: Config, rank: int, run_dir: Path, model, tok) -> None:
-    """`run_dir/final` (every rank calls, rank 0 writes): a model AutoModelForCausalLM loads, plus the tokenizer;
-    LoRA also leaves `final/adapter` (PeftModel loads it). A 4-bit (QLoRA) or sharded (FSDP) LoRA model's adapter is merged into its base's files one
-    file at a time (`raypt.merge`; QLoRA: unquantized, in bf16), never the whole base in this process's memory."""
+    """`run_dir/final` (every rank calls, rank 0 writes): a model AutoModelForCausalLM loads, plus the tokenizer; LoRA
+    also leaves `final/adapter` (PeftModel loads it). A 4-bit (QLoRA) or sharded (FSDP) LoRA model's adapter is
+    merged into its base's files one file at a time (`raypt.merge`; QLoRA: unquantized, in bf16), never the
+    whole base in this process's memory."""
     sd = full_model_state(model)  # a collective under FSDP: the whole model on rank 0's CPU
     if rank != 0:
         return

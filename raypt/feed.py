@@ -160,9 +160,10 @@ class Feeder:
         if len(at) != n or any(p.unit > u or (p.unit == u and p.offset > 0) for p, u in zip(at, self.num_units)):
             if warm:
                 return  # (rank 0 meets it and reports it)
-            raise DataChangedError(f"the checkpoint's data position ({pos}) does not fit the {self.num_units} work units "
-                              f"of the training data's {n} source(s): the corpus changed since it was saved; start a "
-                              "new run.name or restore the corpus")
+            raise DataChangedError(
+                f"the checkpoint's data position ({pos}) does not fit the {self.num_units} work units of the training "
+                f"data's {n} source(s): the corpus changed since it was saved; start a new run.name or restore the "
+                "corpus")
         self.close()
         self._reset()
         streams = [stream_windows(partial(self._read_pass, i), p, self.min_blocks) for i, p in enumerate(at)]

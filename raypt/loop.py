@@ -129,7 +129,10 @@ class Training:
         self.optimizer = build_optimizer(self.model, t, ctx.device)
         self.metrics = MetricsLogger(ctx.run_dir, t.max_steps, enabled=ctx.rank == 0, loggers=cfg.run.loggers,
                                      name=cfg.run.name, config=cfg.to_dict())
-        self.progress = Progress() if source is None else self.resume(source, skipped)
+        if source is None:
+            self.progress, self.data.position = Progress(), Position()
+        else:
+            self.progress = self.resume(source, skipped)
         self.batch = global_batch_size(cfg)
         self.tokens_per_step = self.batch * cfg.data.seq_len
         self.autocast, self.one_row = parallel.autocast(t, ctx.device, self.model), packs_one_row(self.model)

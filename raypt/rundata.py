@@ -49,6 +49,12 @@ def plan_split(cfg: Config, split: str = "train", src: Source | None = None) -> 
     if cfg.data.pretokenized:
         listing = pretokenized_files(cfg, split, src)
         return Split(listing, listing.files)
+    return plan_text(cfg, split, src)
+
+
+def plan_text(cfg: Config, split: str, src: Source) -> Split:
+    """A source's text files (`plan_split`), whether or not the run reads them pre-tokenized: what
+    `python -m raypt.data --out` tokenizes."""
     listing = list_files(src.paths if split == "train" else src.eval_paths, split_field(split, src), src.format)
     return Split(listing, plan_units(listing, src.format, cfg.data.unit_bytes, min_units=MIN_UNITS))
 
@@ -148,8 +154,9 @@ class RunData:
         """The position in words."""
         pos = self.position
         if isinstance(pos, MixPosition):
-            return "; ".join(f"{src.name} pass {p.epoch + 1} unit {p.unit} block {p.offset} ({t:,} blocks taken)"
-                             for src, p, t in zip(self.sources, pos.sources, pos.taken)) + f"; mixture block {pos.offset}"
+            return "; ".join(f"{src.name} pass {p.epoch + 1} unit {p.unit} block {p.offset} ({taken:,} blocks taken)"
+                             for src, p, taken in zip(self.sources, pos.sources, pos.taken)) + \
+                f"; mixture block {pos.offset}"
         return f"epoch {pos.epoch}, unit {pos.unit}, block {pos.offset}"
 
     def passes(self) -> dict:
@@ -160,7 +167,7 @@ class RunData:
         return {f"pass/{src.name}": p.epoch + 1 for src, p in zip(self.sources, self.position.sources)}
 
 
-# -- the fingerprint ----------------------------------------------------------------------------------------------------
+# -- the fingerprint ------------------------------------------------------------------------------------------------
 
 
 def fingerprint(cfg: Config, srcs: list[Source] | None = None, train: list[Split] | None = None,

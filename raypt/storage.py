@@ -66,9 +66,13 @@ def node_copy_of(uri: str, kind: str, pick) -> Path:
 
 
 def upload(local: Path, uri: str) -> None:
-    """Copy the local file or directory `local` to `uri` (a directory's files keep their relative paths)."""
+    """Copy the files under the local directory `local` to the directory `uri`, keeping their relative paths: one
+    copy per file (a directory copy would also write an empty marker object for every directory level on S3)."""
     fs, path = filesystem(uri)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    for f in sorted(Path(local).rglob("*")):
+        if f.is_file():
+            pafs.copy_files(str(f), f"{path}/{f.relative_to(local).as_posix()}",
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def download_if_exists(uri: str, local: Path) -> None:

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raypt import checkpoint, faults
 from raypt.cli import command, fail, quiet_libraries
-from raypt.cluster import check_fits, cpu_threads, init_ray
+from raypt.cluster import check_data_fits, check_workers_fit, cpu_threads, init_ray
 from raypt.config import Config, config_from_dict, global_batch_size, grad_accum_steps
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
@@ -139,6 +139,7 @@ def run(cfg: Config) -> dict:
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     latest = checkpoint.latest(run_dir)
     announce(cfg, run_dir, latest)
+    check_workers_fit(cfg.scaling)
     check_trackers(cfg.run.loggers)
     check_model(cfg.model, cfg.data.seq_len)
     if cfg.run.resume_from and not latest:
@@ -146,8 +147,8 @@ def run(cfg: Config) -> dict:
     encoder = None if cfg.data.pretokenized else encoder_spec(cfg)  # (loaded here once, not in every data process)
     data = RunData.build(cfg, encoder)  # the training files, listed once
     sc = cfg.scaling
-    check_fits(cfg, 0.0 if cfg.data.materialize else sc.max_workers * sc.cpus_per_worker, data.num_units,
-               data.weights)
+    check_data_fits(cfg, 0.0 if cfg.data.materialize else sc.max_workers * sc.cpus_per_worker, data.num_units,
+                    data.weights)
     if source := latest or cfg.run.resume_from:  # where the data stream will start
         resume_data(data, source, cfg.run.data_changed)
     feeder, stats, evals = start_data(cfg, data, encoder)
@@ -282,7 +283,7 @@ def main(args) -> int:
     if out.get("data", {}).get("documents"):  # (text streamed by this run; none for pre-tokenized data)
         print(format_counts(out["data"]))
     print(f"model: {out['final']}")
-    if "sample" in out:  # (made on the workers, by the trained model: loop.end_sample)
+    if "sample" in out:  # (made on the workers, by the trained model: export.end_sample)
         print(f"sample: {prompt!r} -> {out['sample']!r}")
     if cfg.run.report:
         print(f"report: {out['run_dir']}/report/report.md (plots beside it; compare runs with "

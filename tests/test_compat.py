@@ -28,7 +28,8 @@ def test_a_checkpoint_of_the_earlier_format_resumes_where_it_left_off(tmp_path, 
     expected = json.loads((COMPAT / "expected.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     resumed = next(r for r in rows if "resumed_from" in r)
-    assert resumed["step"] == 4 and "step 4, 256 tokens seen, data at epoch 0, unit 0, block 16" in capsys.readouterr().out
+    assert resumed["step"] == 4
+    assert "step 4, 256 tokens seen, data at epoch 0, unit 0, block 16" in capsys.readouterr().out
     assert out["step"] == 6 and out["tokens_seen"] == 6 * 4 * 16
     got = make.losses(tmp_path)
     assert sorted(got) == [5, 6]

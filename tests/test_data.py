@@ -45,7 +45,7 @@ def blocks_of(out, split="train"):
 
 
 def in_order(split):
-    """A split's units as the order actor sees them (re-sequenced references), then read: (blocks, unit ids)."""
+    """A split's units as the Feeder sees them (re-sequenced references), then read: (blocks, unit ids)."""
     from raypt.feed import fetch_unit, units_in_order
 
     units = list(units_in_order(split.dataset, np.arange(split.units), 0, split.stats))
@@ -165,6 +165,15 @@ def test_cli_two_actors_conserves_tokens(ray_local, corpus, tokenizer_dir, tmp_p
     assert (out / "config.yaml").exists()
 
 
+def test_cli_tokenizes_the_text_of_a_training_config_that_reads_its_output(ray_local, corpus, tokenizer_dir,
+                                                                             tmp_path):
+    """A training config that points data.pretokenized at the directory `raypt.data --out` writes: the CLI still
+    tokenizes the config's text into it."""
+    rc, s, out = run_cli(tmp_path, f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}",
+                         "data.seq_len=16", f"data.pretokenized={tmp_path / 'out'}")
+    assert rc == 0 and s["train"]["documents"] == 300 and len(blocks_of(out)) == s["train"]["blocks"]
+
+
 def test_cli_writes_each_unit_as_the_stream_makes_it_in_one_pipeline(ray_local, corpus, tokenizer_dir, tmp_path):
     """`--out` runs train and eval in one actor pool; each unit's file holds exactly the blocks the streaming
     pipeline makes for that unit, and is named by it. Writing into a directory that already holds a split is
@@ -278,7 +287,7 @@ def test_ten_megabyte_line(ray_local, tokenizer_dir, tmp_path):
 
 
 def test_a_pass_after_the_first_sizes_its_tokenize_pool_to_what_training_reads(ray_local, tokenizer_dir, tmp_path):
-    """The order actor measures how fast training asks for windows and how fast one actor tokenizes; the next pass's
+    """The Feeder measures how fast training asks for windows and how fast one actor tokenizes; the next pass's
     pool is what makes HEADROOM x training's rate: one actor, for a consumer this slow (~6k tokens/s)."""
     import time
 

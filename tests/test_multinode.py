@@ -1,5 +1,5 @@
 """The data path on a real multi-node Ray on this machine (`ray.cluster_utils.Cluster`): a head with no CPU (the
-driver and the order actor live there), two 3-CPU worker nodes and a 2-CPU one. No training block ever reaches the
+driver and the Feeder live there), two 3-CPU worker nodes and a 2-CPU one. No training block ever reaches the
 head's object store, whatever the seq_len, and the run trains exactly what a single-node run trains. An elastic run
 that loses the node of a training worker goes on with the worker left and still trains the same batches."""
 
