@@ -183,7 +183,7 @@ def tokenize_pool(d, units: int, reserved_cpus: float = 0.0, needed: int | None 
                   weights: list[float] | None = None, source: int = 0) -> tuple[int, int]:
     """(fewest, most) tokenize actors for a pipeline of `units` work units (`d`: the data config). Ray Data's
     autoscaling pool grows from two actors while work is queued, up to one single-threaded actor per free CPU
-    (measured faster than fewer actors with more tokenizer threads: the per-token Python work then also runs in
+    (faster than fewer actors with more tokenizer threads: the per-token Python work then also runs in
     parallel), `data.max_tokenize_workers`, the units, and `needed` (the rate target, `actors_needed`, once the run
     has measured it); `data.num_tokenize_workers` fixes the size. A mixture's sources stream side by side, each from
     its own pool (`weights`: the sources'; `source`: which one; None: one pool for all): the actors are shared out by

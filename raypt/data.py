@@ -222,8 +222,7 @@ def unit_rows(items: list[dict]) -> tuple[ray.data.Dataset, pa.Table]:
     """A pipeline's input: one row per unit, holding only the unit's place in `items`, and the items as one Arrow
     table for its map function to look them up in (sent once with the function; the actors on a node share its
     bytes). Ray Data puts each input row into the object store of the node that runs the pipeline (a run's `Feeder`:
-    the head) before the first unit starts: for a row holding only its index that is measured at 0.7 ms and 0.7 KB a
-    unit, for one holding its item at 1.2 ms and 2.5 KB (`bench/pipeline_start.py`)."""
+    the head) before the first unit starts, so the rows stay as small as a row can be (`bench/pipeline_start.py`)."""
     rows = ray.data.from_items([{ROW_KEY: k} for k in range(len(items))], override_num_blocks=len(items))
     return rows, pa.Table.from_pylist(items)
 
@@ -244,9 +243,8 @@ def pack(cfg: Config, items: list[dict], actors: tuple[int, int], encoder: Encod
          turnstile: bool):
     """Units (`unit_item`) -> tagged blocks, by an autoscaling pool of `TokenizePack` actors. Without a `turnstile`
     (a pipeline whose consumer takes every unit as it comes), each actor has its next unit queued behind the one it
-    packs, so that it starts it without a dispatch round trip (measured on 100 MB, 16 units, 2 actors: busy 0.95-0.97
-    of the time instead of 0.91-0.93); with one, an actor holds one unit at a time, so that no unit waits behind one
-    that waits in the turnstile."""
+    packs, so that it starts it without a dispatch round trip; with one, an actor holds one unit at a time, so that
+    no unit waits behind one that waits in the turnstile."""
     d = cfg.data
     rows, table = unit_rows(items)
     return rows.map_batches(

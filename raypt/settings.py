@@ -186,7 +186,7 @@ class TrainConfig:
     compile: Optional[bool] = None
     """torch.compile each decoder layer (its forward; the layer's hooks, DDP and FSDP2 stay outside, activation
     checkpointing inside since transformers 5.23, and identical layers share one compiled graph); null: on GPU
-    unless model.quantize (bitsandbytes' 4-bit kernels are opaque to the compiler), off on CPU (measured:
+    unless model.quantize (bitsandbytes' 4-bit kernels are opaque to the compiler), off on CPU (slower there:
     `python bench/train.py`)."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; default: known for common GPUs, none on CPU."""
