@@ -1,4 +1,4 @@
-"""Models: a Llama from scratch, a pretrained causal LM, LoRA and 4-bit QLoRA on top; FLOPs per token; export."""
+"""Models: a Llama from scratch, a pretrained causal LM, LoRA and 4-bit QLoRA on top; FLOPs per token."""
 
 from __future__ import annotations
 
