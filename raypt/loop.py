@@ -69,7 +69,9 @@ def train(cfg: Config, ctx: Context) -> dict:
     steps = ctx.train_steps(cfg, ctx.data.position)  # starts where the checkpoint's data ended
     training.model.train()
     while not training.done:
+        t0 = time.perf_counter()
         micro, position = next(steps)
+        training.input_wait += time.perf_counter() - t0  # (a rank waiting for its blocks: a stall in the pipeline)
         training.step(micro, position)
         due = [p for p in periodic if p.due(training.progress.step, training.done)]
         if due:  # host syncs anyway: never evaluate or save past a non-finite step
@@ -143,7 +145,7 @@ class Training:
         self.eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
         self.nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
         self.done = self.at_end()  # (a finished run started again trains no further step)
-        self.steps_since_log, self.t_log = 0, time.perf_counter()
+        self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
         self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
 
     def resume(self, source: str, skipped: list[str]) -> Progress:
@@ -206,14 +208,25 @@ class Training:
 
     def log(self) -> None:
         self.loss_avg = self.guard.mean_loss()
-        tps = self.steps_since_log * self.tokens_per_step / (time.perf_counter() - self.t_log)
+        seconds = time.perf_counter() - self.t_log
+        tps = self.steps_since_log * self.tokens_per_step / seconds
         self.metrics.log(self.progress.step, {
             "loss": self.loss_avg, "lr": self.lr, "grad_norm": self.grad_norm.item(),
             "skipped_steps": self.guard.skipped or None, "tokens_seen": self.progress.tokens_seen,
             "tokens_per_s": tps, "mfu": mfu(self.info.flops_per_token, tps / self.ctx.world_size, self.peak),
-            **self.data.passes(),
+            **self.input_waits(seconds), **self.data.passes(),
         })
-        self.steps_since_log, self.t_log = 0, time.perf_counter()
+        self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
+
+    def input_waits(self, seconds: float) -> dict:
+        """The share of the log interval (`seconds`) the ranks spent waiting for their input: the mean over ranks
+        (input_wait) and the most any rank waited (input_wait_max)."""
+        def mine() -> torch.Tensor:
+            return torch.tensor(self.input_wait, dtype=torch.float64, device=self.ctx.device)
+
+        total = parallel.all_reduce(mine()).item()
+        most = parallel.all_reduce(mine(), op=torch.distributed.ReduceOp.MAX).item()
+        return {"input_wait": total / self.ctx.world_size / seconds, "input_wait_max": most / seconds}
 
     def evaluate(self) -> None:
         if result := evaluate(self.model, self.ctx, self.cfg.train.micro_batch_size, self.eval_rows, self.autocast,

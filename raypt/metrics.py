@@ -108,6 +108,8 @@ class MetricsLogger:
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
         if "mfu" in row:
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        if row.get("input_wait_max", 0) >= 0.05:  # (training waits for data: a stall in the pipeline)
+            parts.append(f"waiting for data {100 * row['input_wait_max']:.0f}%")
         parts.append(f"ETA {eta}")
         return " | ".join(parts)
 

@@ -24,7 +24,7 @@ from raypt.cli import command
 from raypt.errors import UserError
 from raypt.storage import filesystem, is_uri
 
-PLOTS = ("loss", "perplexity", "lr", "grad_norm", "throughput")
+PLOTS = ("loss", "perplexity", "lr", "grad_norm", "throughput", "input_wait")
 
 
 @dataclass
@@ -119,13 +119,19 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
                 if twin is not None:
                     steps, v = _series(run.logs, "mfu")
                     twin.plot(run.tokens(steps), [100 * x for x in v], color=c, ls="--", label=prefix + "MFU")
+            elif name == "input_wait":  # (the share of each log interval the ranks waited for their blocks)
+                _line(ax, run, [{**r, "wait": 100 * r["input_wait"]} for r in run.logs if "input_wait" in r], "wait",
+                      c, prefix + "mean over ranks")
+                _line(ax, run, [{**r, "wait": 100 * r["input_wait_max"]} for r in run.logs if "input_wait_max" in r],
+                      "wait", c, prefix + "most waiting rank", style="--")
             else:
                 _line(ax, run, run.logs, name, c, (prefix + name) if several else name)
             for s in run.resumes:
                 ax.axvline(run.tokens([s])[0], color=c, ls="--", lw=1, alpha=0.7)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel({"loss": "loss (nats/token)", "perplexity": "eval perplexity", "lr": "learning rate",
-                       "grad_norm": "gradient norm (before clipping)", "throughput": "tokens/s"}[name])
+                       "grad_norm": "gradient norm (before clipping)", "throughput": "tokens/s",
+                       "input_wait": "time waiting for data (%)"}[name])
         if twin is not None:
             twin.set_ylabel("MFU (%)")
         ax.grid(alpha=0.3)

@@ -480,3 +480,31 @@ def test_compiled_layers_train_as_eager_ones_and_compile_once(tokenizer_dir, tin
     assert len(compiled) == 10 and compiled == pytest.approx(eager, rel=1e-4)
     assert ctx.after_two["stats"]["unique_graphs"] == 1  # it compiled, once for both layers
     assert {k: dict(v) for k, v in counters.items()} == ctx.after_two, "compiled again after step 2"
+
+
+class SlowInput(LocalContext):
+    """LocalContext whose blocks take `delay` seconds to arrive each step, as from a stalled pipeline."""
+
+    delay = 0.1
+
+    def train_steps(self, cfg, position):
+        import time
+
+        for item in super().train_steps(cfg, position):
+            time.sleep(self.delay)
+            yield item
+
+
+def test_a_stalled_input_shows_as_input_wait_not_as_compute(tokenizer_dir, tmp_path):
+    """Each log row says what share of its interval the ranks waited for their blocks (mean and most)."""
+    sets = ("train.max_steps=6", "train.log_every=2", "train.eval_every=0", "train.checkpoint_every=0",
+            "train.sample_tokens=0")
+    data = blocks(tokenizer_dir, 64, 32)
+    train(cfg_for(tokenizer_dir, *sets), SlowInput(tmp_path / "slow", data))
+    train(cfg_for(tokenizer_dir, *sets), LocalContext(tmp_path / "fed", data))
+    slow, fed = metrics(tmp_path / "slow")[0], metrics(tmp_path / "fed")[0]
+    assert [r["step"] for r in slow] == [2, 4, 6]
+    for r in slow:
+        waited = 2 * SlowInput.delay * r["tokens_per_s"] / (2 * 8 * 32)  # 2 steps' delays over the interval
+        assert r["input_wait"] == r["input_wait_max"] == pytest.approx(waited, rel=0.2)
+    assert max(r["input_wait"] for r in fed) < min(r["input_wait"] for r in slow) / 2
