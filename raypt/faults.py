@@ -3,10 +3,12 @@
     RAYPT_FAULT=POINT:STEP:RANK RAYPT_FAULT_FILE=PATH python -m raypt.train ...
 
 POINT is `step` (right after optimizer step STEP) or `save` (while writing the checkpoint of step STEP: this rank's
-shard written, the marker not yet). The rank RANK sends itself SIGKILL there, once: PATH is created first, and a fault whose
-file exists does not fire again, so the worker group Ray restarts runs on. POINT `nan` instead makes rank RANK's loss
-NaN in step STEP, or in each of several (`nan:3,5:1`; no file needed). The driver forwards the variables to the
-workers; without them nothing here runs.
+shard written, the marker not yet). The rank RANK sends itself SIGKILL there, once: PATH is created first, and a
+fault whose file exists does not fire again, so the worker group Ray restarts runs on. POINT `drain` instead has rank
+RANK drain its own node for preemption after step STEP, once, with RAYPT_FAULT_DEADLINE seconds (default 10) left, as
+a cloud's reclaim notice does through Ray's autoscaler. POINT `nan` makes rank RANK's loss NaN in step STEP, or in
+each of several (`nan:3,5:1`; no file needed). The driver forwards the variables to the workers; without them nothing
+here runs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,35 @@ def maybe_kill(point: str, step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def maybe_drain(step: int, rank: int) -> None:
+    once, fault = os.environ.get("RAYPT_FAULT_FILE"), _fault()
+    fires = fault is not None and fault[0] == "drain" and step in fault[1] and fault[2] == rank
+    if not fires or not once or Path(once).exists():
+        return
+    import time
+
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    Path(once).write_text(os.environ["RAYPT_FAULT"] + "\n")
+    deadline_ms = time.time_ns() // 1_000_000 + int(float(os.environ.get("RAYPT_FAULT_DEADLINE", "10")) * 1000)
+    ctx = ray.get_runtime_context()
+    accepted, why = ray._raylet.GcsClient(address=ctx.gcs_address).drain_node(
+        ctx.get_node_id(), autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "raypt fault",
+        deadline_ms)
+    if not accepted:
+        raise RuntimeError(f"the drain of this node was refused: {why}")
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    given = time.monotonic() + 30
+    while get_train_context().preemption_context.preemption_info is None:  # (Ray Train's watcher polls: wait for
+        if time.monotonic() > given:  # its notice, so that the run's next check sees it, on every rank alike)
+            raise RuntimeError("no preemption notice 30 s after this node was drained: is "
+                               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER off?")
+        time.sleep(0.2)
+    time.sleep(1)
+
+
 def nan_steps(rank: int) -> set[int]:
     """The steps whose loss `RAYPT_FAULT=nan:STEPS:RANK` makes NaN on this rank."""
     fault = _fault()
@@ -39,4 +70,4 @@ def nan_steps(rank: int) -> set[int]:
 
 def forwarded_env() -> dict[str, str]:
     """The fault variables of the driver's environment, for the workers' runtime env."""
-    return {k: os.environ[k] for k in ("RAYPT_FAULT", "RAYPT_FAULT_FILE") if k in os.environ}
+    return {k: os.environ[k] for k in ("RAYPT_FAULT", "RAYPT_FAULT_FILE", "RAYPT_FAULT_DEADLINE") if k in os.environ}

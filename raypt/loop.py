@@ -58,6 +58,10 @@ class Context(Protocol):
     def sync(self) -> None:
         """Mirror run_dir to the run's storage when that is not a local path."""
 
+    def preemption(self) -> float | None:
+        """Seconds until a node of the run is reclaimed, or None while none is; every rank calls at the same steps and
+        gets the same answer."""
+
 
 def train(cfg: Config, ctx: Context) -> dict:
     """Train from the run's latest checkpoint (or from the start) to train.max_steps / train.max_tokens, logging,
@@ -65,7 +69,8 @@ def train(cfg: Config, ctx: Context) -> dict:
     training = Training(cfg, ctx)
     t = cfg.train
     periodic = [Every(t.log_every, training.log, pauses=False), Every(t.eval_every, training.evaluate),
-                Every(t.checkpoint_every, training.save)]
+                Every(t.checkpoint_every, training.save),
+                Every(cfg.run.preemption_check_every, training.check_preemption, at_end=False)]
     steps = ctx.train_steps(cfg, ctx.data.position)  # starts where the checkpoint's data ended
     training.model.train()
     while not training.done:
@@ -92,9 +97,11 @@ class Every:
     action: Callable[[], None]
     pauses: bool = True
     """Whether its time is kept out of the training rate."""
+    at_end: bool = True
+    """Whether it is also taken after the last step."""
 
     def due(self, step: int, last: bool) -> bool:
-        return last or bool(self.steps) and step % self.steps == 0
+        return (last and self.at_end) or bool(self.steps) and step % self.steps == 0
 
 
 @dataclass
@@ -108,6 +115,10 @@ class Progress:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+
+PREEMPTION_MARGIN_S = 60
+"""How long past a reclaim's deadline the workers wait for Ray Train to restart them before they train on."""
 
 
 class Training:
@@ -146,6 +157,7 @@ class Training:
         self.nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
         self.done = self.at_end()  # (a finished run started again trains no further step)
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
+        self.saved_step, self.preempted = None, False
         self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
 
     def resume(self, source: str, skipped: list[str]) -> Progress:
@@ -199,6 +211,7 @@ class Training:
         self.progress.step, self.progress.tokens_seen = step, self.progress.tokens_seen + self.tokens_per_step
         self.data.position = position
         faults.maybe_kill("step", step, ctx.rank)
+        faults.maybe_drain(step, ctx.rank)
         self.steps_since_log += 1
         self.done = self.at_end()
 
@@ -217,6 +230,7 @@ class Training:
             **self.input_waits(seconds), **self.data.passes(),
         })
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
+        self.saved_step, self.preempted = None, False
 
     def input_waits(self, seconds: float) -> dict:
         """The share of the log interval (`seconds`) the ranks spent waiting for their input: the mean over ranks
@@ -235,7 +249,7 @@ class Training:
             self.metrics.log(self.progress.step, result)
 
     def save(self) -> None:
-        t0 = time.perf_counter()
+        t0, self.saved_step = time.perf_counter(), self.progress.step
         path = self.ckpt.save(model=self.model, optimizer=self.optimizer,
                               state={**self.progress.state_dict(), **self.data.state_dict()},
                               config_yaml=self.config_yaml, tokenizer=self.tok)
@@ -244,6 +258,21 @@ class Training:
         self.metrics.event(self.progress.step, f"saved {path.rsplit('/', 1)[-1]} in {seconds:.1f} s"
                            + (" (writing in the background)" if self.ckpt.async_save else ""),
                            checkpoint=path, checkpoint_s=round(seconds, 3))
+
+    def check_preemption(self) -> None:
+        """On a notice that a node of the run is being reclaimed: a checkpoint at this step (unless one was just
+        saved), written out before anything else, then wait for the node to go: Ray Train restarts the worker group
+        at the deadline, from this checkpoint, so no step is trained twice. Should the workers still be there well
+        past the deadline (the reclaim was called off), training goes on."""
+        if self.preempted or (left := self.ctx.preemption()) is None:
+            return
+        self.preempted, step = True, self.progress.step
+        self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): checkpoint at step "
+                           f"{step}, then waiting for it to go", preemption_notice=True, deadline_s=round(left, 1))
+        if self.saved_step != step:
+            self.save()
+        self.ckpt.wait()
+        time.sleep(left + PREEMPTION_MARGIN_S)
 
     def finish(self) -> dict:
         """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""
@@ -404,6 +433,9 @@ class LocalContext:
 
     def sync(self) -> None:
         pass
+
+    def preemption(self) -> float | None:
+        return None
 
     def train_steps(self, cfg: Config, position: Position):
         """The blocks as one unit, in the run's order."""

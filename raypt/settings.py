@@ -251,7 +251,12 @@ class RunConfig:
     changed; or restart: keep the model and optimizer state and start the new data's order from its beginning."""
     checkpoints_to_keep: int = 3
     max_failures: int = 0
-    """Worker-group restarts (from the latest checkpoint) before the run fails."""
+    """Worker-group restarts (from the latest checkpoint) before the run fails. A node reclaimed by its cloud (spot
+    capacity) is not a failure: those restarts are not counted."""
+    preemption_check_every: int = 10
+    """Ask Ray Train every N steps whether a node of the run is being reclaimed (a barrier across the workers; 0:
+    never). On the notice: a checkpoint at that step at once, then the workers wait for the node to go, so the
+    restarted run resumes there and trains no step twice."""
     async_checkpoint: Optional[bool] = None
     """Write checkpoints in the background (torch.distributed.checkpoint.async_save): training waits only while the
     state is copied to host memory, not for the disk or the upload. null: on when training on GPUs."""

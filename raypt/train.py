@@ -37,6 +37,10 @@ from raypt.storage import download_if_exists, is_uri, upload
 from raypt.tokenizer import encoder_spec
 
 
+UNKNOWN_RECLAIM_S = 120.0
+"""Ray Train's own wait for a reclaim that came without a deadline (`DEFAULT_PREEMPTION_DEADLINE_S`)."""
+
+
 class RayContext:
     """`raypt.loop.Context` on a Ray Train worker."""
 
@@ -64,6 +68,14 @@ class RayContext:
     def sync(self) -> None:
         if self._remote and self.rank == 0:
             upload(self.run_dir, self._remote)
+
+    def preemption(self) -> float | None:
+        info = ray.train.get_preemption_info()  # (a barrier: rank 0's answer for all)
+        if info is None:
+            return None
+        if info.deadline_ms is None:  # (Ray Train then restarts the group this long after the notice)
+            return UNKNOWN_RECLAIM_S
+        return max(0.0, info.deadline_ms / 1000 - time.time())
 
     def prepare(self, model):
         if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built

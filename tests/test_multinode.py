@@ -152,3 +152,33 @@ def test_an_elastic_run_goes_on_with_the_workers_left_and_trains_the_same_batche
     resumed = [(Path(r["resumed_from"]).name, r["workers"]) for r in rows(tmp_path / "el") if "resumed_from" in r]
     assert resumed == [("checkpoint_000003", 1)]
     assert one_node == pytest.approx(losses(tmp_path / "el", rel=1e-5), rel=1e-5)
+
+
+def test_a_reclaimed_node_costs_no_step(cluster, one_node, big_corpus, tokenizer_dir, tmp_path, monkeypatch):
+    """Rank 1's node is drained for preemption, 15 s left, after step 4 (not a checkpoint step: every 3), as a
+    cloud's reclaim notice reaches Ray. A checkpoint at step 4 appears at once, the group restarts at the deadline on
+    the nodes left and resumes from it: no step is trained twice, the losses are the one-node run's, and with
+    run.max_failures 0 the run finishes (a reclaim is not a failure)."""
+    from ray._private.state import state
+
+    monkeypatch.setenv("RAYPT_FAULT", "drain:4:1")
+    monkeypatch.setenv("RAYPT_FAULT_FILE", str(tmp_path / "drained"))
+    monkeypatch.setenv("RAYPT_FAULT_DEADLINE", "15")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # (off for the rest of the suite: conftest)
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "spot", 64) for a in ("--set", s)]
+    for cpus in (3, 3):  # (after the elastic test: its lost node back, and a spare for the reclaimed one)
+        cluster.add_node(num_cpus=cpus, object_store_memory=256 * MB)
+    while ray.cluster_resources().get("CPU", 0) < 9:
+        time.sleep(0.2)
+    try:
+        assert train.main([*argv, "--set", "run.preemption_check_every=1"]) == 0
+    finally:
+        for node in [n for n in cluster.worker_nodes if n.node_id in state.get_draining_nodes()]:
+            cluster.remove_node(node)  # (the module's last test: nothing needs it replaced)
+    log = rows(tmp_path / "spot")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert [r["step"] for r in log if r.get("preemption_notice")] == [4]
+    assert [(Path(r["resumed_from"]).name, r["workers"]) for r in log if "resumed_from" in r] == [
+        ("checkpoint_000004", 2)]
+    assert one_node == pytest.approx(losses(tmp_path / "spot"), rel=1e-5)
