@@ -118,7 +118,7 @@ class Progress:
 
 
 PREEMPTION_MARGIN_S = 60
-"""How long past a reclaim's deadline the workers wait for Ray Train to restart them before they train on."""
+"""How long past a reclaim's deadline the workers wait for Ray Train to tear them down (they train on after it)."""
 
 
 class Training:
@@ -230,7 +230,6 @@ class Training:
             **self.input_waits(seconds), **self.data.passes(),
         })
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
-        self.saved_step, self.preempted = None, False
 
     def input_waits(self, seconds: float) -> dict:
         """The share of the log interval (`seconds`) the ranks spent waiting for their input: the mean over ranks
@@ -261,18 +260,23 @@ class Training:
 
     def check_preemption(self) -> None:
         """On a notice that a node of the run is being reclaimed: a checkpoint at this step (unless one was just
-        saved), written out before anything else, then wait for the node to go: Ray Train restarts the worker group
-        at the deadline, from this checkpoint, so no step is trained twice. Should the workers still be there well
-        past the deadline (the reclaim was called off), training goes on."""
-        if self.preempted or (left := self.ctx.preemption()) is None:
+        saved), written out before anything else, then wait for the node to go: Ray Train tears the worker group
+        down at the deadline (there is no way back from a notice) and restarts it from this checkpoint, so no step is
+        trained twice. A run at its last step just finishes."""
+        if self.preempted or self.done or (left := self.ctx.preemption()) is None:
             return
-        self.preempted, step = True, self.progress.step
+        self.preempted, step, wake = True, self.progress.step, time.monotonic() + left + PREEMPTION_MARGIN_S
         self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): checkpoint at step "
                            f"{step}, then waiting for it to go", preemption_notice=True, deadline_s=round(left, 1))
-        if self.saved_step != step:
-            self.save()
-        self.ckpt.wait()
-        time.sleep(left + PREEMPTION_MARGIN_S)
+        try:
+            if self.saved_step != step:
+                self.save()
+            self.ckpt.wait()
+        except Exception as e:  # noqa: BLE001 (a rank of the reclaimed node gone mid-save: the restart resumes from
+            # the last complete checkpoint instead; failing here would charge the reclaim to run.max_failures)
+            emit(f"the checkpoint at the notice did not complete ({type(e).__name__}: {e}); the restart resumes "
+                 "from the last complete one")
+        time.sleep(max(0.0, wake - time.monotonic()))
 
     def finish(self) -> dict:
         """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""
