@@ -26,6 +26,7 @@ import json
 import random
 import shutil
 import tempfile
+import time
 import threading
 import warnings
 from collections import Counter
@@ -78,6 +79,9 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if self.async_save else None
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.write_s: float | None = None
+        """Seconds the last complete save took on this rank, from `save` until every rank had written (background
+        writes and uploads included)."""
 
     # -- resume ---------------------------------------------------------------------------------------------------
     def source(self, resume_from: str | None) -> tuple[str | None, list[str]]:
@@ -136,6 +140,7 @@ class Checkpointer:
         path. With async_save this returns once the state is copied to host memory; the files are written and marked
         complete in the background."""
         self.wait()
+        t0 = time.perf_counter()
         dest = f"{self.run_dir}/{dirname(state['step'])}"
         fs, path = filesystem(dest)
         if self.rank == 0:
@@ -154,12 +159,12 @@ class Checkpointer:
         planner = _Planner() if is_sharded(model) else DefaultSavePlanner()
         if self.async_save:
             future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._group)
-            self._pending = threading.Thread(target=self._finish_in_background, args=(future, dest, local, state),
+            self._pending = threading.Thread(target=self._finish_in_background, args=(future, dest, local, state, t0),
                                              daemon=True)
             self._pending.start()
         else:
             dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not distributed())
-            self._finish(dest, local, state, None)
+            self._finish(dest, local, state, None, t0)
         return dest
 
     def wait(self) -> None:
@@ -171,16 +176,16 @@ class Checkpointer:
             error, self._error = self._error, None
             raise error
 
-    def _finish_in_background(self, future, dest: str, local: Path, state: dict) -> None:
+    def _finish_in_background(self, future, dest: str, local: Path, state: dict, t0: float) -> None:
         try:
             future.result()
-            self._finish(dest, local, state, self._group)
+            self._finish(dest, local, state, self._group, t0)
         except BaseException as e:  # re-raised by wait() on the training thread
             self._error = e
 
-    def _finish(self, dest: str, local: Path, state: dict, group) -> None:
+    def _finish(self, dest: str, local: Path, state: dict, group, t0: float) -> None:
         """After this rank's files are written: upload them (URIs), wait for every rank, then rank 0 marks the
-        checkpoint complete and prunes old ones."""
+        checkpoint complete and prunes old ones. `t0`: when the save began."""
         fs, path = filesystem(dest)
         if is_uri(dest):
             upload(local, dest)
@@ -188,6 +193,7 @@ class Checkpointer:
         faults.maybe_kill("save", state["step"], self.rank)
         if distributed():
             dist.barrier(group=group)
+        self.write_s = time.perf_counter() - t0
         if self.rank != 0:
             return
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))

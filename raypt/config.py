@@ -218,8 +218,8 @@ def validate(cfg: Config) -> list[str]:
                  "(e.g. the GPUs of one node)")
     if m.lora and m.lora_r < 1:
         p.append(f"model.lora_r must be >= 1, got {m.lora_r}")
-    if cfg.run.preemption_check_every < 0:
-        p.append(f"run.preemption_check_every must be >= 0 (0: never), got {cfg.run.preemption_check_every}")
+    if cfg.run.preemption_check_s < 0:
+        p.append(f"run.preemption_check_s must be >= 0 (0: never), got {cfg.run.preemption_check_s}")
     if cfg.run.checkpoints_to_keep < 1:
         p.append(f"run.checkpoints_to_keep must be >= 1 (the newest checkpoint is always kept), got "
                  f"{cfg.run.checkpoints_to_keep}")

@@ -70,7 +70,7 @@ def train(cfg: Config, ctx: Context) -> dict:
     t = cfg.train
     periodic = [Every(t.log_every, training.log, pauses=False), Every(t.eval_every, training.evaluate),
                 Every(t.checkpoint_every, training.save),
-                Every(cfg.run.preemption_check_every, training.check_preemption, at_end=False)]
+                Every(1 if cfg.run.preemption_check_s else None, training.check_preemption, at_end=False)]
     steps = ctx.train_steps(cfg, ctx.data.position)  # starts where the checkpoint's data ended
     training.model.train()
     while not training.done:
@@ -119,6 +119,10 @@ class Progress:
 
 PREEMPTION_MARGIN_S = 60
 """How long past a reclaim's deadline the workers wait for Ray Train to tear them down (they train on after it)."""
+SAVE_SHARE = 0.8
+"""A checkpoint at a reclaim notice is written only when the last one took at most this share of the time left."""
+NOTICES = {"GCP": 30, "AWS": 120}
+"""Seconds of notice clouds give before reclaiming a spot VM."""
 
 
 class Training:
@@ -157,7 +161,9 @@ class Training:
         self.nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
         self.done = self.at_end()  # (a finished run started again trains no further step)
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
-        self.saved_step, self.preempted = None, False
+        self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
+        self.write_s, self.preempted = None, False  # (write_s: the slowest rank's last complete save, seconds)
+        self.check_every, self.unchecked = 1, 0  # (steps between reclaim checks: from the step time, at log steps)
         self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
 
     def resume(self, source: str, skipped: list[str]) -> Progress:
@@ -177,12 +183,14 @@ class Training:
         name = source.rstrip("/").rsplit("/", 1)[-1]
         changes = self.data.load_state_dict(saved, name, self.cfg.run.data_changed)
         progress = Progress(saved["step"], saved["tokens_seen"])
-        w = ctx.world_size
+        w, trained = ctx.world_size, metrics.last_step() if metrics.enabled else None
+        retrained = max(0, trained - progress.step) if trained is not None else 0
         metrics.event(progress.step, f"resuming from {name} on {w} worker{'s' * (w > 1)}: step {progress.step}, "
                       f"{progress.tokens_seen:,} tokens seen, data at {self.data.where()}; {total / 1e6:,.1f} MB of "
-                      f"saved state read ({most / 1e6:,.1f} MB by the busiest worker) in {seconds:.1f} s",
+                      f"saved state read ({most / 1e6:,.1f} MB by the busiest worker) in {seconds:.1f} s"
+                      + (f"; steps {progress.step + 1}-{trained} are trained again" if retrained else ""),
                       resumed_from=source, workers=w, restore_bytes=int(total), restore_bytes_max=int(most),
-                      restore_s=round(seconds, 3))
+                      restore_s=round(seconds, 3), steps_retrained=retrained)
         if changes:
             metrics.event(progress.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is "
                           "restart, so the model and optimizer go on and the new data is read from the start of its "
@@ -233,12 +241,15 @@ class Training:
 
     def input_waits(self, seconds: float) -> dict:
         """The share of the log interval (`seconds`) the ranks spent waiting for their input: the mean over ranks
-        (input_wait) and the most any rank waited (input_wait_max)."""
+        (input_wait) and the most any rank waited (input_wait_max). Sets the reclaim checks' cadence from the
+        slowest rank's step time, so every rank asks at the same steps."""
         def mine() -> torch.Tensor:
-            return torch.tensor(self.input_wait, dtype=torch.float64, device=self.ctx.device)
+            return torch.tensor([self.input_wait, seconds], dtype=torch.float64, device=self.ctx.device)
 
-        total = parallel.all_reduce(mine()).item()
-        most = parallel.all_reduce(mine(), op=torch.distributed.ReduceOp.MAX).item()
+        total = parallel.all_reduce(mine())[0].item()
+        most, slowest = parallel.all_reduce(mine(), op=torch.distributed.ReduceOp.MAX).tolist()
+        if self.cfg.run.preemption_check_s:
+            self.check_every = max(1, int(self.cfg.run.preemption_check_s * self.steps_since_log / slowest))
         return {"input_wait": total / self.ctx.world_size / seconds, "input_wait_max": most / seconds}
 
     def evaluate(self) -> None:
@@ -257,21 +268,44 @@ class Training:
         self.metrics.event(self.progress.step, f"saved {path.rsplit('/', 1)[-1]} in {seconds:.1f} s"
                            + (" (writing in the background)" if self.ckpt.async_save else ""),
                            checkpoint=path, checkpoint_s=round(seconds, 3))
+        # the slowest rank's last complete write (a background one may not be done yet: then the one before), which a
+        # reclaim notice is measured against; every rank takes part, whether or not its own has a figure yet
+        mine = torch.tensor(self.ckpt.write_s or -1.0, dtype=torch.float64, device=self.ctx.device)
+        write_s = parallel.all_reduce(mine, op=torch.distributed.ReduceOp.MAX).item()
+        if write_s >= 0 and self.write_s is None:
+            self.metrics.event(self.progress.step, f"a checkpoint takes {write_s:.1f} s to write: "
+                               + fits_notices(write_s, self.cfg.train.checkpoint_every),
+                               checkpoint_write_s=round(write_s, 3))
+        self.write_s = write_s if write_s >= 0 else None
 
     def check_preemption(self) -> None:
-        """On a notice that a node of the run is being reclaimed: a checkpoint at this step (unless one was just
-        saved), written out before anything else, then wait for the node to go: Ray Train tears the worker group
-        down at the deadline (there is no way back from a notice) and restarts it from this checkpoint, so no step is
-        trained twice. A run at its last step just finishes."""
-        if self.preempted or self.done or (left := self.ctx.preemption()) is None:
+        """Every `check_every` steps (about run.preemption_check_s seconds), ask whether a node of the run is being
+        reclaimed. On the notice: a checkpoint at this step (unless one was just saved), written out before anything
+        else, then wait for the node to go: Ray Train tears the worker group down at the deadline (there is no way
+        back from a notice) and restarts it from this checkpoint, so no step is trained twice. No checkpoint when the
+        last one took longer to write than the notice leaves (the restart resumes from it instead). A run at its last
+        step just finishes."""
+        self.unchecked += 1
+        if self.unchecked < self.check_every or self.preempted or self.done:
+            return
+        self.unchecked = 0
+        if (left := self.ctx.preemption()) is None:
             return
         self.preempted, step, wake = True, self.progress.step, time.monotonic() + left + PREEMPTION_MARGIN_S
-        self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): checkpoint at step "
-                           f"{step}, then waiting for it to go", preemption_notice=True, deadline_s=round(left, 1))
+        save = self.saved_step != step
+        if save and self.write_s is not None and self.write_s > SAVE_SHARE * left:  # (it would be lost half-written)
+            save, last = False, "the start" if self.saved_step is None else f"step {self.saved_step}"
+            self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): NO TIME TO CHECKPOINT "
+                               f"(the last one took {self.write_s:.0f} s to write); the restart resumes from {last} "
+                               f"and trains steps {(self.saved_step or 0) + 1}-{step} again", preemption_notice=True,
+                               deadline_s=round(left, 1), checkpoint_skipped=True)
+        else:
+            self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): checkpoint at step "
+                               f"{step}, then waiting for it to go", preemption_notice=True, deadline_s=round(left, 1))
         try:
-            if self.saved_step != step:
+            if save:
                 self.save()
-            self.ckpt.wait()
+            self.ckpt.wait()  # (a background save of the last periodic checkpoint: finished first)
         except Exception as e:  # noqa: BLE001 (a rank of the reclaimed node gone mid-save: the restart resumes from
             # the last complete checkpoint instead; failing here would charge the reclaim to run.max_failures)
             emit(f"the checkpoint at the notice did not complete ({type(e).__name__}: {e}); the restart resumes "
@@ -290,6 +324,17 @@ class Training:
         ctx.sync()
         return {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen, "final_loss": self.loss_avg,
                 **(self.last_eval or {}), **({"sample": text} if text is not None else {})}
+
+
+def fits_notices(write_s: float, checkpoint_every: int | None) -> str:
+    """Which clouds' reclaim notices (`NOTICES`) a checkpoint written in `write_s` seconds fits, and what a notice
+    too short for it costs."""
+    short = [f"{cloud}'s ~{s} s" for cloud, s in NOTICES.items() if write_s > SAVE_SHARE * s]
+    if not short:
+        return f"fits a spot VM's reclaim notice ({', '.join(f'{c} ~{s} s' for c, s in NOTICES.items())})"
+    every = f"up to {checkpoint_every} steps" if checkpoint_every else "everything since the start"
+    return (f"too long for {' and '.join(short)} reclaim notice: a reclaim there falls back to the last periodic "
+            f"checkpoint and trains {every} again (train.checkpoint_every)")
 
 
 def inputs(x: torch.Tensor, docs: tuple[int | None, int | None] | None, one_row: bool = False) -> dict:

@@ -72,6 +72,20 @@ class MetricsLogger:
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._trackers = [TRACKERS[kind](run_dir, name, config or {}) for kind in dict.fromkeys(loggers)]
 
+    def last_step(self) -> int | None:
+        """The step of the newest training row in metrics.jsonl (a restarted run's: the last logged before it)."""
+        with open(self._file.name, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))  # (a long run's file: its tail holds the last log rows)
+            tail = f.read().decode("utf-8", "replace")
+        for line in reversed(tail.splitlines()):
+            try:
+                row = json.loads(line)
+            except ValueError:  # (the tail's cut first line, or one a killed writer left half-written)
+                continue
+            if "tokens_per_s" in row:
+                return row["step"]
+        return None
+
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return

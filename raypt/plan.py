@@ -1,6 +1,7 @@
 """Plan a run before paying for a cluster: parameters, memory per GPU, steps, wall-clock time and GPU-hours.
 
     python -m raypt.plan --config CFG [--gpus N] [--gpu-mem GB] [--tokens-per-s-per-gpu X | --mfu 0.4 --peak-tflops 989]
+                         [--gpus-per-node 8 --write-gb-s 1]
 
 The model is built on PyTorch's meta device (no weights, no memory), so parameter counts are exact. Memory is an
 estimate: weights, gradients and AdamW state by dtype (trained weights fp32, a 4-bit base 4-bit; FSDP divides them
@@ -14,6 +15,9 @@ gathers: the root's parameters (embeddings, LM head) and two decoder layers (the
 in bf16, plus one layer's unsharded gradient and the fp32 reduce-scatter input it is copied into — or, with
 reshard_after_forward off, every parameter in bf16. Outside the tensors: 5% allocator slack and ~1 GB for the
 CUDA context and NCCL (assumed, not measured without a GPU).
+
+A checkpoint holds the trained weights and their AdamW moments (12 bytes per trained parameter); each node writes its
+share at --write-gb-s, and the time is checked against the reclaim notice a cloud gives a spot VM.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from raypt.cli import command
 from raypt.config import Config, global_batch_size, grad_accum_steps
+from raypt.loop import fits_notices
 from raypt.model import PRESETS, ModelError
 
 GB = 1024**3
@@ -58,6 +63,10 @@ class Plan:
     hours: float
     gpu_hours: float
     gpus: int
+    checkpoint_gb: float
+    """A checkpoint: the trained weights (fp32) and their AdamW moments, all ranks together."""
+    checkpoint_s: float
+    """Seconds to write one, each node writing its share at the given speed."""
     fits: bool | None
 
 
@@ -155,7 +164,8 @@ def layer_activation_bytes(hf, mode: str, lora_r: int = 0) -> int:
 
 
 def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = None, vocab_size: int | None = None,
-         tokens_per_s_per_gpu: float | None = None, mfu: float = 0.4, peak_tflops: float = 989.0) -> Plan:
+         tokens_per_s_per_gpu: float | None = None, mfu: float = 0.4, peak_tflops: float = 989.0,
+         gpus_per_node: int = 8, write_gb_s: float = 1.0) -> Plan:
     from transformers import AutoModelForCausalLM
 
     from raypt.model import model_info
@@ -219,13 +229,15 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     fpt = model_info(model, d.seq_len, adapters=trainable if m.lora else 0).flops_per_token
     tps = tokens_per_s_per_gpu or mfu * peak_tflops * 1e12 / fpt
     hours = tokens / (tps * gpus) / 3600
+    checkpoint = trainable * (4 + 8)  # (DCP spreads a replicated tensor's writes over the ranks, FSDP's are shards)
     return Plan(params, trainable, weights / shard / GB, grads / grads_shard / GB, optimizer / shard / GB,
                 gathered / GB, activations / GB, act_full / GB, act_ckpt / GB, (total - allocated) / GB, total / GB,
                 tokens_per_step, steps, tokens, fpt, tps, hours, hours * gpus, gpus,
+                checkpoint / GB, checkpoint / GB / -(-gpus // gpus_per_node) / write_gb_s,
                 None if gpu_mem_gb is None else total / GB <= gpu_mem_gb)
 
 
-def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
+def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None, write_gb_s: float = 1.0) -> str:
     m = cfg.model
     kind = "QLoRA" if m.quantize else "LoRA" if m.lora else "full"
     sc = cfg.scaling
@@ -246,6 +258,9 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None) -> str:
         f"speed: {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({p.flops_per_token / 1e9:.2f} GFLOPs/token) -> "
         f"{p.hours:.1f} h on {p.gpus} GPUs = {p.gpu_hours:,.0f} GPU-hours",
     ]
+    lines.append(f"checkpoint: {p.checkpoint_gb:,.2f} GB, ~{p.checkpoint_s:,.1f} s to write at {write_gb_s:g} GB/s "
+                 f"per node (--write-gb-s; a run logs its own as checkpoint_write_s): "
+                 + fits_notices(p.checkpoint_s, cfg.train.checkpoint_every))
     if p.fits is not None:
         lines.append(f"fits in {gpu_mem_gb:g} GB: yes" if p.fits else
                      f"DOES NOT FIT in {gpu_mem_gb:g} GB per GPU ({p.total_gb:.1f} GB needed): try "
@@ -271,13 +286,18 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokens-per-s-per-gpu", type=float, help="measured throughput (metrics.jsonl tokens_per_s / GPUs)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU when no throughput is given (default 0.4)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 TFLOP/s per GPU (default H100: 989)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, which share its write speed (default 8)")
+    ap.add_argument("--write-gb-s", type=float, default=1.0,
+                    help="GB/s one node writes a checkpoint to the run's storage (default 1, assumed; measure it: "
+                    "bench/checkpoint.py, or a run's checkpoint_write_s)")
 
 
 @command(__doc__, "raypt.plan", _arguments, config=True)
 def main(a) -> int:
     p = plan(a.cfg, gpus=a.gpus, gpu_mem_gb=a.gpu_mem, vocab_size=a.vocab_size,
-             tokens_per_s_per_gpu=a.tokens_per_s_per_gpu, mfu=a.mfu, peak_tflops=a.peak_tflops)
-    print(describe(p, a.cfg, a.gpu_mem))
+             tokens_per_s_per_gpu=a.tokens_per_s_per_gpu, mfu=a.mfu, peak_tflops=a.peak_tflops,
+             gpus_per_node=a.gpus_per_node, write_gb_s=a.write_gb_s)
+    print(describe(p, a.cfg, a.gpu_mem, a.write_gb_s))
     return 0 if p.fits is not False else 1
 
 

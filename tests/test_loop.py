@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -508,3 +509,52 @@ def test_a_stalled_input_shows_as_input_wait_not_as_compute(tokenizer_dir, tmp_p
         waited = 2 * SlowInput.delay * r["tokens_per_s"] / (2 * 8 * 32)  # 2 steps' delays over the interval
         assert r["input_wait"] == r["input_wait_max"] == pytest.approx(waited, rel=0.2)
     assert max(r["input_wait"] for r in fed) < min(r["input_wait"] for r in slow) / 2
+
+
+class Reclaimed(LocalContext):
+    """LocalContext told at its `at`-th preemption check that a node of the run goes in `left` seconds."""
+
+    def __init__(self, run_dir, data, at: int, left: float):
+        super().__init__(run_dir, data)
+        self.at, self.left, self.checks = at, left, 0
+
+    def preemption(self):
+        self.checks += 1
+        return self.left if self.checks >= self.at else None
+
+
+def events(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_notice_too_short_for_a_checkpoint_falls_back_to_the_periodic_one(tokenizer_dir, tmp_path, monkeypatch):
+    """A notice before any checkpoint was measured: one at once. A notice shorter than the last checkpoint took to
+    write: none (a half-written one would be lost anyway); the restart resumes from the periodic one and says how many
+    steps it trains again."""
+    import raypt.loop
+
+    monkeypatch.setattr(raypt.loop, "PREEMPTION_MARGIN_S", 0)  # (no Ray Train here to end the run at the deadline)
+    sets = ("train.max_steps=7", "train.checkpoint_every=3", "train.eval_every=0", "train.sample_tokens=0",
+            "run.preemption_check_s=0.001")
+    data = blocks(tokenizer_dir, 64, 32)
+    train(cfg_for(tokenizer_dir, *sets), Reclaimed(tmp_path / "early", data, at=2, left=0.001))
+    notice = [r for r in events(tmp_path / "early") if r.get("preemption_notice")]
+    assert [(r["step"], r.get("checkpoint_skipped")) for r in notice] == [(2, None)]
+    assert [r["step"] for r in events(tmp_path / "early") if "checkpoint" in r] == [2, 3, 6, 7]
+
+    rare = Reclaimed(tmp_path / "rare", data, at=1, left=0.001)  # asked about every 1000 s: never in 4 steps
+    train(cfg_for(tokenizer_dir, *sets, "train.max_steps=4", "run.preemption_check_s=1000"), rare)
+    assert rare.checks == 0
+
+    run = tmp_path / "late"
+    train(cfg_for(tokenizer_dir, *sets), Reclaimed(run, data, at=5, left=0.001))
+    rows = events(run)
+    written = [r["checkpoint_write_s"] for r in rows if "checkpoint_write_s" in r]
+    assert len(written) == 1 and written[0] > 0.001  # said once, at the first checkpoint
+    assert [(r["step"], r["checkpoint_skipped"]) for r in rows if r.get("preemption_notice")] == [(5, True)]
+    assert [int(c.name[-6:]) for c in sorted(run.glob("checkpoint_*"))] == [3, 6, 7]
+    for late in (6, 7):  # what the reclaimed run had not saved when its node went
+        shutil.rmtree(run / f"checkpoint_{late:06d}")
+    train(cfg_for(tokenizer_dir, *sets, "run.preemption_check_s=0"), LocalContext(run, data))
+    resumed = [r for r in events(run) if "resumed_from" in r]
+    assert [(Path(r["resumed_from"]).name, r["steps_retrained"]) for r in resumed] == [("checkpoint_000003", 4)]

@@ -35,6 +35,7 @@ def test_tiny_model_by_hand():
     assert p.flops_per_token == 6 * 6288 + 12 * 2 * 16 * 8
     assert p.hours == pytest.approx(320 / 2000 / 3600) and p.gpu_hours == pytest.approx(2 * p.hours)
     assert p.fits
+    assert p.checkpoint_gb * GB == 6288 * 12 and p.checkpoint_s == pytest.approx(6288 * 12 / GB)  # one node, 1 GB/s
 
 
 def test_fsdp_shards_weights_gradients_and_optimizer_state():
