@@ -41,16 +41,12 @@ def maybe_drain(step: int, rank: int) -> None:
     import time
 
     import ray
-    from ray.core.generated import autoscaler_pb2
+
+    from raypt.reclaim import drain
 
     Path(once).write_text(os.environ["RAYPT_FAULT"] + "\n")
-    deadline_ms = time.time_ns() // 1_000_000 + int(float(os.environ.get("RAYPT_FAULT_DEADLINE", "10")) * 1000)
     ctx = ray.get_runtime_context()
-    accepted, why = ray._raylet.GcsClient(address=ctx.gcs_address).drain_node(
-        ctx.get_node_id(), autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "raypt fault",
-        deadline_ms)
-    if not accepted:
-        raise RuntimeError(f"the drain of this node was refused: {why}")
+    drain(ctx.gcs_address, ctx.get_node_id(), float(os.environ.get("RAYPT_FAULT_DEADLINE", "10")), "raypt fault")
     from ray.train.v2._internal.execution.context import get_train_context
 
     given = time.monotonic() + 30

@@ -230,3 +230,66 @@ def busy_cpus():
     """`busy` for the whole test."""
     with busy() as n:
         yield n
+
+
+class FakeMetadata:
+    """A cloud's instance metadata server on loopback, as `raypt.reclaim` reads it: AWS's IMDSv2 (a token by PUT,
+    `spot/instance-action` 404 until a reclaim) and GCP's (`instance/preempted`, FALSE until one). `reclaim(s)`
+    announces one `s` seconds ahead; `polls` counts the reads."""
+
+    def __init__(self):
+        import http.server
+        import json
+        from datetime import datetime, timezone
+
+        meta, self.reclaim_at, self.polls = self, None, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def reply(self, code: int, body: str = "") -> None:
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_PUT(self):
+                ok = self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"]
+                self.reply(200, "token-1") if ok else self.reply(400)
+
+            def do_GET(self):
+                meta.polls += 1
+                at = meta.reclaim_at
+                if self.path == "/latest/meta-data/spot/instance-action":
+                    if self.headers["X-aws-ec2-metadata-token"] != "token-1":
+                        return self.reply(401)
+                    if at is None:
+                        return self.reply(404)
+                    when = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    return self.reply(200, json.dumps({"action": "terminate", "time": when}))
+                if self.path == "/computeMetadata/v1/instance/preempted":
+                    if self.headers["Metadata-Flavor"] != "Google":
+                        return self.reply(403)
+                    return self.reply(200, "FALSE" if at is None else "TRUE")
+                self.reply(404)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def reclaim(self, seconds: float) -> None:
+        import math
+        import time
+
+        self.reclaim_at = math.ceil(time.time() + seconds)  # (the notice names a whole second)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def metadata_server():
+    server = FakeMetadata()
+    yield server
+    server.close()

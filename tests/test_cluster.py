@@ -106,6 +106,17 @@ def test_cloud_specifics():
     assert head not in workers  # the head's profile may launch instances (and pass the workers' role); theirs not
     text = (ROOT / "cluster" / "aws-gpu.yaml").read_text()
     assert all(grant in text for grant in ("ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole"))
+    assert {"provisioningModel": "SPOT"} in gcp["available_node_types"]["gpu_1x_l4_spot"]["node_config"]["scheduling"]
+    for config, spot, cloud in ((aws, "gpu_1x_l40s_spot", "aws"), (gcp, "gpu_1x_l4_spot", "gcp")):
+        # the autoscaler (v1) does not pass the reclaim notice on: the spot nodes watch for it themselves
+        assert config["file_mounts"]["~/raypt/reclaim.py"] == "raypt/reclaim.py"
+        start = " ".join(config["available_node_types"][spot]["worker_setup_commands"])
+        assert f"~/raypt/venv/bin/python ~/raypt/reclaim.py --cloud {cloud}" in start
+    kuberay = next(d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+                   if d["kind"] == "RayJob")
+    spot = next(g for g in kuberay["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu-spot")
+    pod = spot["template"]["spec"]
+    assert "raypt/reclaim.py --cloud" in pod["containers"][0]["args"][0] and pod["terminationGracePeriodSeconds"] >= 30
 
 
 def torch_pin() -> str:

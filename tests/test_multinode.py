@@ -155,7 +155,7 @@ def test_an_elastic_run_goes_on_with_the_workers_left_and_trains_the_same_batche
 
 
 def test_a_reclaimed_node_costs_no_step(cluster, one_node, big_corpus, tokenizer_dir, tmp_path, monkeypatch):
-    """Rank 1's node is drained for preemption, 15 s left, after step 4 (not a checkpoint step: every 3), as a
+    """Rank 1's node is drained for preemption, 10 s left, after step 4 (not a checkpoint step: every 3), as a
     cloud's reclaim notice reaches Ray. A checkpoint at step 4 appears at once, the group restarts at the deadline on
     the nodes left and resumes from it: no step is trained twice, the losses are the one-node run's, and with
     run.max_failures 0 the run finishes (a reclaim is not a failure)."""
@@ -163,7 +163,7 @@ def test_a_reclaimed_node_costs_no_step(cluster, one_node, big_corpus, tokenizer
 
     monkeypatch.setenv("RAYPT_FAULT", "drain:4:1")
     monkeypatch.setenv("RAYPT_FAULT_FILE", str(tmp_path / "drained"))
-    monkeypatch.setenv("RAYPT_FAULT_DEADLINE", "15")
+    monkeypatch.setenv("RAYPT_FAULT_DEADLINE", "10")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # (off for the rest of the suite: conftest)
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "spot", 64) for a in ("--set", s)]
@@ -172,13 +172,42 @@ def test_a_reclaimed_node_costs_no_step(cluster, one_node, big_corpus, tokenizer
     while ray.cluster_resources().get("CPU", 0) < 9:
         time.sleep(0.2)
     try:
-        assert train.main([*argv, "--set", "run.preemption_check_every=1"]) == 0
+        assert train.main([*argv, "--set", "run.preemption_check_s=0.001"]) == 0
     finally:
         for node in [n for n in cluster.worker_nodes if n.node_id in state.get_draining_nodes()]:
             cluster.remove_node(node)  # (the module's last test: nothing needs it replaced)
     log = rows(tmp_path / "spot")
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
     assert [r["step"] for r in log if r.get("preemption_notice")] == [4]
-    assert [(Path(r["resumed_from"]).name, r["workers"]) for r in log if "resumed_from" in r] == [
-        ("checkpoint_000004", 2)]
+    assert [(Path(r["resumed_from"]).name, r["workers"], r["steps_retrained"]) for r in log if "resumed_from" in r] == [
+        ("checkpoint_000004", 2, 0)]
     assert one_node == pytest.approx(losses(tmp_path / "spot"), rel=1e-5)
+
+
+def test_the_spot_watcher_drains_its_node_with_the_clouds_deadline(cluster, metadata_server, tmp_path):
+    """raypt/reclaim.py, as a spot node of the `ray up` autoscaler runs it: EC2's notice (two minutes ahead) on a
+    fake metadata server drains that node for preemption, with the deadline EC2 names."""
+    from ray._private.state import state
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raypt import reclaim
+
+    node = cluster.add_node(num_cpus=1, object_store_memory=128 * MB)
+    on_it = NodeAffinitySchedulingStrategy(node.node_id, soft=False)  # (work there: an idle node drains at once)
+    started = tmp_path / "started"
+    busy = ray.remote(num_cpus=1)(lambda: (started.touch(), time.sleep(60))).options(scheduling_strategy=on_it).remote()
+    while not started.exists():
+        time.sleep(0.1)
+    watcher = threading.Thread(target=reclaim.main, args=([
+        "--cloud", "aws", "--every", "0.1", "--metadata-url", metadata_server.url, "--address", cluster.address,
+        "--node-id", node.node_id],))
+    watcher.start()
+    time.sleep(0.5)
+    assert node.node_id not in state.get_draining_nodes()  # (no notice yet)
+    metadata_server.reclaim(120)
+    watcher.join(timeout=10)
+    try:
+        assert state.get_draining_nodes()[node.node_id] == pytest.approx(metadata_server.reclaim_at * 1000, abs=500)
+    finally:
+        ray.cancel(busy, force=True)
+        cluster.remove_node(node)
