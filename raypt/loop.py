@@ -65,15 +65,16 @@ class Context(Protocol):
 
 def train(cfg: Config, ctx: Context) -> dict:
     """Train from the run's latest checkpoint (or from the start) to train.max_steps / train.max_tokens, logging,
-    evaluating and checkpointing as configured; export the model at the end. Returns the run's summary."""
+    evaluating and checkpointing as configured; export the model at the end. Returns the run's summary, or
+    {"reclaimed": True, "step": ...} when a node of the run is being reclaimed (`Training.check_preemption`)."""
     training = Training(cfg, ctx)
     t = cfg.train
     periodic = [Every(t.log_every, training.log, pauses=False), Every(t.eval_every, training.evaluate),
                 Every(t.checkpoint_every, training.save),
-                Every(1 if cfg.run.preemption_check_s else None, training.check_preemption, at_end=False)]
+                Every(training.reclaim_check_every, training.check_preemption, at_end=False)]
     steps = ctx.train_steps(cfg, ctx.data.position)  # starts where the checkpoint's data ended
     training.model.train()
-    while not training.done:
+    while not (training.done or training.reclaimed):
         t0 = time.perf_counter()
         micro, position = next(steps)
         training.input_wait += time.perf_counter() - t0  # (a rank waiting for its blocks: a stall in the pipeline)
@@ -86,14 +87,15 @@ def train(cfg: Config, ctx: Context) -> dict:
             p.action()
             if p.pauses:  # eval and checkpoint time is kept out of tokens/s
                 training.t_log += time.perf_counter() - t0
-    return training.finish()
+    return training.leave() if training.reclaimed else training.finish()
 
 
 @dataclass
 class Every:
     """An action taken every `steps` optimizer steps (0 or None: never) and after the last one."""
 
-    steps: int | None
+    steps: int | None | Callable[[], int | None]
+    """(A callable: asked each step, for a cadence that changes.)"""
     action: Callable[[], None]
     pauses: bool = True
     """Whether its time is kept out of the training rate."""
@@ -101,7 +103,8 @@ class Every:
     """Whether it is also taken after the last step."""
 
     def due(self, step: int, last: bool) -> bool:
-        return (last and self.at_end) or bool(self.steps) and step % self.steps == 0
+        steps = self.steps() if callable(self.steps) else self.steps
+        return (last and self.at_end) or bool(steps) and step % steps == 0
 
 
 @dataclass
@@ -117,8 +120,6 @@ class Progress:
         return {"step": self.step, "tokens_seen": self.tokens_seen}
 
 
-PREEMPTION_MARGIN_S = 60
-"""How long past a reclaim's deadline the workers wait for Ray Train to tear them down (they train on after it)."""
 SAVE_SHARE = 0.8
 """A checkpoint at a reclaim notice is written only when the last one took at most this share of the time left."""
 NOTICES = {"GCP": 30, "AWS": 120}
@@ -162,8 +163,8 @@ class Training:
         self.done = self.at_end()  # (a finished run started again trains no further step)
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
         self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
-        self.write_s, self.preempted = None, False  # (write_s: the slowest rank's last complete save, seconds)
-        self.check_every, self.unchecked = 1, 0  # (steps between reclaim checks: from the step time, at log steps)
+        self.write_s, self.reclaimed = None, False  # (write_s: the slowest rank's last complete save, seconds)
+        self.check_every = 1  # (steps between reclaim checks: from the step time, at log steps)
         self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
 
     def resume(self, source: str, skipped: list[str]) -> Progress:
@@ -278,21 +279,22 @@ class Training:
                                checkpoint_write_s=round(write_s, 3))
         self.write_s = write_s if write_s >= 0 else None
 
+    def reclaim_check_every(self) -> int | None:
+        """Steps between reclaim checks: about run.preemption_check_s seconds (None: never)."""
+        return self.check_every if self.cfg.run.preemption_check_s else None
+
     def check_preemption(self) -> None:
         """Every `check_every` steps (about run.preemption_check_s seconds), ask whether a node of the run is being
-        reclaimed. On the notice: a checkpoint at this step (unless one was just saved), written out before anything
-        else, then wait for the node to go: Ray Train tears the worker group down at the deadline (there is no way
-        back from a notice) and restarts it from this checkpoint, so no step is trained twice. No checkpoint when the
-        last one took longer to write than the notice leaves (the restart resumes from it instead). A run at its last
-        step just finishes."""
-        self.unchecked += 1
-        if self.unchecked < self.check_every or self.preempted or self.done:
+        reclaimed. On the notice: a checkpoint at this step (unless one was just saved), written out at once, and
+        the workers leave (`leave`): the driver starts them again on the nodes left, from this checkpoint, without
+        waiting for the deadline, so no step is trained twice. No checkpoint when the last one took longer to write
+        than the notice leaves: the restart resumes from that one instead. A run at its last step just finishes."""
+        if self.done or (left := self.ctx.preemption()) is None:
             return
-        self.unchecked = 0
-        if (left := self.ctx.preemption()) is None:
-            return
-        self.preempted, step, wake = True, self.progress.step, time.monotonic() + left + PREEMPTION_MARGIN_S
-        save = self.saved_step != step
+        # the soonest deadline any rank's clock gives (one host's clock ahead would have it alone decide not to save)
+        left = parallel.all_reduce(torch.tensor(left, dtype=torch.float64, device=self.ctx.device),
+                                   op=torch.distributed.ReduceOp.MIN).item()
+        self.reclaimed, step, save = True, self.progress.step, self.saved_step != self.progress.step
         if save and self.write_s is not None and self.write_s > SAVE_SHARE * left:  # (it would be lost half-written)
             save, last = False, "the start" if self.saved_step is None else f"step {self.saved_step}"
             self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): NO TIME TO CHECKPOINT "
@@ -301,16 +303,24 @@ class Training:
                                deadline_s=round(left, 1), checkpoint_skipped=True)
         else:
             self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): checkpoint at step "
-                               f"{step}, then waiting for it to go", preemption_notice=True, deadline_s=round(left, 1))
+                               f"{step}, then the workers start again on the nodes left", preemption_notice=True,
+                               deadline_s=round(left, 1))
         try:
             if save:
                 self.save()
-            self.ckpt.wait()  # (a background save of the last periodic checkpoint: finished first)
+            self.ckpt.wait()  # (and a periodic one still being written in the background)
         except Exception as e:  # noqa: BLE001 (a rank of the reclaimed node gone mid-save: the restart resumes from
             # the last complete checkpoint instead; failing here would charge the reclaim to run.max_failures)
             emit(f"the checkpoint at the notice did not complete ({type(e).__name__}: {e}); the restart resumes "
                  "from the last complete one")
-        time.sleep(max(0.0, wake - time.monotonic()))
+
+    def leave(self) -> dict:
+        """End this worker group early, for a reclaim: its checkpoints written, its metrics out. The driver starts a
+        new group (`raypt.train.run`), which resumes from the newest checkpoint."""
+        self.ckpt.wait()
+        self.metrics.close()
+        self.ctx.sync()
+        return {"reclaimed": True, "step": self.progress.step}
 
     def finish(self) -> dict:
         """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""

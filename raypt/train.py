@@ -9,6 +9,7 @@ Re-running the same run.name resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import tempfile
@@ -164,8 +165,8 @@ def run(cfg: Config) -> dict:
     if source := latest or cfg.run.resume_from:  # where the data stream will start
         resume_data(data, source, cfg.run.data_changed)
     feeder, stats, evals = start_data(cfg, data, encoder)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+    trainer = functools.partial(
+        TorchTrainer, train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals,
                            "data": data.light(), "stats": stats, "terminal": is_terminal(sys.stdout)},
         scaling_config=ray.train.ScalingConfig(num_workers=(sc.min_workers, sc.max_workers) if sc.elastic
@@ -180,7 +181,11 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     monitor = Monitor(stats, cfg.train.max_steps) if is_terminal(sys.stdout) else None
     try:
-        result = trainer.fit()
+        # A reclaimed node's workers checkpoint and return: a new group starts at once on the nodes left (a draining
+        # node takes no new work), from that checkpoint, instead of Ray Train's restart at the reclaim's deadline.
+        while (result := trainer().fit()).return_value and result.return_value.get("reclaimed"):
+            print(f"a node was reclaimed at step {result.return_value['step']}: starting the workers again on the "
+                  "nodes left", flush=True)
     finally:
         if monitor is not None:
             monitor.stop()
