@@ -1,13 +1,14 @@
-"""A node's watch for its cloud's reclaim notice, where the notice does not reach Ray by itself (the `ray up`
-autoscaler v1; KubeRay and the v2 autoscaler pass it on): poll the instance metadata and, on a notice, drain this
-node for preemption with the notice's deadline. Ray Train then tells the run (`ray.train.get_preemption_info`), which
-checkpoints at once (`raypt.loop.Training.check_preemption`).
+"""A node's watch for its cloud's reclaim notice, which neither the `ray up` autoscaler (v1) nor KubeRay passes on
+to Ray: poll the instance metadata and, on a notice, drain this node for preemption with the notice's deadline. Ray
+Train then tells the run (`ray.train.get_preemption_info`), which checkpoints at once
+(`raypt.loop.Training.check_preemption`).
 
     python reclaim.py --cloud aws|gcp [--every 2] [--metadata-url URL] [--address GCS] [--node-id HEX]
 
 AWS: the spot `instance-action` (IMDSv2), which names the time of the reclaim, two minutes ahead. GCP: the
-`instance/preempted` flag, which gives ~30 s. The cluster files copy this file to each spot node and start it there:
-it needs Python and Ray alone (raypt itself comes with the job), and waits for Ray to start on the node.
+`instance/preempted` flag, which gives ~30 s. The cluster files copy this file to every worker node and start it
+there (on an on-demand node no notice ever comes): it needs Python and Ray alone (raypt itself comes with the job),
+and waits for Ray to start on the node.
 """
 
 from __future__ import annotations
@@ -62,16 +63,25 @@ NOTICES = {"aws": aws_notice, "gcp": gcp_notice}
 
 def watch(notice, drain, every: float = 2.0, stop=lambda: False) -> float | None:
     """Poll `notice()` (seconds left, or None) every `every` seconds until it gives a deadline; then `drain(seconds
-    left)` and return them. A failed poll (the metadata server busy) is logged and retried."""
+    left)` and return the seconds left at the notice. A failed poll (the metadata server busy) or drain (the GCS
+    restarting) is logged and tried again, the drain until its deadline."""
+    deadline = None
     while not stop():
-        try:
-            left = notice()
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("reading the reclaim notice failed (%s: %s); retrying", type(e).__name__, e)
-            left = None
-        if left is not None:
-            drain(left)
-            return left
+        if deadline is None:
+            try:
+                left = notice()
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("reading the reclaim notice failed (%s: %s); retrying", type(e).__name__, e)
+                left = None
+            deadline = None if left is None else time.time() + left
+        if deadline is not None:
+            try:
+                drain(max(0.0, deadline - time.time()))
+                return left
+            except Exception as e:  # noqa: BLE001 (whatever Ray raises: the node goes anyway; keep trying)
+                if time.time() > deadline:
+                    raise
+                log.warning("draining this node failed (%s: %s); retrying", type(e).__name__, e)
         time.sleep(every)
     return None
 
@@ -92,7 +102,7 @@ def local_node(gcs_address: str) -> str:
     """The hex id of the live Ray node with this machine's IP address."""
     import ray
 
-    ip = ray.util.get_node_ip_address()
+    ip = ray.util.get_node_ip_address(gcs_address)  # (the address `ray start` took: the one facing the GCS)
     nodes = [n for n in ray._raylet.GcsClient(address=gcs_address).get_all_node_info().values()
              if n.node_manager_address == ip and n.state == 0]  # (0: ALIVE)
     if len(nodes) != 1:
@@ -119,12 +129,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     address = a.address or wait_for_ray(a.every)
-    node = a.node_id or local_node(address)
     base = a.metadata_url or METADATA[a.cloud]
-    log.info("watching %s for a reclaim notice of Ray node %s", base, node)
-    left = watch(lambda: NOTICES[a.cloud](base),
-                 lambda s: drain(address, node, s, f"{a.cloud} reclaims this instance in {s:.0f} s"), a.every)
-    log.info("reclaim notice: drained Ray node %s, %.0f s left", node, left)
+    log.info("watching %s for a reclaim notice (Ray at %s)", base, address)
+
+    def drain_here(left: float) -> None:  # (the node is looked up at the notice: Ray may have restarted since)
+        node = a.node_id or local_node(address)
+        drain(address, node, left, f"{a.cloud} reclaims this instance in {left:.0f} s")
+        log.info("reclaim notice: drained Ray node %s, %.0f s left", node, left)
+
+    watch(lambda: NOTICES[a.cloud](base), drain_here, a.every)
     return 0
 
 

@@ -3,7 +3,8 @@
     python -m raypt.report RUN_DIR [RUN_DIR ...] [--out DIR]
 
 Plots against tokens seen: train and eval loss (each source's too), eval perplexity, learning rate, gradient norm,
-tokens/s and MFU; dashed lines where the run resumed from a checkpoint, crosses at skipped (non-finite) steps.
+tokens/s and MFU, the share of time the ranks waited for data; dashed lines where the run resumed from a checkpoint,
+crosses at skipped (non-finite) steps. report.md counts resumes, reclaim notices and the steps trained again.
 Several RUN_DIRs share each plot, one colour per run, and report.md compares them in one table. Steps a resumed run
 trained twice count once: its later try. Output: DIR (default RUN_DIR/report, or ./report for several runs or a
 URI).
@@ -38,6 +39,10 @@ class Run:
     skipped: list[int] = field(default_factory=list)
     """Log steps whose update was skipped (non-finite loss or gradients)."""
     checkpoints: int = 0
+    preemptions: int = 0
+    """Reclaim notices the run heard (a node of it about to be taken back by its cloud)."""
+    retrained: int = 0
+    """Steps trained again after resumes (logged past the checkpoint each resumed from)."""
 
     def tokens(self, steps) -> np.ndarray:
         """Tokens seen at `steps`, from the log rows (eval and event rows carry only a step)."""
@@ -69,6 +74,9 @@ def read_run(run_dir: str) -> Run:
             run.logs = [x for x in run.logs if x["step"] <= r["step"]]
             run.evals = [x for x in run.evals if x["step"] <= r["step"]]
             run.resumes.append(r["step"])
+            run.retrained += r.get("steps_retrained", 0)
+        elif r.get("preemption_notice"):
+            run.preemptions += 1
         elif "eval_loss" in r:
             run.evals.append(r)
         elif "lr" in r:
@@ -168,14 +176,16 @@ def summary(run: Run) -> dict:
     for key in ("tokens_per_s", "mfu"):
         if v := _series(run.logs, key)[1]:
             out[key] = float(np.median(v))
-    out.update(resumes=len(run.resumes), skipped_steps=len(run.skipped), checkpoints=run.checkpoints)
+    out.update(resumes=len(run.resumes), preemptions=run.preemptions, steps_retrained=run.retrained,
+               skipped_steps=len(run.skipped), checkpoints=run.checkpoints)
     return out
 
 
 def markdown(runs: list[Run], plots: list[Path]) -> str:
     rows = [summary(r) for r in runs]
     keys = ["steps", "tokens_seen", "train_loss"] + sorted({k for s in rows for k in s if k.startswith("eval_")}) + [
-        k for k in ("tokens_per_s", "mfu", "resumes", "skipped_steps", "checkpoints") if any(k in s for s in rows)]
+        k for k in ("tokens_per_s", "mfu", "resumes", "preemptions", "steps_retrained", "skipped_steps", "checkpoints")
+        if any(k in s for s in rows)]
     lines = [f"# {' vs '.join(r.name for r in runs)}", "", "| metric | " + " | ".join(r.name for r in runs) + " |",
              "|---|" + "---|" * len(runs)]
     for k in keys:

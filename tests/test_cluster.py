@@ -93,7 +93,7 @@ def test_cloud_specifics():
     gcp = yaml.safe_load((ROOT / "cluster" / "gcp-gpu.yaml").read_text())
     for name, t in gcp["available_node_types"].items():
         if "guestAccelerators" in t["node_config"]:
-            assert {"onHostMaintenance": "TERMINATE"} in t["node_config"]["scheduling"], name
+            assert t["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE", name  # (an object, not a list)
     aws = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
     types = aws["available_node_types"]
     assert types["gpu_1x_l40s_spot"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
@@ -106,12 +106,13 @@ def test_cloud_specifics():
     assert head not in workers  # the head's profile may launch instances (and pass the workers' role); theirs not
     text = (ROOT / "cluster" / "aws-gpu.yaml").read_text()
     assert all(grant in text for grant in ("ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole"))
-    assert {"provisioningModel": "SPOT"} in gcp["available_node_types"]["gpu_1x_l4_spot"]["node_config"]["scheduling"]
-    for config, spot, cloud in ((aws, "gpu_1x_l40s_spot", "aws"), (gcp, "gpu_1x_l4_spot", "gcp")):
-        # the autoscaler (v1) does not pass the reclaim notice on: the spot nodes watch for it themselves
+    assert gcp["available_node_types"]["gpu_1x_l4_spot"]["node_config"]["scheduling"]["provisioningModel"] == "SPOT"
+    for config, cloud in ((aws, "aws"), (gcp, "gcp")):
+        # the autoscaler (v1) does not pass the reclaim notice on: the worker nodes watch for it themselves, started
+        # by the global worker_setup_commands (a node type's own would replace setup_commands, the venv with them)
         assert config["file_mounts"]["~/raypt/reclaim.py"] == "raypt/reclaim.py"
-        start = " ".join(config["available_node_types"][spot]["worker_setup_commands"])
-        assert f"~/raypt/venv/bin/python ~/raypt/reclaim.py --cloud {cloud}" in start
+        assert f"~/raypt/venv/bin/python ~/raypt/reclaim.py --cloud {cloud}" in " ".join(config["worker_setup_commands"])
+        assert not any("worker_setup_commands" in t for t in config["available_node_types"].values())
     kuberay = next(d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
                    if d["kind"] == "RayJob")
     spot = next(g for g in kuberay["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu-spot")

@@ -151,7 +151,8 @@ def test_a_report_counts_a_resumed_run_once_and_marks_resumes_and_skips(tmp_path
             for s in (1, 2, 3, 4)]
     rows[2] = {"step": 3, "lr": 1e-3, "tokens_seen": 300, "tokens_per_s": 1e3, "skipped_steps": 1}  # non-finite
     rows += [{"step": 4, "eval_loss": 4.0, "eval_ppl": math.exp(4.0)}, {"step": 4, "checkpoint": "c4"},
-             {"step": 2, "resumed_from": "c2", "workers": 1}]  # killed after step 4, resumed from step 2's checkpoint
+             {"step": 4, "preemption_notice": True, "checkpoint_skipped": True},  # a notice too short to save
+             {"step": 2, "resumed_from": "c2", "workers": 1, "steps_retrained": 2}]  # resumed from step 2's
     rows += [{"step": s, "loss": 4.0 - s / 10, "lr": 1e-3, "tokens_seen": 100 * s, "tokens_per_s": 2e3}
              for s in (3, 4, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
@@ -161,6 +162,7 @@ def test_a_report_counts_a_resumed_run_once_and_marks_resumes_and_skips(tmp_path
     assert run.tokens([2.5, 5]).tolist() == [250, 500]
     s = report.summary(run)
     assert s["steps"] == 5 and s["train_loss"] == pytest.approx(3.5) and s["resumes"] == 1
+    assert s["preemptions"] == 1 and s["steps_retrained"] == 2
     (tmp_path / "skip").mkdir()
     (tmp_path / "skip" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     assert report.read_run(str(tmp_path / "skip")).skipped == [3]
