@@ -134,6 +134,15 @@ def worker_room(need: dict[str, float], nodes: list[tuple[dict, int]]) -> int:
     return sum(n * count for n, (_, count) in zip(per_node, nodes))
 
 
+def free_worker_room(sc) -> int:
+    """How many more training workers (`sc`: the scaling config) the cluster's free resources hold now, node by node
+    (a draining node shows none free)."""
+    from ray._private.state import available_resources_per_node
+
+    need = {"CPU": sc.cpus_per_worker, "GPU": 1.0 if sc.use_gpu else 0.0}
+    return worker_room(need, [(free, 1) for free in available_resources_per_node().values()])
+
+
 def check_workers_fit(sc) -> None:
     """Refuse, before any worker starts, a run whose training workers (`sc`: the scaling config) fit on no node
     the cluster has or can have: Ray would wait for them forever."""

@@ -62,19 +62,23 @@ class Context(Protocol):
         """Seconds until a node of the run is reclaimed, or None while none is; every rank calls at the same steps and
         gets the same answer."""
 
+    def room(self) -> int:
+        """How many more training workers the cluster could hold now (asked on rank 0 alone)."""
+
 
 def train(cfg: Config, ctx: Context) -> dict:
     """Train from the run's latest checkpoint (or from the start) to train.max_steps / train.max_tokens, logging,
     evaluating and checkpointing as configured; export the model at the end. Returns the run's summary, or
-    {"reclaimed": True, "step": ...} when a node of the run is being reclaimed (`Training.check_preemption`)."""
+    {"restart": "reclaim" | "grow", "step": ...} when the workers should start again elsewhere: a node of the run is
+    being reclaimed, or an elastic run has room for more workers (`Training.check_cluster`)."""
     training = Training(cfg, ctx)
     t = cfg.train
     periodic = [Every(t.log_every, training.log, pauses=False), Every(t.eval_every, training.evaluate),
                 Every(t.checkpoint_every, training.save),
-                Every(training.reclaim_check_every, training.check_preemption, at_end=False)]
+                Every(training.cluster_check_every, training.check_cluster, at_end=False)]
     steps = ctx.train_steps(cfg, ctx.data.position)  # starts where the checkpoint's data ended
     training.model.train()
-    while not (training.done or training.reclaimed):
+    while not (training.done or training.restart):
         t0 = time.perf_counter()
         micro, position = next(steps)
         training.input_wait += time.perf_counter() - t0  # (a rank waiting for its blocks: a stall in the pipeline)
@@ -87,7 +91,7 @@ def train(cfg: Config, ctx: Context) -> dict:
             p.action()
             if p.pauses:  # eval and checkpoint time is kept out of tokens/s
                 training.t_log += time.perf_counter() - t0
-    return training.leave() if training.reclaimed else training.finish()
+    return training.leave() if training.restart else training.finish()
 
 
 @dataclass
@@ -163,8 +167,10 @@ class Training:
         self.done = self.at_end()  # (a finished run started again trains no further step)
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
         self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
-        self.write_s, self.reclaimed = None, False  # (write_s: the slowest rank's last complete save, seconds)
-        self.check_every = 1  # (steps between reclaim checks: from the step time, at log steps)
+        self.write_s, self.restart = None, None  # (write_s: the slowest rank's last complete save, seconds)
+        self.check_every = 1  # (steps between cluster checks: from the step time, at log steps)
+        sc = cfg.scaling
+        self.may_grow = sc.elastic and ctx.world_size < sc.max_workers
         self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
 
     def resume(self, source: str, skipped: list[str]) -> Progress:
@@ -241,17 +247,18 @@ class Training:
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
 
     def input_waits(self, seconds: float) -> dict:
-        """The share of the log interval (`seconds`) the ranks spent waiting for their input: the mean over ranks
-        (input_wait) and the most any rank waited (input_wait_max). Sets the reclaim checks' cadence from the
-        slowest rank's step time, so every rank asks at the same steps."""
-        def mine() -> torch.Tensor:
-            return torch.tensor([self.input_wait, seconds], dtype=torch.float64, device=self.ctx.device)
+        """The share of their log intervals (this rank's: `seconds`) the ranks spent waiting for their input: all
+        ranks together (input_wait) and the rank that waited most (input_wait_max). Sets the cluster checks' cadence
+        from the slowest rank's step time, so every rank asks at the same steps."""
+        def mine() -> torch.Tensor:  # (each rank's own interval: one that set up longer started it earlier)
+            return torch.tensor([self.input_wait, seconds, self.input_wait / seconds], dtype=torch.float64,
+                                device=self.ctx.device)
 
-        total = parallel.all_reduce(mine())[0].item()
-        most, slowest = parallel.all_reduce(mine(), op=torch.distributed.ReduceOp.MAX).tolist()
+        waited, total, _ = parallel.all_reduce(mine()).tolist()
+        _, slowest, most = parallel.all_reduce(mine(), op=torch.distributed.ReduceOp.MAX).tolist()
         if self.cfg.run.preemption_check_s:
             self.check_every = max(1, int(self.cfg.run.preemption_check_s * self.steps_since_log / slowest))
-        return {"input_wait": total / self.ctx.world_size / seconds, "input_wait_max": most / seconds}
+        return {"input_wait": waited / total, "input_wait_max": most}
 
     def evaluate(self) -> None:
         if result := evaluate(self.model, self.ctx, self.cfg.train.micro_batch_size, self.eval_rows, self.autocast,
@@ -279,22 +286,40 @@ class Training:
                                checkpoint_write_s=round(write_s, 3))
         self.write_s = write_s if write_s >= 0 else None
 
-    def reclaim_check_every(self) -> int | None:
-        """Steps between reclaim checks: about run.preemption_check_s seconds (None: never)."""
+    def cluster_check_every(self) -> int | None:
+        """Steps between cluster checks: about run.preemption_check_s seconds (None: never)."""
         return self.check_every if self.cfg.run.preemption_check_s else None
 
-    def check_preemption(self) -> None:
+    def check_cluster(self) -> None:
         """Every `check_every` steps (about run.preemption_check_s seconds), ask whether a node of the run is being
-        reclaimed. On the notice: a checkpoint at this step (unless one was just saved), written out at once, and
-        the workers leave (`leave`): the driver starts them again on the nodes left, from this checkpoint, without
-        waiting for the deadline, so no step is trained twice. No checkpoint when the last one took longer to write
-        than the notice leaves: the restart resumes from that one instead. A run at its last step just finishes."""
-        if self.done or (left := self.ctx.preemption()) is None:
+        reclaimed (`check_preemption`), and whether an elastic run below its most workers has room for more. Room: a
+        checkpoint at this step, and the workers leave (`leave`) for the driver to start a larger group from it."""
+        if self.done:
             return
+        if (left := self.ctx.preemption()) is not None:
+            self.check_preemption(left)
+            return
+        if not self.may_grow:
+            return
+        mine = torch.tensor(self.ctx.room() if self.ctx.rank == 0 else 0, device=self.ctx.device)
+        if (more := int(parallel.all_reduce(mine, op=torch.distributed.ReduceOp.MAX).item())) < 1:
+            return
+        self.restart, step = "grow", self.progress.step
+        self.metrics.event(step, f"room for {more} more worker{'s' * (more > 1)}: checkpoint at step {step}, then the "
+                           "workers start again on the larger cluster", grow=more)
+        if self.saved_step != step:
+            self.save()
+        self.ckpt.wait()
+
+    def check_preemption(self, left: float) -> None:
+        """A node of the run is reclaimed in `left` seconds: a checkpoint at this step (unless one was just saved),
+        written out at once, and the workers leave (`leave`): the driver starts them again on the nodes left, from
+        this checkpoint, without waiting for the deadline, so no step is trained twice. No checkpoint when the last
+        one took longer to write than the notice leaves: the restart resumes from that one instead."""
         # the soonest deadline any rank's clock gives (one host's clock ahead would have it alone decide not to save)
         left = parallel.all_reduce(torch.tensor(left, dtype=torch.float64, device=self.ctx.device),
                                    op=torch.distributed.ReduceOp.MIN).item()
-        self.reclaimed, step, save = True, self.progress.step, self.saved_step != self.progress.step
+        self.restart, step, save = "reclaim", self.progress.step, self.saved_step != self.progress.step
         if save and self.write_s is not None and self.write_s > SAVE_SHARE * left:  # (it would be lost half-written)
             save, last = False, "the start" if self.saved_step is None else f"step {self.saved_step}"
             self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): NO TIME TO CHECKPOINT "
@@ -315,12 +340,12 @@ class Training:
                  "from the last complete one")
 
     def leave(self) -> dict:
-        """End this worker group early, for a reclaim: its checkpoints written, its metrics out. The driver starts a
-        new group (`raypt.train.run`), which resumes from the newest checkpoint."""
+        """End this worker group early, for a reclaim or to grow: its checkpoints written, its metrics out. The driver
+        starts a new group (`raypt.train.run`), which resumes from the newest checkpoint."""
         self.ckpt.wait()
         self.metrics.close()
         self.ctx.sync()
-        return {"reclaimed": True, "step": self.progress.step}
+        return {"restart": self.restart, "step": self.progress.step}
 
     def finish(self) -> dict:
         """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""
@@ -495,6 +520,9 @@ class LocalContext:
 
     def preemption(self) -> float | None:
         return None
+
+    def room(self) -> int:
+        return 0
 
     def train_steps(self, cfg: Config, position: Position):
         """The blocks as one unit, in the run's order."""

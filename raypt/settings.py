@@ -254,10 +254,11 @@ class RunConfig:
     """Worker-group restarts (from the latest checkpoint) before the run fails. A node reclaimed by its cloud (spot
     capacity) is not a failure: those restarts are not counted."""
     preemption_check_s: float = 2.0
-    """Ask Ray Train about every this many seconds of training whether a node of the run is being reclaimed (0:
-    never); the question is a barrier across the workers, so it is asked every N steps, N following the measured
-    step time. On the notice: a checkpoint at that step at once, then the workers wait for the node to go, so the
-    restarted run resumes there and trains no step twice."""
+    """Ask Ray Train about every this many seconds of training whether a node of the run is being reclaimed, and for
+    an elastic run below its most workers whether the cluster has room for more (0: never). The question is a
+    barrier across the workers, so it is asked every N steps, N following the measured step time. On either: a
+    checkpoint at that step at once, then a new group of workers (on the nodes left, or a larger one) resumes there
+    and trains no step twice."""
     async_checkpoint: Optional[bool] = None
     """Write checkpoints in the background (torch.distributed.checkpoint.async_save): training waits only while the
     state is copied to host memory, not for the disk or the upload. null: on when training on GPUs."""

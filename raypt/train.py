@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raypt import checkpoint, faults
 from raypt.cli import command, fail, quiet_libraries
-from raypt.cluster import check_data_fits, check_workers_fit, cpu_threads, init_ray
+from raypt.cluster import check_data_fits, check_workers_fit, cpu_threads, free_worker_room, init_ray
 from raypt.config import Config, config_from_dict, global_batch_size, grad_accum_steps
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
@@ -38,6 +38,7 @@ from raypt.storage import download_if_exists, is_uri, upload
 from raypt.tokenizer import encoder_spec
 
 
+RESTARTS = {"reclaim": "a node of the run is being reclaimed", "grow": "the cluster has room for more workers"}
 UNKNOWN_RECLAIM_S = 120.0
 """Ray Train's own wait for a reclaim that came without a deadline (`DEFAULT_PREEMPTION_DEADLINE_S`)."""
 
@@ -77,6 +78,9 @@ class RayContext:
         if info.deadline_ms is None:  # (Ray Train then restarts the group this long after the notice)
             return UNKNOWN_RECLAIM_S
         return max(0.0, info.deadline_ms / 1000 - time.time())
+
+    def room(self) -> int:
+        return min(free_worker_room(self.cfg.scaling), self.cfg.scaling.max_workers - self.world_size)
 
     def prepare(self, model):
         if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built
@@ -181,11 +185,11 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     monitor = Monitor(stats, cfg.train.max_steps) if is_terminal(sys.stdout) else None
     try:
-        # A reclaimed node's workers checkpoint and return: a new group starts at once on the nodes left (a draining
-        # node takes no new work), from that checkpoint, instead of Ray Train's restart at the reclaim's deadline.
-        while (result := trainer().fit()).return_value and result.return_value.get("reclaimed"):
-            print(f"a node was reclaimed at step {result.return_value['step']}: starting the workers again on the "
-                  "nodes left", flush=True)
+        # Workers that checkpoint and return for a restart get a new group at once, from that checkpoint: a reclaimed
+        # node's on the nodes left (a draining node takes no new work), instead of Ray Train's restart at the
+        # reclaim's deadline; an elastic run's on a cluster with room for more workers.
+        while (result := trainer().fit()).return_value and (why := result.return_value.get("restart")):
+            print(f"{RESTARTS[why]} at step {result.return_value['step']}: starting the workers again", flush=True)
     finally:
         if monitor is not None:
             monitor.stop()

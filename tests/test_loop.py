@@ -538,7 +538,7 @@ def test_a_reclaim_notice_checkpoints_and_leaves_or_falls_back_when_too_short(to
     calm = [r["loss"] for r in metrics(tmp_path / "calm")[0]]
 
     early = tmp_path / "early"
-    assert train(cfg, Reclaimed(early, data, at=2, left=0.001)) == {"reclaimed": True, "step": 2}
+    assert train(cfg, Reclaimed(early, data, at=2, left=0.001)) == {"restart": "reclaim", "step": 2}
     assert [r["step"] for r in events(early) if "checkpoint" in r] == [2]  # (none measured yet: saved)
     assert not (early / "final").exists()
     assert train(cfg, LocalContext(early, data))["step"] == 7
@@ -547,7 +547,7 @@ def test_a_reclaim_notice_checkpoints_and_leaves_or_falls_back_when_too_short(to
     assert [r["loss"] for r in metrics(early)[0]] == pytest.approx(calm, rel=1e-5)
 
     late = tmp_path / "late"
-    assert train(cfg, Reclaimed(late, data, at=5, left=0.001)) == {"reclaimed": True, "step": 5}
+    assert train(cfg, Reclaimed(late, data, at=5, left=0.001)) == {"restart": "reclaim", "step": 5}
     rows = events(late)
     written = [r["checkpoint_write_s"] for r in rows if "checkpoint_write_s" in r]
     assert len(written) == 1 and written[0] > 0.001  # said once, at the first checkpoint
@@ -560,3 +560,33 @@ def test_a_reclaim_notice_checkpoints_and_leaves_or_falls_back_when_too_short(to
     rare = Reclaimed(tmp_path / "rare", data, at=2, left=0.001)  # asked about every 1000 s: once in 6 steps
     train(cfg_for(tokenizer_dir, *sets, "train.max_steps=6", "run.preemption_check_s=1000"), rare)
     assert rare.checks == 1  # (at step 1, before a step time was measured)
+
+
+class Roomy(LocalContext):
+    """LocalContext of an elastic run whose cluster has room for one more worker from its `at`-th question on."""
+
+    def __init__(self, run_dir, data, at: int):
+        super().__init__(run_dir, data)
+        self.at, self.asked = at, 0
+
+    def room(self):
+        self.asked += 1
+        return 1 if self.asked >= self.at else 0
+
+
+def test_an_elastic_run_with_room_for_more_workers_checkpoints_and_leaves_to_grow(tokenizer_dir, tmp_path):
+    """Below its most workers, the run asks whether the cluster has room for more; with room: a checkpoint at that
+    step and the workers leave, for the driver to start a larger group that resumes there (no step twice)."""
+    sets = ("train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=0", "train.sample_tokens=0",
+            "run.preemption_check_s=0.001")
+    data = blocks(tokenizer_dir, 64, 32)
+    fixed = Roomy(tmp_path / "fixed", data, at=1)
+    assert train(cfg_for(tokenizer_dir, *sets), fixed)["step"] == 6 and fixed.asked == 0  # (not elastic: not asked)
+    run, elastic = tmp_path / "grow", cfg_for(tokenizer_dir, *sets, "scaling.num_workers=[1, 2]")
+    assert train(elastic, Roomy(run, data, at=4)) == {"restart": "grow", "step": 4}
+    assert [(r["step"], r["grow"]) for r in events(run) if "grow" in r] == [(4, 1)]
+    assert train(elastic, LocalContext(run, data))["step"] == 6
+    assert [(Path(r["resumed_from"]).name, r["steps_retrained"]) for r in events(run) if "resumed_from" in r] == [
+        ("checkpoint_000004", 0)]
+    assert [r["loss"] for r in metrics(run)[0]] == pytest.approx([r["loss"] for r in metrics(tmp_path / "fixed")[0]],
+                                                                  rel=1e-5)

@@ -212,3 +212,48 @@ def test_the_spot_watcher_drains_its_node_with_the_clouds_deadline(cluster, meta
     finally:
         ray.cancel(busy, force=True)
         cluster.remove_node(node)
+
+
+def test_room_for_more_workers_is_counted_on_each_nodes_free_resources(cluster):
+    """What an elastic run below its most workers asks before it grows (`raypt.cluster.free_worker_room`): the
+    workers that fit in what each node has free now. A node's CPUs taken by other work, or the node draining, do not
+    count."""
+    from types import SimpleNamespace
+
+    from ray._private.state import available_resources_per_node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raypt.cluster import free_worker_room
+    from raypt.reclaim import drain
+
+    sc = SimpleNamespace(cpus_per_worker=2.0, use_gpu=False)
+    before = free_worker_room(sc)
+    node = cluster.add_node(num_cpus=3, object_store_memory=128 * MB)
+
+    def free_cpus():
+        return available_resources_per_node().get(node.node_id, {}).get("CPU", 0)
+
+    while free_cpus() < 3:
+        time.sleep(0.1)
+    assert free_worker_room(sc) == before + 1
+    hold = ray.remote(num_cpus=2)(lambda: time.sleep(600)).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
+    while free_cpus() > 1:
+        time.sleep(0.1)
+    assert free_worker_room(sc) == before  # (1 CPU free there: no worker of 2)
+    ray.cancel(hold, force=True)
+    while free_cpus() < 3:
+        time.sleep(0.1)
+    hold = ray.remote(num_cpus=1)(lambda: time.sleep(600)).options(  # (work there: an idle node drains at once)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
+    while free_cpus() > 2:
+        time.sleep(0.1)
+    drain(cluster.address, node.node_id, 60, "test")
+    try:
+        given = time.monotonic() + 10
+        while free_worker_room(sc) != before and time.monotonic() < given:
+            time.sleep(0.1)
+        assert free_worker_room(sc) == before  # (draining: its 2 free CPUs are not room)
+    finally:
+        ray.cancel(hold, force=True)
+        cluster.remove_node(node)
