@@ -135,12 +135,14 @@ def worker_room(need: dict[str, float], nodes: list[tuple[dict, int]]) -> int:
 
 
 def free_worker_room(sc) -> int:
-    """How many more training workers (`sc`: the scaling config) the cluster's free resources hold now, node by node
-    (a draining node shows none free)."""
-    from ray._private.state import available_resources_per_node
+    """How many more training workers (`sc`: the scaling config) the cluster's free resources hold now, node by node;
+    a draining node's count for nothing (nothing new is placed there)."""
+    from ray._private.state import available_resources_per_node, state
 
     need = {"CPU": sc.cpus_per_worker, "GPU": 1.0 if sc.use_gpu else 0.0}
-    return worker_room(need, [(free, 1) for free in available_resources_per_node().values()])
+    draining = state.get_draining_nodes()
+    return worker_room(need, [(free, 1) for node, free in available_resources_per_node().items()
+                              if node not in draining])
 
 
 def check_workers_fit(sc) -> None:

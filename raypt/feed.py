@@ -150,7 +150,10 @@ class Feeder:
         run allows). `warm`: the driver's guess of where rank 0 will open, before the workers start; the pipeline
         starts now and makes the first window while they start up. Rank 0's own `open` then keeps that stream if it
         asks for the same position before any rank asked for a window."""
+        before = self.world_size
         self._workers(world_size or self.cfg.scaling.max_workers)
+        if self.train_rate and self.world_size != before:  # (a group of another size reads at another rate)
+            self.train_rate *= self.world_size / before
         n = len(self.sources)
         if n > 1 and pos == Position():  # a mixture's start (a fresh run, or run.data_changed: restart)
             pos = MixPosition((Position(),) * n, (0,) * n)

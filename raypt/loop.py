@@ -42,6 +42,8 @@ class Context(Protocol):
     data: RunData
     """The run's data (`RunData.light`): its position, and the fingerprint a checkpoint's position is checked
     against."""
+    grew_from: int
+    """The size of the group that left for a larger one (0: none): a group no larger does not try again."""
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Wrap for DDP; identity in one process and for a model FSDP already sharded."""
@@ -170,7 +172,7 @@ class Training:
         self.write_s, self.restart = None, None  # (write_s: the slowest rank's last complete save, seconds)
         self.check_every = 1  # (steps between cluster checks: from the step time, at log steps)
         sc = cfg.scaling
-        self.may_grow = sc.elastic and ctx.world_size < sc.max_workers
+        self.may_grow = sc.elastic and ctx.grew_from < ctx.world_size < sc.max_workers  # (grew_from: see Context)
         self.loss_avg, self.last_eval, self.grad_norm, self.lr = None, None, None, None
 
     def resume(self, source: str, skipped: list[str]) -> Progress:
@@ -345,7 +347,7 @@ class Training:
         self.ckpt.wait()
         self.metrics.close()
         self.ctx.sync()
-        return {"restart": self.restart, "step": self.progress.step}
+        return {"restart": self.restart, "step": self.progress.step, "workers": self.ctx.world_size}
 
     def finish(self) -> dict:
         """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""
@@ -503,7 +505,7 @@ def _eval_sums(model, ctx: Context, blocks: np.ndarray, micro_batch_size: int, a
 class LocalContext:
     """One process, no Ray: blocks from memory, checkpoints in `run_dir`. For tests and debugging."""
 
-    rank, local_rank, world_size = 0, 0, 1
+    rank, local_rank, world_size, grew_from = 0, 0, 1, 0
 
     def __init__(self, run_dir: Path, train_blocks: np.ndarray, eval_blocks: np.ndarray | None = None,
                  device: str = "cpu"):

@@ -46,7 +46,7 @@ UNKNOWN_RECLAIM_S = 120.0
 class RayContext:
     """`raypt.loop.Context` on a Ray Train worker."""
 
-    def __init__(self, cfg: Config, run_dir: str, feeder, eval_refs, data: RunData):
+    def __init__(self, cfg: Config, run_dir: str, feeder, eval_refs, data: RunData, grew_from: int = 0):
         import ray.train.torch
 
         c = ray.train.get_context()
@@ -59,7 +59,7 @@ class RayContext:
             if self.rank == 0:
                 emit(f"training on {threads} CPU thread{'s' * (threads > 1)} per worker"
                      + ("" if cfg.scaling.cpu_threads else " (the node's CPUs over its workers; scaling.cpu_threads)"))
-        self._feeder, self._eval_refs, self.data = feeder, eval_refs, data
+        self._feeder, self._eval_refs, self.data, self.grew_from = feeder, eval_refs, data, grew_from
         self.storage = run_dir
         self._remote = run_dir if is_uri(run_dir) else None
         # With s3:// or gs:// storage, rank 0 writes metrics and final/ locally and mirrors them after each checkpoint.
@@ -80,7 +80,11 @@ class RayContext:
         return max(0.0, info.deadline_ms / 1000 - time.time())
 
     def room(self) -> int:
-        return min(free_worker_room(self.cfg.scaling), self.cfg.scaling.max_workers - self.world_size)
+        try:
+            return min(free_worker_room(self.cfg.scaling), self.cfg.scaling.max_workers - self.world_size)
+        except Exception as e:  # noqa: BLE001 (the GCS busy: the other ranks wait in the all-reduce; ask again later)
+            emit(f"could not read the cluster's free resources ({type(e).__name__}: {e})")
+            return 0
 
     def prepare(self, model):
         if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built
@@ -125,7 +129,8 @@ def train_loop_per_worker(config: dict) -> dict:
     try:
         if config["terminal"] and ray.train.get_context().get_world_rank() == 0:  # the driver shows a bar
             echo_to(lambda line, fields: ray.get(config["stats"].say.remote(line, fields)))  # (none lost at exit)
-        return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"], config["data"]))
+        return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"], config["data"],
+                                     config.get("grew_from", 0)))
     except UserError as e:
         # Every rank meets these at the same point (same model, same checkpoint, same data, all-reduced NaN flags),
         # and no restart can fix them: the run ends with the message instead of a worker failure Ray would retry.
@@ -169,10 +174,10 @@ def run(cfg: Config) -> dict:
     if source := latest or cfg.run.resume_from:  # where the data stream will start
         resume_data(data, source, cfg.run.data_changed)
     feeder, stats, evals = start_data(cfg, data, encoder)
+    loop_config = {"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals, "data": data.light(),
+                   "stats": stats, "terminal": is_terminal(sys.stdout)}
     trainer = functools.partial(
         TorchTrainer, train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals,
-                           "data": data.light(), "stats": stats, "terminal": is_terminal(sys.stdout)},
         scaling_config=ray.train.ScalingConfig(num_workers=(sc.min_workers, sc.max_workers) if sc.elastic
                                                else sc.max_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker={"CPU": sc.cpus_per_worker}),
@@ -187,8 +192,12 @@ def run(cfg: Config) -> dict:
     try:
         # Workers that checkpoint and return for a restart get a new group at once, from that checkpoint: a reclaimed
         # node's on the nodes left (a draining node takes no new work), instead of Ray Train's restart at the
-        # reclaim's deadline; an elastic run's on a cluster with room for more workers.
-        while (result := trainer().fit()).return_value and (why := result.return_value.get("restart")):
+        # reclaim's deadline; an elastic run's on a cluster with room for more workers. A group that left to grow
+        # passes its size on: one no larger (the room was taken meanwhile) does not try again.
+        grew_from = 0
+        while (result := trainer(train_loop_config={**loop_config, "grew_from": grew_from}).fit()).return_value and (
+                why := result.return_value.get("restart")):
+            grew_from = result.return_value["workers"] if why == "grow" else 0
             print(f"{RESTARTS[why]} at step {result.return_value['step']}: starting the workers again", flush=True)
     finally:
         if monitor is not None:
