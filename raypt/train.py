@@ -171,8 +171,9 @@ def run(cfg: Config) -> dict:
     sc = cfg.scaling
     check_data_fits(cfg, 0.0 if cfg.data.materialize else sc.max_workers * sc.cpus_per_worker, data.num_units,
                     data.weights)
+    start = {"step": 0, "tokens_seen": 0}
     if source := latest or cfg.run.resume_from:  # where the data stream will start
-        resume_data(data, source, cfg.run.data_changed)
+        start = resume_data(data, source, cfg.run.data_changed)
     feeder, stats, evals = start_data(cfg, data, encoder)
     loop_config = {"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals, "data": data.light(),
                    "stats": stats, "terminal": is_terminal(sys.stdout)}
@@ -206,7 +207,9 @@ def run(cfg: Config) -> dict:
     out = dict(result.return_value or {})
     out["data"] = ray.get(feeder.counts.remote())
     ray.kill(feeder)
-    out.update(seconds=time.perf_counter() - t0, final=f"{run_dir}/final", run_dir=run_dir)
+    out.update(seconds=time.perf_counter() - t0, final=f"{run_dir}/final", run_dir=run_dir,
+               steps_trained=out.get("step", 0) - start["step"],
+               tokens_trained=out.get("tokens_seen", 0) - start["tokens_seen"])
     return out
 
 
@@ -222,14 +225,15 @@ def announce(cfg: Config, run_dir: str, latest: str | None) -> None:
           + (f" (elastic: any size from {sc.min_workers} to {sc.max_workers})" if sc.elastic else ""), flush=True)
 
 
-def resume_data(data: RunData, source: str, on_change: str) -> None:
+def resume_data(data: RunData, source: str, on_change: str) -> dict:
     """The data position of the checkpoint the workers will resume from, so that the Feeder starts there (a
-    checkpoint of other data is refused here, before any worker starts)."""
+    checkpoint of other data is refused here, before any worker starts); returns the checkpoint's state."""
     saved = checkpoint.saved_state(source)
     data.load_state_dict(saved, source.rstrip("/").rsplit("/", 1)[-1], on_change)
     if touched := touched_files(saved.get("data"), data.fingerprint):
         print(f"note: {len(touched)} training files have a new mtime but their old size since the checkpoint "
               f"(e.g. {touched[0]}); their content is taken to be the same", flush=True)
+    return saved
 
 
 def start_data(cfg: Config, data: RunData, encoder):
@@ -305,8 +309,13 @@ def main(args) -> int:
     if "error" in out:  # a user error met on the workers (they return it: no retry)
         return fail(out["error"])
     prompt = cfg.train.sample_prompt or "The "
-    print(f"\ndone: {out.get('step')} steps, {out.get('tokens_seen', 0):,} tokens in {out['seconds']:.0f} s "
-          f"({out.get('tokens_seen', 0) / out['seconds']:,.0f} tokens/s overall)")
+    if not out["steps_trained"]:
+        print(f"\ndone: {out.get('step')} steps, as before: nothing was left to train (raise train.max_steps or "
+              "train.max_tokens to go on, or use another run.name to start over)")
+    else:
+        again = f" ({out['steps_trained']} by this job)" if out["steps_trained"] != out.get("step") else ""
+        print(f"\ndone: {out.get('step')} steps{again}, {out['tokens_trained']:,} tokens in {out['seconds']:.0f} s "
+              f"({out['tokens_trained'] / out['seconds']:,.0f} tokens/s overall)")
     if out.get("final_loss") is not None:
         print(f"final train loss {out['final_loss']:.4f}", end="")
         print(f", eval loss {out['eval_loss']:.4f}, perplexity {out['eval_ppl']:.2f}" if "eval_ppl" in out else "")

@@ -68,6 +68,7 @@ def test_job_submit_runs_the_demo_and_a_resubmission_resumes(head, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resuming from the latest" in r.stdout and "resuming from checkpoint_000010 on 2 workers: step 10" in r.stdout
     assert (run / "checkpoint_000020" / "COMPLETE").exists()
+    assert "done: 20 steps (10 by this job), 20,480 tokens in" in r.stdout  # (10 steps x 16 x 128: this job's)
     # it went on at the right step, token count and LR: the schedule of the new max_steps
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
