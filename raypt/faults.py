@@ -7,7 +7,8 @@ shard written, the marker not yet). The rank RANK sends itself SIGKILL there, on
 fault whose file exists does not fire again, so the worker group Ray restarts runs on. POINT `drain` instead has rank
 RANK drain its own node for preemption after step STEP, once, with RAYPT_FAULT_DEADLINE seconds (default 10) left, as
 a cloud's reclaim notice does through Ray's autoscaler. POINT `nan` makes rank RANK's loss NaN in step STEP, or in
-each of several (`nan:3,5:1`; no file needed). The driver forwards the variables to the workers; without them nothing
+each of several (`nan:3,5:1`; no file needed), and POINT `slow` has rank RANK sleep RAYPT_FAULT_SECONDS (default 3)
+after each such step, as a straggler does (no file needed). The driver forwards the variables to the workers; without them nothing
 here runs.
 """
 
@@ -58,6 +59,14 @@ def maybe_drain(step: int, rank: int) -> None:
     time.sleep(1)
 
 
+def maybe_slow(step: int, rank: int) -> None:
+    fault = _fault()
+    if fault is not None and fault[0] == "slow" and step in fault[1] and fault[2] == rank:
+        import time
+
+        time.sleep(float(os.environ.get("RAYPT_FAULT_SECONDS", "3")))
+
+
 def nan_steps(rank: int) -> set[int]:
     """The steps whose loss `RAYPT_FAULT=nan:STEPS:RANK` makes NaN on this rank."""
     fault = _fault()
@@ -66,4 +75,5 @@ def nan_steps(rank: int) -> set[int]:
 
 def forwarded_env() -> dict[str, str]:
     """The fault variables of the driver's environment, for the workers' runtime env."""
-    return {k: os.environ[k] for k in ("RAYPT_FAULT", "RAYPT_FAULT_FILE", "RAYPT_FAULT_DEADLINE") if k in os.environ}
+    return {k: os.environ[k] for k in ("RAYPT_FAULT", "RAYPT_FAULT_FILE", "RAYPT_FAULT_DEADLINE", "RAYPT_FAULT_SECONDS")
+            if k in os.environ}

@@ -229,6 +229,7 @@ class Training:
         self.data.position = position
         faults.maybe_kill("step", step, ctx.rank)
         faults.maybe_drain(step, ctx.rank)
+        faults.maybe_slow(step, ctx.rank)
         self.steps_since_log += 1
         self.done = self.at_end()
 

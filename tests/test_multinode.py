@@ -154,6 +154,43 @@ def test_an_elastic_run_goes_on_with_the_workers_left_and_trains_the_same_batche
     assert one_node == pytest.approx(losses(tmp_path / "el", rel=1e-5), rel=1e-5)
 
 
+def test_an_elastic_run_grows_back_when_a_node_joins_with_no_step_trained_twice(cluster, one_node, big_corpus,
+                                                                                  tokenizer_dir, tmp_path,
+                                                                                  monkeypatch):
+    """After the test before, one 3-CPU node is left: scaling.num_workers [1, 2] starts with one worker. A node joins
+    after step 1 (rank 0 lingers 4 s after step 2, time for the node to come up): at its next check the run finds
+    room for a second worker, checkpoints at that step, and a group of two resumes there. No step is trained twice
+    and the run logs the two-worker run's losses."""
+    assert sum(node_cpus(n) for n in cluster.worker_nodes if n.node_id in alive()) == 3  # (the test before's)
+    monkeypatch.setenv("RAYPT_FAULT", "slow:2:0")
+    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "4")
+    run = tmp_path / "grow"
+    argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "grow", 64) for a in ("--set", s)]
+    # (materialized: tokenized before training, so one 3-CPU node may hold the data and the most workers' CPUs)
+    argv += ["--set", "scaling.num_workers=[1, 2]", "--set", "run.preemption_check_s=0.001", "--set",
+             "data.materialize=true"]
+
+    done = []
+    training = threading.Thread(target=lambda: done.append(train.main(argv)), daemon=True)
+    training.start()  # (the node is added from this thread: Ray starts a node from the main thread only)
+    while not (run / "metrics.jsonl").exists() or not any("loss" in r for r in rows(run)):
+        assert training.is_alive(), done
+        time.sleep(0.05)
+    cluster.add_node(num_cpus=3, object_store_memory=256 * MB)
+    training.join(timeout=300)
+    assert done == [0]
+    log = rows(run)
+    grown = [r["step"] for r in log if "grow" in r]
+    assert len(grown) == 1 and 1 < grown[0] < 6, grown
+    assert [(Path(r["resumed_from"]).name, r["workers"], r["steps_retrained"]) for r in log if "resumed_from" in r] == [
+        (f"checkpoint_{grown[0]:06d}", 2, 0)]
+    assert one_node == pytest.approx(losses(run, rel=1e-5), rel=1e-5)
+
+
+def alive() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
 def test_a_reclaimed_node_costs_no_step(cluster, one_node, big_corpus, tokenizer_dir, tmp_path, monkeypatch,
                                         busy_cpus):
     """Rank 1's node is drained for preemption, 120 s left (AWS's notice), after step 4 (not a checkpoint step:
@@ -169,8 +206,7 @@ def test_a_reclaimed_node_costs_no_step(cluster, one_node, big_corpus, tokenizer
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # (off for the rest of the suite: conftest)
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "spot", 64) for a in ("--set", s)]
-    for cpus in (3, 3):  # (after the elastic test: its lost node back, and a spare for the reclaimed one)
-        cluster.add_node(num_cpus=cpus, object_store_memory=256 * MB)
+    cluster.add_node(num_cpus=3, object_store_memory=256 * MB)  # (after the growth test: a spare for the reclaimed)
     while ray.cluster_resources().get("CPU", 0) < 9:
         time.sleep(0.2)
     try:
