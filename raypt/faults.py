@@ -8,8 +8,8 @@ fault whose file exists does not fire again, so the worker group Ray restarts ru
 RANK drain its own node for preemption after step STEP, once, with RAYPT_FAULT_DEADLINE seconds (default 10) left, as
 a cloud's reclaim notice does through Ray's autoscaler. POINT `nan` makes rank RANK's loss NaN in step STEP, or in
 each of several (`nan:3,5:1`; no file needed), and POINT `slow` has rank RANK sleep RAYPT_FAULT_SECONDS (default 3)
-after each such step, as a straggler does (no file needed). The driver forwards the variables to the workers; without them nothing
-here runs.
+after each such step, as a straggler does (no file needed). The driver forwards the variables to the workers;
+without them nothing here runs.
 """
 
 from __future__ import annotations
