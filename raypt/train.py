@@ -39,6 +39,9 @@ from raypt.tokenizer import encoder_spec
 
 
 RESTARTS = {"reclaim": "a node of the run is being reclaimed", "grow": "the cluster has room for more workers"}
+GROW_AFTER_S = 25.0
+"""How long room for more workers must last before the run restarts to grow: Ray Train sizes the new group by its
+autoscaling coordinator's view of the cluster, refreshed every 20 s; a restart before that brings a group no larger."""
 UNKNOWN_RECLAIM_S = 120.0
 """Ray Train's own wait for a reclaim that came without a deadline (`DEFAULT_PREEMPTION_DEADLINE_S`)."""
 
@@ -60,6 +63,7 @@ class RayContext:
                 emit(f"training on {threads} CPU thread{'s' * (threads > 1)} per worker"
                      + ("" if cfg.scaling.cpu_threads else " (the node's CPUs over its workers; scaling.cpu_threads)"))
         self._feeder, self._eval_refs, self.data, self.grew_from = feeder, eval_refs, data, grew_from
+        self._room_since = None  # (when rank 0 first saw room for more workers, of late)
         self.storage = run_dir
         self._remote = run_dir if is_uri(run_dir) else None
         # With s3:// or gs:// storage, rank 0 writes metrics and final/ locally and mirrors them after each checkpoint.
@@ -80,11 +84,17 @@ class RayContext:
         return max(0.0, info.deadline_ms / 1000 - time.time())
 
     def room(self) -> int:
+        """More workers that fit, once they have fitted for GROW_AFTER_S (asked on rank 0 alone)."""
         try:
-            return min(free_worker_room(self.cfg.scaling), self.cfg.scaling.max_workers - self.world_size)
+            free = min(free_worker_room(self.cfg.scaling), self.cfg.scaling.max_workers - self.world_size)
         except Exception as e:  # noqa: BLE001 (the GCS busy: the other ranks wait in the all-reduce; ask again later)
             emit(f"could not read the cluster's free resources ({type(e).__name__}: {e})")
+            free = 0
+        if free < 1:
+            self._room_since = None
             return 0
+        self._room_since = self._room_since or time.monotonic()
+        return free if time.monotonic() - self._room_since >= GROW_AFTER_S else 0
 
     def prepare(self, model):
         if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built

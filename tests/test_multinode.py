@@ -158,12 +158,12 @@ def test_an_elastic_run_grows_back_when_a_node_joins_with_no_step_trained_twice(
                                                                                   tokenizer_dir, tmp_path,
                                                                                   monkeypatch):
     """After the test before, one 3-CPU node is left: scaling.num_workers [1, 2] starts with one worker. A node joins
-    after step 1 (rank 0 lingers 4 s after step 2, time for the node to come up): at its next check the run finds
-    room for a second worker, checkpoints at that step, and a group of two resumes there. No step is trained twice
-    and the run logs the two-worker run's losses."""
+    after step 1 (rank 0 lingers 9 s after steps 2-5, time for the node to come up and for the room to last
+    GROW_AFTER_S, until Ray Train's view of the cluster has it too): the run checkpoints at that step, and a group of
+    two resumes there. No step is trained twice and the run logs the two-worker run's losses."""
     assert sum(node_cpus(n) for n in cluster.worker_nodes if n.node_id in alive()) == 3  # (the test before's)
-    monkeypatch.setenv("RAYPT_FAULT", "slow:2:0")
-    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "4")
+    monkeypatch.setenv("RAYPT_FAULT", "slow:2,3,4,5:0")
+    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "9")
     run = tmp_path / "grow"
     argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "grow", 64) for a in ("--set", s)]
     # (materialized: tokenized before training, so one 3-CPU node may hold the data and the most workers' CPUs)
