@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.extensions import ArrowTensorArray
 
+from raypt import faults
 from raypt.cli import command
 from raypt.cluster import STREAM_CPUS, init_ray, tokenize_pool
 from raypt.config import Config, Source, sources
@@ -108,6 +109,7 @@ class TokenizePack:
         unit = item["index"]
         segments = [Segment(**seg) for seg in item["unit"]]
         blocks = pack_unit(segments, item["format"], item["text_field"], self.encode, self.d, counts)
+        faults.maybe_slow("tokenize")  # (tests only: a stalled pipeline)
         if out := item["out"]:  # `python -m raypt.data --out`: the unit's file, written here
             write_unit(blocks, out)
         stats.add(counts, time.time(), _peak_rss_mb(), time.perf_counter() - t0)

@@ -8,8 +8,10 @@ fault whose file exists does not fire again, so the worker group Ray restarts ru
 RANK drain its own node for preemption after step STEP, once, with RAYPT_FAULT_DEADLINE seconds (default 10) left, as
 a cloud's reclaim notice does through Ray's autoscaler. POINT `nan` makes rank RANK's loss NaN in step STEP, or in
 each of several (`nan:3,5:1`; no file needed), and POINT `slow` has rank RANK sleep RAYPT_FAULT_SECONDS (default 3)
-after each such step, as a straggler does (no file needed). The driver forwards the variables to the workers;
-without them nothing here runs.
+before each such step's work, as a straggler does (no file needed). POINT `tokenize` (no steps or rank) has every
+tokenize actor sleep RAYPT_FAULT_SECONDS per work unit, as a stalled data pipeline does. Several faults go in one
+variable joined by `+` (`drain:2:1+slow:3,4:0`). The driver forwards the variables to the workers and the data
+pipeline; without them nothing here runs.
 """
 
 from __future__ import annotations
@@ -19,25 +21,31 @@ import signal
 from pathlib import Path
 
 
-def _fault() -> tuple[str, set[int], int] | None:
-    """(point, steps, rank) of RAYPT_FAULT, or None."""
-    parts = os.environ.get("RAYPT_FAULT", "").split(":")
-    return (parts[0], {int(s) for s in parts[1].split(",")}, int(parts[2])) if len(parts) == 3 else None
+def _fires(point: str, step: int | None = None, rank: int | None = None) -> bool:
+    """Whether a fault of RAYPT_FAULT is `point` at this step on this rank (None: at any)."""
+    for fault in filter(None, os.environ.get("RAYPT_FAULT", "").split("+")):
+        name, *at = fault.split(":")
+        steps, on = ({int(s) for s in at[0].split(",")}, int(at[1])) if len(at) == 2 else (set(), None)
+        if name == point and (step is None or step in steps) and (rank is None or rank == on):
+            return True
+    return False
+
+
+def seconds() -> float:
+    return float(os.environ.get("RAYPT_FAULT_SECONDS", "3"))
 
 
 def maybe_kill(point: str, step: int, rank: int) -> None:
-    once, fault = os.environ.get("RAYPT_FAULT_FILE"), _fault()
-    fires = fault is not None and fault[0] == point and step in fault[1] and fault[2] == rank
-    if not fires or not once or Path(once).exists():
+    once = os.environ.get("RAYPT_FAULT_FILE")
+    if not _fires(point, step, rank) or not once or Path(once).exists():
         return
     Path(once).write_text(os.environ["RAYPT_FAULT"] + "\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def maybe_drain(step: int, rank: int) -> None:
-    once, fault = os.environ.get("RAYPT_FAULT_FILE"), _fault()
-    fires = fault is not None and fault[0] == "drain" and step in fault[1] and fault[2] == rank
-    if not fires or not once or Path(once).exists():
+    once = os.environ.get("RAYPT_FAULT_FILE")
+    if not _fires("drain", step, rank) or not once or Path(once).exists():
         return
     import time
 
@@ -59,18 +67,17 @@ def maybe_drain(step: int, rank: int) -> None:
     time.sleep(1)
 
 
-def maybe_slow(step: int, rank: int) -> None:
-    fault = _fault()
-    if fault is not None and fault[0] == "slow" and step in fault[1] and fault[2] == rank:
+def maybe_slow(point: str, step: int | None = None, rank: int | None = None) -> None:
+    """Sleep RAYPT_FAULT_SECONDS where a `slow` (step, rank) or `tokenize` fault says."""
+    if _fires(point, step, rank):
         import time
 
-        time.sleep(float(os.environ.get("RAYPT_FAULT_SECONDS", "3")))
+        time.sleep(seconds())
 
 
-def nan_steps(rank: int) -> set[int]:
-    """The steps whose loss `RAYPT_FAULT=nan:STEPS:RANK` makes NaN on this rank."""
-    fault = _fault()
-    return fault[1] if fault and fault[0] == "nan" and fault[2] == rank else set()
+def is_nan(step: int, rank: int) -> bool:
+    """Whether `RAYPT_FAULT=nan:STEPS:RANK` makes this step's loss NaN on this rank."""
+    return _fires("nan", step, rank)
 
 
 def forwarded_env() -> dict[str, str]:

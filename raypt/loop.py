@@ -165,9 +165,8 @@ class Training:
         self.peak, self.config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
         # the eval set is eval_batches micro-batches per worker of the largest group, the same blocks at any size
         self.eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
-        self.nan_steps = faults.nan_steps(ctx.rank)  # tests only: a NaN loss at these steps on this rank
         self.done = self.at_end()  # (a finished run started again trains no further step)
-        self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
+        self.steps_since_log, self.t_log, self.input_wait, self.busy = 0, time.perf_counter(), 0.0, 0.0
         self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
         self.write_s, self.restart = None, None  # (write_s: the slowest rank's last complete save, seconds)
         self.check_every = 1  # (steps between cluster checks: from the step time, at log steps)
@@ -209,16 +208,21 @@ class Training:
     def step(self, micro: list[torch.Tensor], position) -> None:
         """One optimizer step over this rank's micro-batches of the global batch; `position`: the data's after it."""
         model, t, ctx, step = self.model, self.cfg.train, self.ctx, self.progress.step + 1
+        t0 = time.perf_counter()
+        faults.maybe_slow("slow", step, ctx.rank)  # (tests only: a straggler)
+        nan = faults.is_nan(step, ctx.rank)  # (tests only: a NaN loss on this rank)
         step_loss = torch.zeros((), device=ctx.device)  # stays on the device until a log step
         for i, x in enumerate(micro):
-            with parallel.accumulating(model, i == len(micro) - 1, self.cfg.scaling.fsdp_sync_every_micro_batch), \
-                    self.autocast:
+            last = i == len(micro) - 1
+            with parallel.accumulating(model, last, self.cfg.scaling.fsdp_sync_every_micro_batch), self.autocast:
                 # (the model shifts the labels itself; no KV cache: training never reads one back, and each
                 # layer's cache slot would make a compiled layer's graph that layer's alone)
                 loss = weighted(model(**inputs(x, self.docs, self.one_row), use_cache=False).loss, len(x), self.batch,
                                 ctx.world_size)
-            if step in self.nan_steps:
+            if nan:
                 loss = loss * float("nan")
+            if last:  # (under DDP a rank first waits for the others in this backward: the gradients' all-reduce)
+                self.busy += time.perf_counter() - t0
             loss.backward()
             step_loss += loss.detach()
         self.grad_norm = parallel.clip_grad_norm_(self.params, t.grad_clip)
@@ -229,7 +233,6 @@ class Training:
         self.data.position = position
         faults.maybe_kill("step", step, ctx.rank)
         faults.maybe_drain(step, ctx.rank)
-        faults.maybe_slow(step, ctx.rank)
         self.steps_since_log += 1
         self.done = self.at_end()
 
@@ -245,23 +248,32 @@ class Training:
             "loss": self.loss_avg, "lr": self.lr, "grad_norm": self.grad_norm.item(),
             "skipped_steps": self.guard.skipped or None, "tokens_seen": self.progress.tokens_seen,
             "tokens_per_s": tps, "mfu": mfu(self.info.flops_per_token, tps / self.ctx.world_size, self.peak),
-            **self.input_waits(seconds), **self.data.passes(),
+            **self.rank_times(seconds), **self.data.passes(),
         })
-        self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
+        self.steps_since_log, self.t_log, self.input_wait, self.busy = 0, time.perf_counter(), 0.0, 0.0
 
-    def input_waits(self, seconds: float) -> dict:
-        """The share of their log intervals (this rank's: `seconds`) the ranks spent waiting for their input: all
-        ranks together (input_wait) and the rank that waited most (input_wait_max). Sets the cluster checks' cadence
-        from the slowest rank's step time, so every rank asks at the same steps."""
-        def mine() -> torch.Tensor:  # (each rank's own interval: one that set up longer started it earlier)
-            return torch.tensor([self.input_wait, seconds, self.input_wait / seconds], dtype=torch.float64,
-                                device=self.ctx.device)
-
-        waited, total, _ = parallel.all_reduce(mine()).tolist()
-        _, slowest, most = parallel.all_reduce(mine(), op=torch.distributed.ReduceOp.MAX).tolist()
+    def rank_times(self, seconds: float) -> dict:
+        """What held each rank up over its log interval (`seconds`: this rank's), gathered in one all-reduce of a
+        (ranks x 3) table (12 KB at 512 ranks, once a log interval). The share of it the ranks waited for their input:
+        all together (input_wait), the rank that waited most and the one that waited least (every rank waits: the
+        pipeline is short). And each rank's busy seconds per step, from the step's start to where it first waits for
+        the other ranks (the last backward's gradient all-reduce): their mean, their most and that rank
+        (slowest_rank: the straggler), and the share of a step the mean rank waits for it (straggler_wait). Under FSDP every layer's all-gather lines the ranks up, so busy time is not
+        told apart from waiting there and is not logged. Sets the cluster checks' cadence from the slowest rank's
+        interval, so every rank asks at the same steps."""
+        ctx = self.ctx
+        table = torch.zeros(ctx.world_size, 3, dtype=torch.float64, device=ctx.device)
+        table[ctx.rank] = torch.tensor([self.input_wait, seconds, self.busy], dtype=torch.float64)
+        wait, interval, busy = parallel.all_reduce(table).cpu().numpy().T
         if self.cfg.run.preemption_check_s:
-            self.check_every = max(1, int(self.cfg.run.preemption_check_s * self.steps_since_log / slowest))
-        return {"input_wait": waited / total, "input_wait_max": most}
+            self.check_every = max(1, int(self.cfg.run.preemption_check_s * self.steps_since_log / interval.max()))
+        share = wait / interval
+        out = {"input_wait": wait.sum() / interval.sum(), "input_wait_max": share.max(), "input_wait_min": share.min()}
+        if not parallel.is_sharded(self.model):
+            step_s, busy = interval.max() / self.steps_since_log, busy / self.steps_since_log
+            out.update(rank_busy_s_mean=busy.mean(), rank_busy_s_max=busy.max(), slowest_rank=int(busy.argmax()),
+                       straggler_wait=(busy.max() - busy.mean()) / step_s)  # (the step share a rank waits for it)
+        return {k: float(v) if k != "slowest_rank" else v for k, v in out.items()}
 
     def evaluate(self) -> None:
         if result := evaluate(self.model, self.ctx, self.cfg.train.micro_batch_size, self.eval_rows, self.autocast,

@@ -124,6 +124,9 @@ class MetricsLogger:
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
         if row.get("input_wait_max", 0) >= 0.05:  # (training waits for data: a stall in the pipeline)
             parts.append(f"waiting for data {100 * row['input_wait_max']:.0f}%")
+        if row.get("straggler_wait", 0) >= 0.05:  # (the other ranks wait for one)
+            parts.append(f"rank {row['slowest_rank']} slowest: the others wait for it "
+                         f"{100 * row['straggler_wait']:.0f}%")
         parts.append(f"ETA {eta}")
         return " | ".join(parts)
 

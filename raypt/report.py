@@ -25,7 +25,7 @@ from raypt.cli import command
 from raypt.errors import UserError
 from raypt.storage import filesystem, is_uri
 
-PLOTS = ("loss", "perplexity", "lr", "grad_norm", "throughput", "input_wait")
+PLOTS = ("loss", "perplexity", "lr", "grad_norm", "throughput", "input_wait", "ranks")
 
 
 @dataclass
@@ -130,8 +130,13 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
             elif name == "input_wait":  # (the share of each log interval the ranks waited for their blocks)
                 _line(ax, run, [{**r, "wait": 100 * r["input_wait"]} for r in run.logs if "input_wait" in r], "wait",
                       c, prefix + "mean over ranks")
-                _line(ax, run, [{**r, "wait": 100 * r["input_wait_max"]} for r in run.logs if "input_wait_max" in r],
-                      "wait", c, prefix + "most waiting rank", style="--")
+                for key, label, style in (("input_wait_max", "most waiting rank", "--"),
+                                          ("input_wait_min", "least waiting rank", ":")):
+                    _line(ax, run, [{**r, "wait": 100 * r[key]} for r in run.logs if key in r], "wait", c,
+                          prefix + label, style=style)
+            elif name == "ranks":  # (each rank's busy time per step, before it waits for the others: the straggler)
+                _line(ax, run, run.logs, "rank_busy_s_mean", c, prefix + "mean over ranks")
+                _line(ax, run, run.logs, "rank_busy_s_max", c, prefix + "slowest rank", style="--")
             else:
                 _line(ax, run, run.logs, name, c, (prefix + name) if several else name)
             for s in run.resumes:
@@ -139,7 +144,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
         ax.set_xlabel("tokens seen")
         ax.set_ylabel({"loss": "loss (nats/token)", "perplexity": "eval perplexity", "lr": "learning rate",
                        "grad_norm": "gradient norm (before clipping)", "throughput": "tokens/s",
-                       "input_wait": "time waiting for data (%)"}[name])
+                       "input_wait": "time waiting for data (%)",
+                       "ranks": "busy seconds per step (before the gradient sync)"}[name])
         if twin is not None:
             twin.set_ylabel("MFU (%)")
         ax.grid(alpha=0.3)
@@ -173,7 +179,7 @@ def summary(run: Run) -> dict:
            "train_loss": losses[-1]["loss"] if losses else None}
     if run.evals:
         out.update({k: v for k, v in run.evals[-1].items() if k != "step"})
-    for key in ("tokens_per_s", "mfu"):
+    for key in ("tokens_per_s", "mfu", "input_wait"):
         if v := _series(run.logs, key)[1]:
             out[key] = float(np.median(v))
     out.update(resumes=len(run.resumes), preemptions=run.preemptions, steps_retrained=run.retrained,
@@ -184,13 +190,14 @@ def summary(run: Run) -> dict:
 def markdown(runs: list[Run], plots: list[Path]) -> str:
     rows = [summary(r) for r in runs]
     keys = ["steps", "tokens_seen", "train_loss"] + sorted({k for s in rows for k in s if k.startswith("eval_")}) + [
-        k for k in ("tokens_per_s", "mfu", "resumes", "preemptions", "steps_retrained", "skipped_steps", "checkpoints")
+        k for k in ("tokens_per_s", "mfu", "input_wait", "resumes", "preemptions", "steps_retrained", "skipped_steps", "checkpoints")
         if any(k in s for s in rows)]
     lines = [f"# {' vs '.join(r.name for r in runs)}", "", "| metric | " + " | ".join(r.name for r in runs) + " |",
              "|---|" + "---|" * len(runs)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(_fmt(k, s.get(k)) for s in rows) + " |")
-    lines += ["", "Final values: the last logged train loss and eval; tokens/s and MFU are medians over log steps.", ""]
+    lines += ["", "Final values: the last logged train loss and eval; tokens/s, MFU and input_wait (the share of "
+              "time the ranks waited for their data) are medians over log steps.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -198,7 +205,7 @@ def markdown(runs: list[Run], plots: list[Path]) -> str:
 def _fmt(key: str, v) -> str:
     if v is None:
         return "-"
-    if key == "mfu":
+    if key in ("mfu", "input_wait"):
         return f"{100 * v:.1f}%"
     if isinstance(v, float):
         return f"{v:,.0f}" if key == "tokens_per_s" else f"{v:.4f}" if v < 1000 else f"{v:,.1f}"

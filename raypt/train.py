@@ -99,7 +99,10 @@ class RayContext:
     def prepare(self, model):
         if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built
             return model
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
+        # (no buffer broadcast before each forward: the model's buffers, rotary frequencies, are the same on every
+        # rank, and the broadcast would make each micro-batch wait for the other ranks)
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
+                                             parallel_strategy_kwargs={"broadcast_buffers": False})
 
     def train_steps(self, cfg: Config, position):
         """This rank's rows of the run's one ordered stream (`raypt.feed`): the Feeder says which, the rank
@@ -254,8 +257,9 @@ def start_data(cfg: Config, data: RunData, encoder):
     loss then ended the run."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     stats = PipelineStats.options(scheduling_strategy=here).remote()
-    feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
-        cfg.to_dict(), data, encoder, stats)
+    feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here,
+                                        runtime_env={"env_vars": env} if (env := faults.forwarded_env()) else None
+                                        ).remote(cfg.to_dict(), data, encoder, stats)  # (its pipeline inherits env)
     evals = eval_chunks(cfg, cfg.scaling.max_workers, encoder, stats)  # (while the feeder starts)
     ray.get(feeder.ready.remote())
     feeder.open.remote(data.position, warm=True)

@@ -505,8 +505,12 @@ def test_a_stalled_input_shows_as_input_wait_not_as_compute(tokenizer_dir, tmp_p
     slow, fed = metrics(tmp_path / "slow")[0], metrics(tmp_path / "fed")[0]
     assert [r["step"] for r in slow] == [2, 4, 6]
     for r in slow:
-        waited = 2 * SlowInput.delay * r["tokens_per_s"] / (2 * 8 * 32)  # 2 steps' delays over the interval
-        assert r["input_wait"] == r["input_wait_max"] == pytest.approx(waited, rel=0.2)
+        interval = 2 * 8 * 32 / r["tokens_per_s"]  # 2 steps of 8 sequences of 32 tokens
+        assert r["input_wait"] == r["input_wait_max"] == r["input_wait_min"] == pytest.approx(
+            2 * SlowInput.delay / interval, rel=0.2)
+        # busy: a step's own work up to its last backward (where DDP would wait for other ranks), without the wait
+        assert r["slowest_rank"] == 0 and r["rank_busy_s_max"] == r["rank_busy_s_mean"]
+        assert 0 < 2 * r["rank_busy_s_max"] < interval * (1 - r["input_wait"])
     assert max(r["input_wait"] for r in fed) < min(r["input_wait"] for r in slow) / 2
 
 

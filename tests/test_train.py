@@ -79,6 +79,7 @@ def one_process(run_dir: Path, pretokenized: Path, *sets: str) -> list[dict]:
 
 def test_two_workers_match_one_process_export_and_write_sharded_checkpoints(ray_local, tmp_path, tokenizer_dir, pretokenized,
                                                               capsys):
+    """...and rank 1, slowed by 1 s before steps 3 and 4 (a straggler), is named in those log rows."""
     one = one_process(tmp_path / "one", pretokenized, f"tokenizer.path={tokenizer_dir}", f"data.seq_len={SEQ}",
                       "train.global_batch_size=16", "train.micro_batch_size=4", "train.lr=3e-3",
                       "train.warmup_steps=1", "train.log_every=1", "train.max_steps=2", "train.eval_every=0",
@@ -89,6 +90,8 @@ def test_two_workers_match_one_process_export_and_write_sharded_checkpoints(ray_
             raise AssertionError("the driver loaded model weights")
 
         driver.setattr("transformers.PreTrainedModel.from_pretrained", refused)
+        driver.setenv("RAYPT_FAULT", "slow:3,4:1")
+        driver.setenv("RAYPT_FAULT_SECONDS", "1")
         two, evals = run(tmp_path, tokenizer_dir, pretokenized, "two", "scaling.num_workers=2", "train.max_steps=4",
                          "train.checkpoint_every=2", "train.eval_every=2", "train.sample_tokens=8")
     # Same global batch, same init: DDP over 2 workers (2 micro-batches each) == one process (4 micro-batches)
@@ -99,6 +102,11 @@ def test_two_workers_match_one_process_export_and_write_sharded_checkpoints(ray_
     assert two[-1]["loss"] < two[0]["loss"]
     out = capsys.readouterr().out
     assert "done: 4 steps" in out and "sample:" in out
+    for r in two[2:]:  # each rank's busy seconds per step, before it waits for the other in the gradient all-reduce
+        assert r["slowest_rank"] == 1 and r["rank_busy_s_max"] >= 1.0, r
+        assert r["rank_busy_s_max"] - r["rank_busy_s_mean"] > 0.4, r  # (rank 0's: about 1 s less)
+        assert r["straggler_wait"] > 0.3, r  # (the mean rank waits that share of the step for rank 1)
+        assert f"step {r['step']}/4" in out and "rank 1 slowest" in out
 
     final = tmp_path / "two" / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
@@ -156,6 +164,32 @@ def test_qlora_on_two_workers(ray_local, tmp_path, tokenizer_dir, pretokenized, 
     assert saved and all("lora_" in k for k in saved)
     rng = [torch.load(last / "rng" / f"rank_{r:05d}.pt", weights_only=True)["torch"] for r in (0, 1)]
     assert not torch.equal(*rng)  # each rank draws its own LoRA dropout masks (lora_dropout 0.05; the init is shared)
+
+
+def test_a_stalled_tokenize_pool_shows_as_input_wait_on_every_rank_and_in_the_report(ray_local, tmp_path, corpus,
+                                                                                    tokenizer_dir, monkeypatch,
+                                                                                    capsys):
+    """Every tokenize actor sleeps 1 s per work unit (1 KB of text, a few hundred tokens) and a step takes 1,024
+    tokens: once what the pipeline made while the workers started is used up (by step 8), both ranks spend most of
+    each log interval waiting for their blocks. metrics.jsonl says so for the rank that waited least too, the progress line says
+    "waiting for data", and the report gives the median wait and plots it."""
+    monkeypatch.setenv("RAYPT_FAULT", "tokenize")
+    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "1")
+    argv = [a for s in (f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=64",
+                        "data.unit_bytes=1024", "data.shuffle_tokens=1024", f"run.storage_path={tmp_path}",
+                        "run.name=stall", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+                        "data.cpus_per_tokenize_worker=1", "train.global_batch_size=16", "train.micro_batch_size=4",
+                        "train.max_steps=12", "train.log_every=4", "train.eval_every=0", "train.checkpoint_every=0",
+                        "train.sample_tokens=0")
+            for a in ("--set", s)]
+    assert train.main(argv) == 0
+    rows = [json.loads(x) for x in (tmp_path / "stall" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    assert rows[-1]["input_wait_min"] > 0.5, rows[-1]
+    assert "waiting for data" in capsys.readouterr().out
+    md = (tmp_path / "stall" / "report" / "report.md").read_text()
+    assert "| input_wait | " in md and (tmp_path / "stall" / "report" / "input_wait.png").exists()
 
 
 @pytest.mark.gpu
