@@ -1,7 +1,7 @@
 """A spot reclaim, measured on a real multi-node Ray on this machine (`ray.cluster_utils.Cluster`: a head with no
 CPU, three 3-CPU nodes), in one command:
 
-    python bench/preempt.py [--steps 160] [--at 132] [--deadline 20] [--json]
+    python bench/preempt.py [--steps 160] [--at 132] [--deadline 20] [--elastic] [--json]
 
 1. The cost of asking. Inside a 2-worker TorchTrainer, `ray.train.get_preemption_info()` (Ray Train's barrier across
    the workers, which the loop calls every run.preemption_check_s seconds) timed --calls times, beside a gloo
@@ -11,7 +11,9 @@ CPU, three 3-CPU nodes), in one command:
    Ray; Ray Train's watcher at its default poll (5 s). Reported: steps trained twice; seconds from the drain to the
    notice the loop saw, from the notice to a complete checkpoint, from the checkpoint to the new group's resume (and
    how long before the deadline that was) and on to its first new step; wall time against the uninterrupted run; and the largest relative difference
-   between the two runs' per-step losses.
+   between the two runs' per-step losses. With --elastic: scaling.num_workers [1, 2] on two nodes, so that the
+   new group is the one worker the node left holds (Ray Train alone would size it by a view of the cluster that
+   still counts the draining node, and wait for that node until its start timed out, 60 s).
 
 metrics.jsonl has no clocks: a thread stamps its lines as they appear (every 50 ms).
 """
@@ -114,6 +116,7 @@ def main() -> int:
     ap.add_argument("--at", type=int, default=132, help="drain rank 1's node after this step (default 132)")
     ap.add_argument("--deadline", type=float, default=20.0, help="seconds of notice (default 20)")
     ap.add_argument("--calls", type=int, default=200, help="get_preemption_info calls timed (default 200)")
+    ap.add_argument("--elastic", action="store_true", help="num_workers [1, 2] on two nodes: the run shrinks")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     import ray
@@ -126,7 +129,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="raypt-preempt-"))
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"  # (Ray's default; said here against a stray setting)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 256 * MB})
-    for _ in range(3):
+    for _ in range(2 if a.elastic else 3):
         cluster.add_node(num_cpus=3, object_store_memory=256 * MB)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
@@ -134,7 +137,8 @@ def main() -> int:
         out = cost_of_asking(tmp, a.calls)
         sets = ["run.report=false", "train.sample_tokens=0", "train.eval_every=0", "train.log_every=1",
                 f"train.max_steps={a.steps}", "train.checkpoint_every=100", f"run.storage_path={tmp}",
-                "scaling.cpus_per_worker=2", "data.cpus_per_tokenize_worker=1"]
+                "scaling.cpus_per_worker=2", "data.cpus_per_tokenize_worker=1"] + (
+                   ["scaling.num_workers=[1, 2]"] if a.elastic else [])
         argv = lambda name: ["--config", "configs/demo.yaml",  # noqa: E731
                              *[x for s in [*sets, f"run.name={name}"] for x in ("--set", s)]]
         calm_s, calm = run(argv("calm"), tmp / "calm" / "metrics.jsonl")
@@ -162,6 +166,7 @@ def main() -> int:
     out.update({
         "check_every_s": 2.0, "ask_share_of_training": out["get_preemption_info_ms"] / 1e3 / 2.0,
         "drained_after_step": a.at, "notice_at_step": notice["step"], "deadline_s": a.deadline,
+        "elastic": a.elastic, "resumed_workers": resumed["workers"],
         "steps_trained_twice": resumed["steps_retrained"], "resumed_from": Path(resumed["resumed_from"]).name,
         "drain_to_notice_s": notice_t - drained, "notice_to_checkpoint_s": saved_t - notice_t,
         "checkpoint_s": saved["checkpoint_s"], "checkpoint_to_resume_s": resumed_t - saved_t,
@@ -180,7 +185,8 @@ def main() -> int:
     print(f"reclaim: drained after step {a.at} with {a.deadline:g} s left; the loop saw the notice at step "
           f"{notice['step']}, {out['drain_to_notice_s']:.1f} s after the drain; checkpoint complete "
           f"{out['notice_to_checkpoint_s']:.1f} s after the notice (the save itself {saved['checkpoint_s']:.2f} s); "
-          f"a new group resumed from {out['resumed_from']} {out['checkpoint_to_resume_s']:.1f} s after the checkpoint "
+          f"a new group of {resumed['workers']} resumed from {out['resumed_from']} "
+          f"{out['checkpoint_to_resume_s']:.1f} s after the checkpoint "
           f"({out['resumed_before_deadline_s']:.1f} s before the deadline) and trained its first new step "
           f"{out['resume_to_first_step_s']:.1f} s later; steps trained twice: {out['steps_trained_twice']}")
     print(f"wall: {spot_s:.0f} s against {calm_s:.0f} s uninterrupted ({step_s:.2f} s a step); per-step losses "

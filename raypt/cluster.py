@@ -145,6 +145,21 @@ def free_worker_room(sc) -> int:
                               if node not in draining])
 
 
+def workers_after_reclaim(sc, workers: int, reclaimed: int) -> int:
+    """The most workers an elastic group (`sc`: the scaling config) of `workers`, `reclaimed` of them on nodes being
+    reclaimed, starts again with. Ray Train sizes it by a view of the cluster that still counts a draining node, and
+    a group placed there would wait for it until its start timed out (60 s). The workers that stay, or the room on
+    the nodes that stay (the old group's resources may not be back yet), whichever is more; the run grows back once
+    more room lasts (`raypt.loop.Training.check_cluster`)."""
+    if not sc.elastic:
+        return sc.max_workers
+    try:
+        room = free_worker_room(sc)
+    except Exception:  # noqa: BLE001 (the GCS busy: the workers that stay)
+        room = 0
+    return max(sc.min_workers, min(sc.max_workers, max(workers - reclaimed, room)))
+
+
 def check_workers_fit(sc) -> None:
     """Refuse, before any worker starts, a run whose training workers (`sc`: the scaling config) fit on no node
     the cluster has or can have: Ray would wait for them forever."""

@@ -60,9 +60,9 @@ class Context(Protocol):
     def sync(self) -> None:
         """Mirror run_dir to the run's storage when that is not a local path."""
 
-    def preemption(self) -> float | None:
-        """Seconds until a node of the run is reclaimed, or None while none is; every rank calls at the same steps and
-        gets the same answer."""
+    def preemption(self) -> tuple[float, int] | None:
+        """(Seconds until a node of the run is reclaimed, the ranks on the nodes reclaimed), or None while none is;
+        every rank calls at the same steps and gets the same answer."""
 
     def room(self) -> int:
         """How many more training workers the cluster could hold now (asked on rank 0 alone)."""
@@ -169,6 +169,7 @@ class Training:
         self.steps_since_log, self.t_log, self.input_wait, self.busy = 0, time.perf_counter(), 0.0, 0.0
         self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
         self.write_s, self.restart = None, None  # (write_s: the slowest rank's last complete save, seconds)
+        self.reclaimed = 0  # (ranks on the nodes being reclaimed)
         self.check_every = 1  # (steps between cluster checks: from the step time, at log steps)
         sc = cfg.scaling
         self.may_grow = sc.elastic and ctx.grew_from < ctx.world_size < sc.max_workers  # (grew_from: see Context)
@@ -196,7 +197,7 @@ class Training:
         metrics.event(progress.step, f"resuming from {name} on {w} worker{'s' * (w > 1)}: step {progress.step}, "
                       f"{progress.tokens_seen:,} tokens seen, data at {self.data.where()}; {total / 1e6:,.1f} MB of "
                       f"saved state read ({most / 1e6:,.1f} MB by the busiest worker) in {seconds:.1f} s"
-                      + (f"; steps {progress.step + 1}-{trained} are trained again" if retrained else ""),
+                      + (f"; {step_range(progress.step + 1, trained)} trained again" if retrained else ""),
                       resumed_from=source, workers=w, restore_bytes=int(total), restore_bytes_max=int(most),
                       restore_s=round(seconds, 3), steps_retrained=retrained)
         if changes:
@@ -311,8 +312,8 @@ class Training:
         checkpoint at this step, and the workers leave (`leave`) for the driver to start a larger group from it."""
         if self.done:
             return
-        if (left := self.ctx.preemption()) is not None:
-            self.check_preemption(left)
+        if (notice := self.ctx.preemption()) is not None:
+            self.check_preemption(*notice)
             return
         if not self.may_grow:
             return
@@ -322,12 +323,10 @@ class Training:
         self.restart, step = "grow", self.progress.step
         self.metrics.event(step, f"room for {more} more worker{'s' * (more > 1)}: checkpoint at step {step}, then the "
                            "workers start again on the larger cluster", grow=more)
-        if self.saved_step != step:
-            self.save()
-        self.ckpt.wait()
+        self.checkpoint_now(self.saved_step != step)
 
-    def check_preemption(self, left: float) -> None:
-        """A node of the run is reclaimed in `left` seconds: a checkpoint at this step (unless one was just saved),
+    def check_preemption(self, left: float, ranks: int) -> None:
+        """A node of the run, with `ranks` of its ranks, is reclaimed in `left` seconds: a checkpoint at this step (unless one was just saved),
         written out at once, and the workers leave (`leave`): the driver starts them again on the nodes left, from
         this checkpoint, without waiting for the deadline, so no step is trained twice. No checkpoint when the last
         one took longer to write than the notice leaves: the restart resumes from that one instead."""
@@ -335,23 +334,29 @@ class Training:
         left = parallel.all_reduce(torch.tensor(left, dtype=torch.float64, device=self.ctx.device),
                                    op=torch.distributed.ReduceOp.MIN).item()
         self.restart, step, save = "reclaim", self.progress.step, self.saved_step != self.progress.step
+        self.reclaimed = ranks
         if save and self.write_s is not None and self.write_s > SAVE_SHARE * left:  # (it would be lost half-written)
             save, last = False, "the start" if self.saved_step is None else f"step {self.saved_step}"
             self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): NO TIME TO CHECKPOINT "
                                f"(the last one took {self.write_s:.0f} s to write); the restart resumes from {last} "
-                               f"and trains steps {(self.saved_step or 0) + 1}-{step} again", preemption_notice=True,
+                               f"and trains {step_range((self.saved_step or 0) + 1, step)} again", preemption_notice=True,
                                deadline_s=round(left, 1), checkpoint_skipped=True)
         else:
             self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): checkpoint at step "
                                f"{step}, then the workers start again on the nodes left", preemption_notice=True,
                                deadline_s=round(left, 1))
+        self.checkpoint_now(save)
+
+    def checkpoint_now(self, save: bool) -> None:
+        """Before the workers leave: this step's checkpoint (`save`), and any still being written in the background,
+        complete. One that fails (a rank of a reclaimed node gone mid-save) is reported and the restart resumes from
+        the last complete one: failing here would charge a reclaim or a growth to run.max_failures."""
         try:
             if save:
                 self.save()
-            self.ckpt.wait()  # (and a periodic one still being written in the background)
-        except Exception as e:  # noqa: BLE001 (a rank of the reclaimed node gone mid-save: the restart resumes from
-            # the last complete checkpoint instead; failing here would charge the reclaim to run.max_failures)
-            emit(f"the checkpoint at the notice did not complete ({type(e).__name__}: {e}); the restart resumes "
+            self.ckpt.wait()
+        except Exception as e:  # noqa: BLE001
+            emit(f"the checkpoint before the restart did not complete ({type(e).__name__}: {e}); the restart resumes "
                  "from the last complete one")
 
     def leave(self) -> dict:
@@ -360,7 +365,8 @@ class Training:
         self.ckpt.wait()
         self.metrics.close()
         self.ctx.sync()
-        return {"restart": self.restart, "step": self.progress.step, "workers": self.ctx.world_size}
+        return {"restart": self.restart, "step": self.progress.step, "workers": self.ctx.world_size,
+                "reclaimed": self.reclaimed}
 
     def finish(self) -> dict:
         """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""
@@ -374,6 +380,10 @@ class Training:
         ctx.sync()
         return {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen, "final_loss": self.loss_avg,
                 **(self.last_eval or {}), **({"sample": text} if text is not None else {})}
+
+
+def step_range(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
 def fits_notices(write_s: float, checkpoint_every: int | None) -> str:
@@ -533,7 +543,7 @@ class LocalContext:
     def sync(self) -> None:
         pass
 
-    def preemption(self) -> float | None:
+    def preemption(self) -> tuple[float, int] | None:
         return None
 
     def room(self) -> int:

@@ -99,6 +99,18 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.forward = compiled
 
 
+def ddp_options() -> dict:
+    """DDP without its buffer broadcast before each forward: the model's buffers (rotary frequencies) are the same on
+    every rank, and the broadcast would make each micro-batch wait for the other ranks. (torch 2.13 renamed the
+    option.)"""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

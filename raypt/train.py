@@ -23,9 +23,10 @@ import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raypt import checkpoint, faults
+from raypt import checkpoint, faults, parallel
 from raypt.cli import command, fail, quiet_libraries
-from raypt.cluster import check_data_fits, check_workers_fit, cpu_threads, free_worker_room, init_ray
+from raypt.cluster import (check_data_fits, check_workers_fit, cpu_threads, free_worker_room, init_ray,
+                           workers_after_reclaim)
 from raypt.config import Config, config_from_dict, global_batch_size, grad_accum_steps
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
@@ -75,13 +76,13 @@ class RayContext:
         if self._remote and self.rank == 0:
             upload(self.run_dir, self._remote)
 
-    def preemption(self) -> float | None:
+    def preemption(self) -> tuple[float, int] | None:
         info = ray.train.get_preemption_info()  # (a barrier: rank 0's answer for all)
         if info is None:
             return None
-        if info.deadline_ms is None:  # (Ray Train then restarts the group this long after the notice)
-            return UNKNOWN_RECLAIM_S
-        return max(0.0, info.deadline_ms / 1000 - time.time())
+        # (no deadline: Ray Train then restarts the group this long after the notice)
+        left = UNKNOWN_RECLAIM_S if info.deadline_ms is None else max(0.0, info.deadline_ms / 1000 - time.time())
+        return left, len(info.preempted_ranks)
 
     def room(self) -> int:
         """More workers that fit, once they have fitted for GROW_AFTER_S (asked on rank 0 alone)."""
@@ -99,10 +100,8 @@ class RayContext:
     def prepare(self, model):
         if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built
             return model
-        # (no buffer broadcast before each forward: the model's buffers, rotary frequencies, are the same on every
-        # rank, and the broadcast would make each micro-batch wait for the other ranks)
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
-                                             parallel_strategy_kwargs={"broadcast_buffers": False})
+                                             parallel_strategy_kwargs=parallel.ddp_options())
 
     def train_steps(self, cfg: Config, position):
         """This rank's rows of the run's one ordered stream (`raypt.feed`): the Feeder says which, the rank
@@ -190,11 +189,12 @@ def run(cfg: Config) -> dict:
     feeder, stats, evals = start_data(cfg, data, encoder)
     loop_config = {"config": cfg.to_dict(), "run_dir": run_dir, "feeder": feeder, "eval": evals, "data": data.light(),
                    "stats": stats, "terminal": is_terminal(sys.stdout)}
+    def scaling(most: int) -> ray.train.ScalingConfig:
+        return ray.train.ScalingConfig(num_workers=(sc.min_workers, most) if sc.elastic else sc.max_workers,
+                                       use_gpu=sc.use_gpu, resources_per_worker={"CPU": sc.cpus_per_worker})
+
     trainer = functools.partial(
         TorchTrainer, train_loop_per_worker,
-        scaling_config=ray.train.ScalingConfig(num_workers=(sc.min_workers, sc.max_workers) if sc.elastic
-                                               else sc.max_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker={"CPU": sc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -207,12 +207,17 @@ def run(cfg: Config) -> dict:
         # Workers that checkpoint and return for a restart get a new group at once, from that checkpoint: a reclaimed
         # node's on the nodes left (a draining node takes no new work), instead of Ray Train's restart at the
         # reclaim's deadline; an elastic run's on a cluster with room for more workers. A group that left to grow
-        # passes its size on: one no larger (the room was taken meanwhile) does not try again.
-        grew_from = 0
-        while (result := trainer(train_loop_config={**loop_config, "grew_from": grew_from}).fit()).return_value and (
-                why := result.return_value.get("restart")):
-            grew_from = result.return_value["workers"] if why == "grow" else 0
-            print(f"{RESTARTS[why]} at step {result.return_value['step']}: starting the workers again", flush=True)
+        # passes its size on: one no larger (the room was taken meanwhile) does not try again. An elastic group that
+        # left a reclaim is at most what the nodes that stay hold (`workers_after_reclaim`).
+        grew_from, most = 0, sc.max_workers
+        while (result := trainer(scaling_config=scaling(most), train_loop_config={
+                **loop_config, "grew_from": grew_from}).fit()).return_value and (
+                why := (back := result.return_value).get("restart")):
+            grew_from = back["workers"] if why == "grow" else 0
+            most = workers_after_reclaim(sc, back["workers"], back["reclaimed"]) if why == "reclaim" else sc.max_workers
+            print(f"{RESTARTS[why]} at step {back['step']}: starting the workers again"
+                  + (f" (at most {most}: the nodes being reclaimed take none)" if most < sc.max_workers else ""),
+                  flush=True)
     finally:
         if monitor is not None:
             monitor.stop()

@@ -65,9 +65,10 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
 def test_all_problems_are_reported_at_once(tmp_path):
     p = write(tmp_path, "data:\n  train_paths: [a]\n  seq_len: many\n  format: csv\nscaling:\n  use_gpu: 3\n")
     with pytest.raises(ConfigError) as e:
-        load_config(p, ["train.max_steps=x"])
-    assert len(e.value.problems) == 4
+        load_config(p, ["train.max_steps=x", "run.preemption_check_s=-1"])
+    assert len(e.value.problems) == 5
     msg = str(e.value)
+    assert "run.preemption_check_s must be >= 0 (0: never), got -1" in msg
     for key in ("data.seq_len", "data.format", "scaling.use_gpu", "train.max_steps"):
         assert key in msg
 

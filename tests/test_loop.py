@@ -523,7 +523,7 @@ class Reclaimed(LocalContext):
 
     def preemption(self):
         self.checks += 1
-        return self.left if self.checks >= self.at else None
+        return (self.left, 1) if self.checks >= self.at else None
 
 
 def events(run_dir):
@@ -542,7 +542,8 @@ def test_a_reclaim_notice_checkpoints_and_leaves_or_falls_back_when_too_short(to
     calm = [r["loss"] for r in metrics(tmp_path / "calm")[0]]
 
     early = tmp_path / "early"
-    assert train(cfg, Reclaimed(early, data, at=2, left=0.001)) == {"restart": "reclaim", "step": 2, "workers": 1}
+    assert train(cfg, Reclaimed(early, data, at=2, left=0.001)) == {"restart": "reclaim", "step": 2, "workers": 1,
+                                                                    "reclaimed": 1}
     assert [r["step"] for r in events(early) if "checkpoint" in r] == [2]  # (none measured yet: saved)
     assert not (early / "final").exists()
     assert train(cfg, LocalContext(early, data))["step"] == 7
@@ -551,7 +552,8 @@ def test_a_reclaim_notice_checkpoints_and_leaves_or_falls_back_when_too_short(to
     assert [r["loss"] for r in metrics(early)[0]] == pytest.approx(calm, rel=1e-5)
 
     late = tmp_path / "late"
-    assert train(cfg, Reclaimed(late, data, at=5, left=0.001)) == {"restart": "reclaim", "step": 5, "workers": 1}
+    assert train(cfg, Reclaimed(late, data, at=5, left=0.001)) == {"restart": "reclaim", "step": 5, "workers": 1,
+                                                                  "reclaimed": 1}
     rows = events(late)
     written = [r["checkpoint_write_s"] for r in rows if "checkpoint_write_s" in r]
     assert len(written) == 1 and written[0] > 0.001  # said once, at the first checkpoint
@@ -587,7 +589,7 @@ def test_an_elastic_run_with_room_for_more_workers_checkpoints_and_leaves_to_gro
     fixed = Roomy(tmp_path / "fixed", data, at=1)
     assert train(cfg_for(tokenizer_dir, *sets), fixed)["step"] == 6 and fixed.asked == 0  # (not elastic: not asked)
     run, elastic = tmp_path / "grow", cfg_for(tokenizer_dir, *sets, "scaling.num_workers=[1, 2]")
-    assert train(elastic, Roomy(run, data, at=4)) == {"restart": "grow", "step": 4, "workers": 1}
+    assert train(elastic, Roomy(run, data, at=4)) == {"restart": "grow", "step": 4, "workers": 1, "reclaimed": 0}
     assert [(r["step"], r["grow"]) for r in events(run) if "grow" in r] == [(4, 1)]
     again = Roomy(run, data, at=1)
     again.grew_from = 1  # (the group that left to grow had 1 worker, and this one is no larger: room is not asked)

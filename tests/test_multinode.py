@@ -154,37 +154,64 @@ def test_an_elastic_run_goes_on_with_the_workers_left_and_trains_the_same_batche
     assert one_node == pytest.approx(losses(tmp_path / "el", rel=1e-5), rel=1e-5)
 
 
-def test_an_elastic_run_grows_back_when_a_node_joins_with_no_step_trained_twice(cluster, one_node, big_corpus,
-                                                                                  tokenizer_dir, tmp_path,
-                                                                                  monkeypatch):
-    """After the test before, one 3-CPU node is left: scaling.num_workers [1, 2] starts with one worker. A node joins
-    after step 1 (rank 0 lingers 9 s after steps 2-5, time for the node to come up and for the room to last
-    GROW_AFTER_S, until Ray Train's view of the cluster has it too): the run checkpoints at that step, and a group of
-    two resumes there. No step is trained twice and the run logs the two-worker run's losses."""
-    assert sum(node_cpus(n) for n in cluster.worker_nodes if n.node_id in alive()) == 3  # (the test before's)
-    monkeypatch.setenv("RAYPT_FAULT", "slow:2,3,4,5:0")
-    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "9")
-    run = tmp_path / "grow"
-    argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "grow", 64) for a in ("--set", s)]
+def test_an_elastic_run_shrinks_at_a_reclaim_and_grows_back_when_a_node_joins(cluster, one_node, big_corpus,
+                                                                              tokenizer_dir, tmp_path, monkeypatch):
+    """After the test before, one 3-CPU node is left; a second joins, and scaling.num_workers [1, 2] starts with two
+    workers. Rank 1's node is drained for preemption (30 s left) after step 1: a checkpoint at that step, and a group
+    of one resumes there at once on the node left. The cloud takes the drained node and a new one joins (rank 0
+    lingers 13 s before steps 2-5: time for the node to come up and for the room to last GROW_AFTER_S, until Ray
+    Train's view of the cluster has it too): the run checkpoints at that step, and a group of two resumes there. No step is trained
+    twice and the run logs the two-worker run's losses, and the workers at each size."""
+    from ray._private.state import state
+
+    cluster.add_node(num_cpus=3, object_store_memory=256 * MB)
+    while ray.cluster_resources().get("CPU", 0) < 6:
+        time.sleep(0.2)
+    ray_train_sees_the_cluster_now()
+    monkeypatch.setenv("RAYPT_FAULT", "drain:1:1+slow:2,3,4,5:0")
+    monkeypatch.setenv("RAYPT_FAULT_FILE", str(tmp_path / "drained"))
+    monkeypatch.setenv("RAYPT_FAULT_DEADLINE", "30")
+    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "13")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # (off for the rest of the suite: conftest)
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+    run = tmp_path / "elastic"
+    argv = [a for s in sets(tmp_path, big_corpus, tokenizer_dir, "elastic", 64) for a in ("--set", s)]
     # (materialized: tokenized before training, so one 3-CPU node may hold the data and the most workers' CPUs)
     argv += ["--set", "scaling.num_workers=[1, 2]", "--set", "run.preemption_check_s=0.001", "--set",
-             "data.materialize=true"]
+             "data.materialize=true", "--set", "run.max_failures=0"]
+
+    def resumed() -> list[dict]:
+        return [r for r in rows(run) if "resumed_from" in r] if (run / "metrics.jsonl").exists() else []
 
     done = []
     training = threading.Thread(target=lambda: done.append(train.main(argv)), daemon=True)
-    training.start()  # (the node is added from this thread: Ray starts a node from the main thread only)
-    while not (run / "metrics.jsonl").exists() or not any("loss" in r for r in rows(run)):
+    training.start()  # (nodes are added from this thread: Ray starts a node from the main thread only)
+    while not resumed():
         assert training.is_alive(), done
         time.sleep(0.05)
+    draining, up = state.get_draining_nodes(), alive()  # (a drained node with nothing left on it ends by itself)
+    for node in [n for n in cluster.worker_nodes if n.node_id in draining or n.node_id not in up]:
+        cluster.remove_node(node)  # (the cloud takes it, at the deadline or before)
     cluster.add_node(num_cpus=3, object_store_memory=256 * MB)
     training.join(timeout=300)
     assert done == [0]
     log = rows(run)
+    assert [r["step"] for r in log if r.get("preemption_notice")] == [1]
     grown = [r["step"] for r in log if "grow" in r]
     assert len(grown) == 1 and 1 < grown[0] < 6, grown
     assert [(Path(r["resumed_from"]).name, r["workers"], r["steps_retrained"]) for r in log if "resumed_from" in r] == [
-        (f"checkpoint_{grown[0]:06d}", 2, 0)]
+        ("checkpoint_000001", 1, 0), (f"checkpoint_{grown[0]:06d}", 2, 0)]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
     assert one_node == pytest.approx(losses(run, rel=1e-5), rel=1e-5)
+
+
+def ray_train_sees_the_cluster_now() -> None:
+    """Ray Train sizes an elastic group by its autoscaling coordinator's view of the nodes, which it refreshes every
+    20 s by itself: refreshed now, for a test that just added a node."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator)
+
+    ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("raypt-test", recompute=True))
 
 
 def alive() -> set[str]:
