@@ -100,10 +100,14 @@ class MetricsLogger:
         emit(self._line(step, row), step=step, tokens_per_s=row.get("tokens_per_s"))
 
     def event(self, step: int, message: str, **fields) -> None:
-        """A line in metrics.jsonl (with `fields`) and on the console for something that happened, e.g. a resume."""
+        """A line in metrics.jsonl (with `fields`) and on the console for something that happened, e.g. a resume; its
+        numbers go to the trackers too (a resume's steps_retrained, a reclaim's preemption_notice as 1)."""
         if self.enabled:
             self._file.write(json.dumps({"step": step, **fields}) + "\n")
             self._file.flush()
+            scalars = {k: float(v) for k, v in fields.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            for tracker in self._trackers if scalars else ():
+                tracker.log(step, scalars)
             emit(message)
 
     def _line(self, step: int, row: dict) -> str:

@@ -131,6 +131,10 @@ def test_wandb_offline_and_mlflow_file_store_hold_the_metrics_and_config(lora_ru
     assert [m.step for m in history] == [r["step"] for r in train_rows]
     assert [m.value for m in history] == pytest.approx([r["loss"] for r in train_rows])
     assert client.get_metric_history(run.info.run_id, "eval_loss")[-1].value == pytest.approx(evals[-1]["eval_loss"])
+    # events' numbers too: each checkpoint's save time, and the per-rank input wait and busy time of each log row
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "checkpoint_s")] == [3, 6]
+    for key in ("input_wait_min", "rank_busy_s_max", "straggler_wait"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == len(train_rows), key
 
 
 def test_the_run_ends_with_a_report_and_runs_compare(lora_run, tmp_path, capsys):
