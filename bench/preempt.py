@@ -3,17 +3,19 @@ CPU, three 3-CPU nodes), in one command:
 
     python bench/preempt.py [--steps 160] [--at 132] [--deadline 20] [--elastic] [--json]
 
-1. The cost of asking. Inside a 2-worker TorchTrainer, `ray.train.get_preemption_info()` (Ray Train's barrier across
-   the workers, which the loop calls every run.preemption_check_s seconds) timed --calls times, beside a gloo
-   all-reduce of one number; and what it costs a run that asks at the default cadence.
+1. The cost of asking. Inside a 2-worker TorchTrainer, the loop's check (`raypt.train.preemption_notice`: each
+   worker's notice and one all-reduce, every run.preemption_check_s seconds) and `ray.train.get_preemption_info()`
+   (Ray Train's own barrier, through one actor) timed --calls times each, beside a gloo all-reduce of one number; and
+   what the check costs a run at the default cadence.
 2. One reclaim. The demo (configs/demo.yaml, checkpoints every 100 steps) on 2 workers, once uninterrupted and once
    with rank 1's node drained for preemption after step --at with --deadline seconds left, as a cloud's notice reaches
    Ray; Ray Train's watcher at its default poll (5 s). Reported: steps trained twice; seconds from the drain to the
    notice the loop saw, from the notice to a complete checkpoint, from the checkpoint to the new group's resume (and
-   how long before the deadline that was) and on to its first new step; wall time against the uninterrupted run; and the largest relative difference
-   between the two runs' per-step losses. With --elastic: scaling.num_workers [1, 2] on two nodes, so that the
-   new group is the one worker the node left holds (Ray Train alone would size it by a view of the cluster that
-   still counts the draining node, and wait for that node until its start timed out, 60 s).
+   how long before the deadline that was) and on to its first new step; wall time against the uninterrupted run;
+   and the largest relative difference between the two runs' per-step losses. With --elastic: scaling.num_workers
+   [1, 2] on two nodes, so that the new group is the one worker the node left holds (Ray Train alone would size it
+   by a view of the cluster that still counts the draining node, and wait for that node until its start timed out,
+   60 s).
 
 metrics.jsonl has no clocks: a thread stamps its lines as they appear (every 50 ms).
 """
@@ -50,14 +52,18 @@ def probe(config: dict) -> None:
             out.append(time.perf_counter() - t0)
         return out
 
-    x = torch.zeros(1)
+    from raypt.train import preemption_notice
+
+    x, cpu = torch.zeros(1), torch.device("cpu")
     timed(ray.train.get_preemption_info, 5)  # (warm up)
     ask = timed(ray.train.get_preemption_info, config["n"])
+    check = timed(lambda: preemption_notice(cpu), config["n"])
     reduce = timed(lambda: dist.all_reduce(x), config["n"])
     if ray.train.get_context().get_world_rank() == 0:
         Path(config["out"]).write_text(json.dumps({
             "get_preemption_info_ms": 1e3 * statistics.median(ask),
             "get_preemption_info_p90_ms": 1e3 * statistics.quantiles(ask, n=10)[-1],
+            "check_ms": 1e3 * statistics.median(check), "check_p90_ms": 1e3 * statistics.quantiles(check, n=10)[-1],
             "all_reduce_ms": 1e3 * statistics.median(reduce)}))
 
 
@@ -164,7 +170,7 @@ def main() -> int:
     stamps = [t for t, r in calm if "loss" in r]
     step_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     out.update({
-        "check_every_s": 2.0, "ask_share_of_training": out["get_preemption_info_ms"] / 1e3 / 2.0,
+        "check_every_s": 2.0, "ask_share_of_training": out["check_ms"] / 1e3 / 2.0,
         "drained_after_step": a.at, "notice_at_step": notice["step"], "deadline_s": a.deadline,
         "elastic": a.elastic, "resumed_workers": resumed["workers"],
         "steps_trained_twice": resumed["steps_retrained"], "resumed_from": Path(resumed["resumed_from"]).name,
@@ -178,17 +184,19 @@ def main() -> int:
     if a.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"asking (get_preemption_info, 2 workers): {out['get_preemption_info_ms']:.2f} ms median, "
-          f"{out['get_preemption_info_p90_ms']:.2f} ms p90 (a gloo all-reduce of one number: "
-          f"{out['all_reduce_ms']:.2f} ms); every 2 s of training (run.preemption_check_s): "
-          f"{100 * out['ask_share_of_training']:.3f}% of it")
+    print(f"asking, 2 workers: the loop's check (each worker's notice, one all-reduce) {out['check_ms']:.2f} ms "
+          f"median, {out['check_p90_ms']:.2f} ms p90; ray.train.get_preemption_info() "
+          f"{out['get_preemption_info_ms']:.2f} ms median, {out['get_preemption_info_p90_ms']:.2f} ms p90 (a gloo "
+          f"all-reduce of one number: {out['all_reduce_ms']:.2f} ms); the check every 2 s of training "
+          f"(run.preemption_check_s): {100 * out['ask_share_of_training']:.3f}% of it")
     print(f"reclaim: drained after step {a.at} with {a.deadline:g} s left; the loop saw the notice at step "
           f"{notice['step']}, {out['drain_to_notice_s']:.1f} s after the drain; checkpoint complete "
           f"{out['notice_to_checkpoint_s']:.1f} s after the notice (the save itself {saved['checkpoint_s']:.2f} s); "
           f"a new group of {resumed['workers']} resumed from {out['resumed_from']} "
           f"{out['checkpoint_to_resume_s']:.1f} s after the checkpoint "
-          f"({out['resumed_before_deadline_s']:.1f} s before the deadline) and trained its first new step "
-          f"{out['resume_to_first_step_s']:.1f} s later; steps trained twice: {out['steps_trained_twice']}")
+          f"({abs(out['resumed_before_deadline_s']):.1f} s "
+          f"{'before' if out['resumed_before_deadline_s'] >= 0 else 'after'} the deadline) and trained its first new "
+          f"step {out['resume_to_first_step_s']:.1f} s later; steps trained twice: {out['steps_trained_twice']}")
     print(f"wall: {spot_s:.0f} s against {calm_s:.0f} s uninterrupted ({step_s:.2f} s a step); per-step losses "
           f"differ by at most {out['loss_max_rel_diff']:.1e} (relative)")
     return 0

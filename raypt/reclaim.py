@@ -1,7 +1,7 @@
 """A node's watch for its cloud's reclaim notice, which neither the `ray up` autoscaler (v1) nor KubeRay passes on
 to Ray: poll the instance metadata and, on a notice, drain this node for preemption with the notice's deadline. Ray
-Train then tells the run (`ray.train.get_preemption_info`), which checkpoints at once
-(`raypt.loop.Training.check_preemption`).
+Train's watcher then hands the notice to the run's workers, which checkpoint at once
+(`raypt.train.preemption_notice`, `raypt.loop.Training.check_preemption`).
 
     python reclaim.py --cloud aws|gcp [--every 2] [--metadata-url URL] [--address GCS] [--node-id HEX]
 
