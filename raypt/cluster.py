@@ -148,12 +148,16 @@ def free_worker_room(sc) -> int:
 def workers_after_reclaim(sc, workers: int, reclaimed: int) -> int:
     """The most workers an elastic group (`sc`: the scaling config) of `workers`, `reclaimed` of them on nodes being
     reclaimed, starts again with. Ray Train sizes it by a view of the cluster that still counts a draining node, and
-    a group placed there would wait for it until its start timed out (60 s). The workers that stay, or the room on
-    the nodes that stay (the old group's resources may not be back yet), whichever is more; the run grows back once
-    more room lasts (`raypt.loop.Training.check_cluster`)."""
+    a group placed there would wait for it until its start timed out (60 s). On a cluster that cannot grow: the
+    workers that stay, or the room on the nodes that stay (the old group's resources may not be back yet), whichever
+    is more; the run grows back once more room lasts (`raypt.loop.Training.check_cluster`). An autoscaler, though,
+    is asked for the group's most workers, and a smaller most would leave the reclaimed node unreplaced: there the
+    group may wait instead, until the replacement comes or the draining node has gone."""
     if not sc.elastic:
         return sc.max_workers
     try:
+        if can_grow():
+            return sc.max_workers
         room = free_worker_room(sc)
     except Exception:  # noqa: BLE001 (the GCS busy: the workers that stay)
         room = 0

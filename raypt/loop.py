@@ -113,6 +113,36 @@ class Every:
         return (last and self.at_end) or bool(steps) and step % steps == 0
 
 
+class BusyClock:
+    """A rank's busy seconds: from each step's start to where the rank first waits for the others. On a GPU the host
+    runs ahead of the device, and its clock would time kernel launches: there CUDA events on the compute stream time
+    the work itself (read at log steps, which wait for the device anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.seconds, self.pairs = device.type == "cuda", 0.0, []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, started) -> None:
+        if self.cuda:
+            self.pairs.append((started, self.mark()))
+        else:
+            self.seconds += time.perf_counter() - started
+
+    def take(self) -> float:
+        """The busy seconds since the last take."""
+        for _, end in self.pairs:
+            end.synchronize()
+        seconds = self.seconds + sum(start.elapsed_time(end) for start, end in self.pairs) / 1e3
+        self.seconds, self.pairs = 0.0, []
+        return seconds
+
+
 @dataclass
 class Progress:
     """The loop's part of a checkpoint."""
@@ -166,7 +196,8 @@ class Training:
         # the eval set is eval_batches micro-batches per worker of the largest group, the same blocks at any size
         self.eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
         self.done = self.at_end()  # (a finished run started again trains no further step)
-        self.steps_since_log, self.t_log, self.input_wait, self.busy = 0, time.perf_counter(), 0.0, 0.0
+        self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
+        self.busy = BusyClock(ctx.device)
         self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
         self.write_s, self.restart = None, None  # (write_s: the slowest rank's last complete save, seconds)
         self.reclaimed = 0  # (ranks on the nodes being reclaimed)
@@ -209,7 +240,7 @@ class Training:
     def step(self, micro: list[torch.Tensor], position) -> None:
         """One optimizer step over this rank's micro-batches of the global batch; `position`: the data's after it."""
         model, t, ctx, step = self.model, self.cfg.train, self.ctx, self.progress.step + 1
-        t0 = time.perf_counter()
+        started = self.busy.mark()
         faults.maybe_slow("slow", step, ctx.rank)  # (tests only: a straggler)
         nan = faults.is_nan(step, ctx.rank)  # (tests only: a NaN loss on this rank)
         step_loss = torch.zeros((), device=ctx.device)  # stays on the device until a log step
@@ -223,7 +254,7 @@ class Training:
             if nan:
                 loss = loss * float("nan")
             if last:  # (under DDP a rank first waits for the others in this backward: the gradients' all-reduce)
-                self.busy += time.perf_counter() - t0
+                self.busy.add(started)
             loss.backward()
             step_loss += loss.detach()
         self.grad_norm = parallel.clip_grad_norm_(self.params, t.grad_clip)
@@ -251,7 +282,7 @@ class Training:
             "tokens_per_s": tps, "mfu": mfu(self.info.flops_per_token, tps / self.ctx.world_size, self.peak),
             **self.rank_times(seconds), **self.data.passes(),
         })
-        self.steps_since_log, self.t_log, self.input_wait, self.busy = 0, time.perf_counter(), 0.0, 0.0
+        self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
 
     def rank_times(self, seconds: float) -> dict:
         """What held each rank up over its log interval (`seconds`: this rank's), gathered in one all-reduce of a
@@ -264,7 +295,7 @@ class Training:
         interval, so every rank asks at the same steps."""
         ctx = self.ctx
         table = torch.zeros(ctx.world_size, 3, dtype=torch.float64, device=ctx.device)
-        table[ctx.rank] = torch.tensor([self.input_wait, seconds, self.busy], dtype=torch.float64)
+        table[ctx.rank] = torch.tensor([self.input_wait, seconds, self.busy.take()], dtype=torch.float64)
         wait, interval, busy = parallel.all_reduce(table).cpu().numpy().T
         if self.cfg.run.preemption_check_s:
             self.check_every = max(1, int(self.cfg.run.preemption_check_s * self.steps_since_log / interval.max()))

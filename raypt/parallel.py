@@ -100,8 +100,8 @@ def compile_layers(model: torch.nn.Module) -> None:
 
 
 def ddp_options() -> dict:
-    """DDP without its buffer broadcast before each forward: the model's buffers (rotary frequencies) are the same on
-    every rank, and the broadcast would make each micro-batch wait for the other ranks. (torch 2.13 renamed the
+    """DDP without its buffer broadcast in the forward: the model's buffers (rotary frequencies) are the same on every
+    rank, and the broadcast would make each step's first forward wait for the other ranks. (torch 2.13 renamed the
     option.)"""
     import inspect
 

@@ -58,7 +58,7 @@ def preemption_notice(device: torch.device) -> tuple[float, int] | None:
         from ray.train.v2._internal.execution.context import get_train_context
 
         info = get_train_context().preemption_context.preemption_info
-    except (ImportError, AttributeError):  # (every rank runs the same Ray: all take this path alike)
+    except (ImportError, AttributeError, RuntimeError):  # (every rank runs the same Ray: all take this path alike)
         info = ray.train.get_preemption_info()
     mine = [0.0, -math.inf, 0.0]
     if info is not None:  # (no deadline: Ray Train then restarts the group this long after the notice)

@@ -93,3 +93,13 @@ def test_streaming_run_starts_on_a_cluster_with_no_cpu_and_the_autoscaler_adds_n
     assert "the cluster has 0 CPUs now: its autoscaler adds nodes as the run asks for them" in out
     assert "Adding 1 node(s) of type cpu2" in out and "done: 4 steps" in out
     assert (tmp_path / "cold" / "final" / "model.safetensors").exists()
+
+
+def test_an_elastic_restart_after_a_reclaim_keeps_its_most_workers_where_an_autoscaler_replaces_nodes(cold_cluster):
+    """After a reclaim a smaller elastic group starts at once on a cluster that cannot grow; with an autoscaler the
+    group keeps its most workers, which is what Ray Train asks the autoscaler for (`workers_after_reclaim`)."""
+    code = ("import ray; from types import SimpleNamespace as S; from raypt.cluster import workers_after_reclaim; "
+            "ray.init(); sc = S(elastic=True, min_workers=1, max_workers=4, cpus_per_worker=2.0, use_gpu=False); "
+            "print(workers_after_reclaim(sc, 4, 2))")
+    r = subprocess.run([sys.executable, "-c", code], env=cold_cluster, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "4", (r.stdout + r.stderr)[-3000:]

@@ -284,17 +284,19 @@ def test_the_spot_watcher_drains_its_node_with_the_clouds_deadline(cluster, meta
 def test_room_for_more_workers_is_counted_on_each_nodes_free_resources(cluster):
     """What an elastic run below its most workers asks before it grows (`raypt.cluster.free_worker_room`): the
     workers that fit in what each node has free now. A node's CPUs taken by other work, or the node draining, do not
-    count."""
+    count. After a reclaim, an elastic group starts again with at most that room or the workers that stay."""
     from types import SimpleNamespace
 
     from ray._private.state import available_resources_per_node
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raypt.cluster import free_worker_room
+    from raypt.cluster import free_worker_room, workers_after_reclaim
     from raypt.reclaim import drain
 
-    sc = SimpleNamespace(cpus_per_worker=2.0, use_gpu=False)
+    sc = SimpleNamespace(cpus_per_worker=2.0, use_gpu=False, elastic=True, min_workers=1, max_workers=8)
     before = free_worker_room(sc)
+    # (this cluster cannot grow: a group of 8 that loses 5 to a reclaim starts again with the 3 left, or the room)
+    assert workers_after_reclaim(sc, 8, 5) == max(3, before)
     node = cluster.add_node(num_cpus=3, object_store_memory=128 * MB)
 
     def free_cpus():
