@@ -230,7 +230,8 @@ class Training:
                       f"saved state read ({most / 1e6:,.1f} MB by the busiest worker) in {seconds:.1f} s"
                       + (f"; {step_range(progress.step + 1, trained)} trained again" if retrained else ""),
                       resumed_from=source, workers=w, restore_bytes=int(total), restore_bytes_max=int(most),
-                      restore_s=round(seconds, 3), steps_retrained=retrained)
+                      restore_s=round(seconds, 3), steps_retrained=retrained,
+                      **({"checkpoints_skipped": skipped} if skipped else {}))
         if changes:
             metrics.event(progress.step, f"DATA CHANGED since {name} ({'; '.join(changes)}): run.data_changed is "
                           "restart, so the model and optimizer go on and the new data is read from the start of its "

@@ -302,6 +302,29 @@ def test_resume_from_refuses_foreign_and_half_written_checkpoints(tokenizer_dir,
     assert rows[0]["step"] == 21 and out["step"] == 40
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tokenizer_dir, tmp_path):
+    """A shard of the newest checkpoint cut short after its marker was written (a copy or a disk gone wrong): the
+    marker's sizes give it away, the run resumes from the checkpoint before, says which it skipped and why, and
+    trains the steps after it again with the same losses."""
+    sets = ("train.checkpoint_every=4", "train.eval_every=0", "train.sample_tokens=0")
+    data = blocks(tokenizer_dir, 64, 32)
+    run = tmp_path / "run"
+    train(cfg_for(tokenizer_dir, "train.max_steps=8", *sets), LocalContext(run, data))
+    first = [r["loss"] for r in metrics(run)[0]]
+    shard = run / "checkpoint_000008" / "state" / "__0_0.distcp"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    assert train(cfg_for(tokenizer_dir, "train.max_steps=10", *sets), LocalContext(run, data))["step"] == 10
+    [resumed] = [r for r in events(run) if "resumed_from" in r]
+    assert Path(resumed["resumed_from"]).name == "checkpoint_000004" and resumed["steps_retrained"] == 4
+    assert resumed["checkpoints_skipped"] == [f"{run}/checkpoint_000008 is incomplete or damaged: "
+                                              f"state/__0_0.distcp is missing or not {size} bytes"]
+    again = {r["step"]: r["loss"] for r in metrics(run)[0]}  # (a step logged twice: its second loss)
+    # (steps 7-8 decay the LR towards another end now: max_steps 10)
+    assert [again[s] for s in range(1, 7)] == pytest.approx(first[:6], rel=1e-5)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_every_world_size_computes_the_global_batchs_gradient(tokenizer_dir, world):
     """What an elastic run relies on: each rank's slice of the global batch (uneven when the size does not divide it),
