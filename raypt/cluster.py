@@ -153,11 +153,12 @@ def workers_after_reclaim(sc, workers: int, reclaimed: int) -> int:
     is more; the run grows back once more room lasts (`raypt.loop.Training.check_cluster`). An autoscaler, though,
     is asked for the group's most workers, and a smaller most would leave the reclaimed node unreplaced: there the
     group may wait instead, until the replacement comes or the draining node has gone."""
-    if not sc.elastic:
+    try:
+        if not sc.elastic or can_grow():
+            return sc.max_workers
+    except Exception:  # noqa: BLE001 (the GCS busy: as with an autoscaler, which must not be asked for less)
         return sc.max_workers
     try:
-        if can_grow():
-            return sc.max_workers
         room = free_worker_room(sc)
     except Exception:  # noqa: BLE001 (the GCS busy: the workers that stay)
         room = 0

@@ -289,11 +289,13 @@ class Training:
         """What held each rank up over its log interval (`seconds`: this rank's), gathered in one all-reduce of a
         (ranks x 3) table (12 KB at 512 ranks, once a log interval). The share of it the ranks waited for their input:
         all together (input_wait), the rank that waited most and the one that waited least (every rank waits: the
-        pipeline is short). And each rank's busy seconds per step, from the step's start to where it first waits for
-        the other ranks (the last backward's gradient all-reduce): their mean, their most and that rank
-        (slowest_rank: the straggler), and the share of a step the mean rank waits for it (straggler_wait). Under FSDP every layer's all-gather lines the ranks up, so busy time is not
-        told apart from waiting there and is not logged. Sets the cluster checks' cadence from the slowest rank's
-        interval, so every rank asks at the same steps."""
+        pipeline is short). And each rank's busy seconds per step, from the step's start to its last micro-batch's
+        backward, where DDP's gradient all-reduce makes it wait for the other ranks (so the forwards and the earlier
+        micro-batches' backwards: with one micro-batch a step, a slow device shows about a third of its lag): their
+        mean, their most and that rank (slowest_rank: the straggler), and the share of a step the mean rank waits for
+        it (straggler_wait). Under FSDP every layer's all-gather lines the ranks up, so busy time is not told apart
+        from waiting there and is not logged. Sets the cluster checks' cadence from the slowest rank's interval, so
+        every rank asks at the same steps."""
         ctx = self.ctx
         table = torch.zeros(ctx.world_size, 3, dtype=torch.float64, device=ctx.device)
         table[ctx.rank] = torch.tensor([self.input_wait, seconds, self.busy.take()], dtype=torch.float64)
@@ -358,10 +360,11 @@ class Training:
         self.checkpoint_now(self.saved_step != step)
 
     def check_preemption(self, left: float, ranks: int) -> None:
-        """A node of the run, with `ranks` of its ranks, is reclaimed in `left` seconds: a checkpoint at this step (unless one was just saved),
-        written out at once, and the workers leave (`leave`): the driver starts them again on the nodes left, from
-        this checkpoint, without waiting for the deadline, so no step is trained twice. No checkpoint when the last
-        one took longer to write than the notice leaves: the restart resumes from that one instead."""
+        """A node of the run, with `ranks` of its ranks, is reclaimed in `left` seconds: a checkpoint at this step
+        (unless one was just saved), written out at once, and the workers leave (`leave`): the driver starts them
+        again on the nodes left, from this checkpoint, without waiting for the deadline, so no step is trained twice.
+        No checkpoint when the last one took longer to write than the notice leaves: the restart resumes from that
+        one instead."""
         # the soonest deadline any rank's clock gives (one host's clock ahead would have it alone decide not to save)
         left = parallel.all_reduce(torch.tensor(left, dtype=torch.float64, device=self.ctx.device),
                                    op=torch.distributed.ReduceOp.MIN).item()
@@ -371,8 +374,8 @@ class Training:
             save, last = False, "the start" if self.saved_step is None else f"step {self.saved_step}"
             self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): NO TIME TO CHECKPOINT "
                                f"(the last one took {self.write_s:.0f} s to write); the restart resumes from {last} "
-                               f"and trains {step_range((self.saved_step or 0) + 1, step)} again", preemption_notice=True,
-                               deadline_s=round(left, 1), checkpoint_skipped=True)
+                               f"and trains {step_range((self.saved_step or 0) + 1, step)} again",
+                               preemption_notice=True, deadline_s=round(left, 1), checkpoint_skipped=True)
         else:
             self.metrics.event(step, f"a node of the run is being reclaimed ({left:.0f} s left): checkpoint at step "
                                f"{step}, then the workers start again on the nodes left", preemption_notice=True,

@@ -190,7 +190,8 @@ def summary(run: Run) -> dict:
 def markdown(runs: list[Run], plots: list[Path]) -> str:
     rows = [summary(r) for r in runs]
     keys = ["steps", "tokens_seen", "train_loss"] + sorted({k for s in rows for k in s if k.startswith("eval_")}) + [
-        k for k in ("tokens_per_s", "mfu", "input_wait", "resumes", "preemptions", "steps_retrained", "skipped_steps", "checkpoints")
+        k for k in ("tokens_per_s", "mfu", "input_wait", "resumes", "preemptions", "steps_retrained", "skipped_steps",
+                    "checkpoints")
         if any(k in s for s in rows)]
     lines = [f"# {' vs '.join(r.name for r in runs)}", "", "| metric | " + " | ".join(r.name for r in runs) + " |",
              "|---|" + "---|" * len(runs)]

@@ -158,12 +158,12 @@ def test_an_elastic_run_shrinks_at_a_reclaim_and_grows_back_when_a_node_joins(cl
                                                                               tokenizer_dir, tmp_path, monkeypatch,
                                                                               busy_cpus):
     """After the test before, one 3-CPU node is left; a second joins, and scaling.num_workers [1, 2] starts with two
-    workers. Rank 1's node is drained for preemption (30 s left) after step 1: a checkpoint at that step, and a group
-    of one resumes there at once on the node left. The cloud takes the drained node and a new one joins (rank 0
-    lingers 13 s before steps 2-5: time for the node to come up and for the room to last GROW_AFTER_S, until Ray
-    Train's view of the cluster has it too): the run checkpoints at that step, and a group of two resumes there. No step is trained
-    twice and the run logs the two-worker run's losses, and the workers at each size. Every core of the machine is
-    busy meanwhile."""
+    workers. Rank 1's node is drained for preemption (30 s left) after step 1: a checkpoint at that step, and a group of
+    one resumes there at once on the node left. The cloud takes the drained node and a new one joins (rank 0 lingers 13
+    s before steps 2-5: time for the node to come up and for the room to last GROW_AFTER_S, until Ray Train's view of
+    the cluster has it too): the run checkpoints at that step, and a group of two resumes there. No step is trained
+    twice and the run logs the two-worker run's losses, and the workers at each size. Every core of the machine is busy
+    meanwhile."""
     from ray._private.state import state
 
     cluster.add_node(num_cpus=3, object_store_memory=256 * MB)

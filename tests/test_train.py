@@ -169,9 +169,9 @@ def test_qlora_on_two_workers(ray_local, tmp_path, tokenizer_dir, pretokenized, 
 def test_a_stalled_tokenize_pool_shows_as_input_wait_on_every_rank_and_in_the_report(ray_local, tmp_path, corpus,
                                                                                     tokenizer_dir, monkeypatch,
                                                                                     capsys):
-    """Every tokenize actor sleeps 1 s per work unit (1 KB of text, a few hundred tokens) and a step takes 1,024
-    tokens: once what the pipeline made while the workers started is used up (by step 8), both ranks spend most of
-    each log interval waiting for their blocks. metrics.jsonl says so for the rank that waited least too, the progress line says
+    """Every tokenize actor sleeps 1 s per work unit (1 KB of text, a few hundred tokens) and a step takes 1,024 tokens:
+    once what the pipeline made while the workers started is used up (by step 8), both ranks spend most of each log
+    interval waiting for their blocks. metrics.jsonl says so for the rank that waited least too, the progress line says
     "waiting for data", and the report gives the median wait and plots it."""
     monkeypatch.setenv("RAYPT_FAULT", "tokenize")
     monkeypatch.setenv("RAYPT_FAULT_SECONDS", "1")
