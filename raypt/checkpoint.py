@@ -53,7 +53,7 @@ STATE = "state"
 
 
 class CheckpointError(UserError):
-    """A directory that is not a complete raypt checkpoint."""
+    """A directory that is not a complete raypt checkpoint, or a checkpoint that could not be written."""
 
 
 def dirname(step: int) -> str:
@@ -187,12 +187,22 @@ class Checkpointer:
         """After this rank's files are written: upload them (URIs), wait for every rank, then rank 0 marks the
         checkpoint complete and prunes old ones. `t0`: when the save began."""
         fs, path = filesystem(dest)
+        failed = None
         if is_uri(dest):
-            upload(local, dest)
+            try:
+                upload(local, dest)
+            except OSError as e:  # (storage throttling past its retries, resets, a bucket refusing writes ...)
+                failed = f"rank {self.rank}: {e}"
             shutil.rmtree(local, ignore_errors=True)
         faults.maybe_kill("save", state["step"], self.rank)
-        if distributed():
-            dist.barrier(group=group)
+        if distributed():  # (as a barrier: every rank has written; and whether any rank failed, which one rank
+            # raising alone would keep from the others, waiting here until the collective timeout, 30 min)
+            every = [None] * dist.get_world_size(group)
+            dist.all_gather_object(every, failed, group=group)
+            failed = next((f for f in every if f), None)
+        if failed:
+            raise CheckpointError(f"{dest} could not be written ({failed}); the run's newest complete checkpoint is "
+                                  "as it was, and the run resumes from it when started again")
         self.write_s = time.perf_counter() - t0
         if self.rank != 0:
             return

@@ -108,6 +108,9 @@ class S3Traffic:
         self.sent: Counter = Counter()
         self.gets: Counter = Counter()
         self._lock = threading.Lock()
+        self.refuse: str | None = None
+        """Objects whose key ends so are refused every write (500 InternalError), as from a store that keeps failing."""
+        self.refused = 0
 
     def reset(self) -> None:
         with self._lock:
@@ -128,6 +131,14 @@ class S3Traffic:
 
     def wrap(self, app):
         def counted(environ, start_response):
+            if self.refuse and environ["REQUEST_METHOD"] in ("PUT", "POST") and environ["PATH_INFO"].endswith(
+                    self.refuse):
+                with self._lock:
+                    self.refused += 1
+                start_response("500 Internal Server Error", [("Content-Type", "application/xml")])
+                yield (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                       b"<Message>We encountered an internal error. Please try again.</Message></Error>")
+                return
             if environ["REQUEST_METHOD"] == "GET":
                 with self._lock:
                     self.gets[environ["PATH_INFO"]] += 1

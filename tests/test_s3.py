@@ -96,6 +96,29 @@ def test_s3_storage_checkpoints_resume_and_secrets(ray_local, bucket, tmp_path, 
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == S3_SECRET  # (the test really ran with it set)
 
 
+def test_a_checkpoint_a_rank_cannot_upload_stops_the_run_with_one_line_and_leaves_the_last_one(ray_local, bucket,
+                                                                                               tmp_path, capfd):
+    """S3 refuses every write of rank 1's shard of checkpoint 4 (500, past pyarrow's retries). Both ranks learn it at
+    once (rank 0 does not wait at the save's barrier until the collective timeout), the run stops with one line naming
+    the checkpoint, the rank and the error, and checkpoint 2 is still the run's newest complete one."""
+    import time
+
+    storage = f"s3://{bucket}/runs"
+    argv = recipe("llama3-8b-qlora-cpt", bucket, tmp_path, "run.name=refused", "train.max_steps=6",
+                  "train.checkpoint_every=2", "run.max_failures=0")
+    S3_TRAFFIC.refuse, S3_TRAFFIC.refused = "refused/checkpoint_000004/state/__1_0.distcp", 0
+    t0 = time.monotonic()
+    try:
+        assert train.main(argv) == 2
+    finally:
+        S3_TRAFFIC.refuse = None
+    assert time.monotonic() - t0 < 300 and S3_TRAFFIC.refused > 0
+    err = capfd.readouterr().err
+    assert f"error: {storage}/refused/checkpoint_000004 could not be written (rank 1: " in err, err[-3000:]
+    assert "Traceback" not in err.split("error: ")[-1]
+    assert checkpoint.latest(f"{storage}/refused") == f"{storage}/refused/checkpoint_000002"
+
+
 def test_the_full_fsdp_recipe_trains_from_the_bucket_and_resumes_reading_only_its_shards(ray_local, bucket, tmp_path,
                                                                                          tiny_pretrained):
     """`configs/llama3-8b-full-fsdp.yaml` (FSDP2, a gradient reduce-scatter every micro-batch, asynchronous
