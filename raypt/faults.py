@@ -31,10 +31,6 @@ def _fires(point: str, step: int | None = None, rank: int | None = None) -> bool
     return False
 
 
-def seconds() -> float:
-    return float(os.environ.get("RAYPT_FAULT_SECONDS", "3"))
-
-
 def maybe_kill(point: str, step: int, rank: int) -> None:
     once = os.environ.get("RAYPT_FAULT_FILE")
     if not _fires(point, step, rank) or not once or Path(once).exists():
@@ -72,7 +68,7 @@ def maybe_slow(point: str, step: int | None = None, rank: int | None = None) -> 
     if _fires(point, step, rank):
         import time
 
-        time.sleep(seconds())
+        time.sleep(float(os.environ.get("RAYPT_FAULT_SECONDS", "3")))
 
 
 def is_nan(step: int, rank: int) -> bool:

@@ -62,7 +62,8 @@ class Context(Protocol):
 
     def preemption(self) -> tuple[float, int] | None:
         """(Seconds until a node of the run is reclaimed, the ranks on the nodes reclaimed), or None while none is;
-        every rank calls at the same steps and gets the same answer."""
+        every rank calls at the same steps and gets the same answer (the soonest deadline any rank's clock gives:
+        one host's clock ahead must not have it alone decide not to save)."""
 
     def room(self) -> int:
         """How many more training workers the cluster could hold now (asked on rank 0 alone)."""
@@ -365,9 +366,6 @@ class Training:
         again on the nodes left, from this checkpoint, without waiting for the deadline, so no step is trained twice.
         No checkpoint when the last one took longer to write than the notice leaves: the restart resumes from that
         one instead."""
-        # the soonest deadline any rank's clock gives (one host's clock ahead would have it alone decide not to save)
-        left = parallel.all_reduce(torch.tensor(left, dtype=torch.float64, device=self.ctx.device),
-                                   op=torch.distributed.ReduceOp.MIN).item()
         self.restart, step, save = "reclaim", self.progress.step, self.saved_step != self.progress.step
         self.reclaimed = ranks
         if save and self.write_s is not None and self.write_s > SAVE_SHARE * left:  # (it would be lost half-written)
