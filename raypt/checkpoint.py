@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint import CheckpointException, DefaultSavePlanner
 from torch.distributed.checkpoint.utils import _create_file_view
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -45,7 +45,7 @@ from raypt import faults
 from raypt.model import unwrap
 from raypt.parallel import distributed, is_sharded
 from raypt.errors import UserError
-from raypt.storage import filesystem, is_uri, node_copy, upload
+from raypt.storage import filesystem, is_uri, node_copy, retrying, upload
 
 MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"
@@ -82,6 +82,8 @@ class Checkpointer:
         self.write_s: float | None = None
         """Seconds the last complete save took on this rank, from `save` until every rank had written (background
         writes and uploads included)."""
+        self.complete_step: int | None = None
+        """The step of the last checkpoint this run saved and marked complete."""
 
     # -- resume ---------------------------------------------------------------------------------------------------
     def source(self, resume_from: str | None) -> tuple[str | None, list[str]]:
@@ -143,17 +145,24 @@ class Checkpointer:
         t0 = time.perf_counter()
         dest = f"{self.run_dir}/{dirname(state['step'])}"
         fs, path = filesystem(dest)
-        if self.rank == 0:
-            fs.delete_dir_contents(path, missing_dir_ok=True)  # leftovers of an attempt that died writing this step
-        if distributed():
-            dist.barrier()
-        local = Path(tempfile.mkdtemp(prefix="raypt-ckpt-")) if is_uri(dest) else Path(path)  # URIs: staged, uploaded
-        (local / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), local / "rng" / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            (local / TRAIN_STATE).write_text(json.dumps({"state": state}) + "\n")
-            (local / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            tokenizer.save_pretrained(local)
+        local, failed = Path(path), None
+        try:
+            if self.rank == 0:  # leftovers of an attempt that died writing this step
+                fs.delete_dir_contents(path, missing_dir_ok=True)
+        except Exception as e:  # noqa: BLE001 (every rank learns it: `_agree`)
+            failed = f"rank 0, clearing the directory: {e}"
+        self._agree(failed, dest, local, None)  # (and a barrier: nobody writes before the leftovers are gone)
+        try:
+            local = Path(tempfile.mkdtemp(prefix="raypt-ckpt-")) if is_uri(dest) else local  # URIs: staged, uploaded
+            (local / "rng").mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), local / "rng" / f"rank_{self.rank:05d}.pt")
+            if self.rank == 0:
+                (local / TRAIN_STATE).write_text(json.dumps({"state": state}) + "\n")
+                (local / "config.yaml").write_text(config_yaml, encoding="utf-8")
+                tokenizer.save_pretrained(local)
+        except Exception as e:  # noqa: BLE001 (a full disk: OSError, or torch's zip writer's RuntimeError)
+            failed = f"rank {self.rank}: {e}"
+        self._agree(failed, dest, local, None)  # (every rank learns it before the state's collective save)
         sd = _state_dicts(model, optimizer)
         writer = dcp.FileSystemWriter(str(local / STATE))
         planner = _Planner() if is_sharded(model) else DefaultSavePlanner()
@@ -163,7 +172,10 @@ class Checkpointer:
                                              daemon=True)
             self._pending.start()
         else:
-            dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not distributed())
+            try:
+                dcp.save(sd, storage_writer=writer, planner=planner, no_dist=not distributed())
+            except CheckpointException as e:  # (DCP tells every rank of any rank's failed write)
+                self._agree(_first_failure(e), dest, local, None, agreed=True)
             self._finish(dest, local, state, None, t0)
         return dest
 
@@ -178,10 +190,35 @@ class Checkpointer:
 
     def _finish_in_background(self, future, dest: str, local: Path, state: dict, t0: float) -> None:
         try:
-            future.result()
+            try:
+                future.result()
+            except CheckpointException as e:
+                self._agree(_first_failure(e), dest, local, self._group, agreed=True)
             self._finish(dest, local, state, self._group, t0)
         except BaseException as e:  # re-raised by wait() on the training thread
             self._error = e
+
+    def _agree(self, failed: str | None, dest: str, local: Path, group, agreed: bool = False) -> None:
+        """Whether any rank failed to write its part of `dest` (`failed`: this rank's error, or None), learnt by every
+        rank in one all-gather (`agreed`: every rank knows already); on a failure, the half-written checkpoint is
+        removed and every rank raises the same CheckpointError. One rank raising alone would leave the others waiting
+        in the save's next collective until its timeout (30 min)."""
+        if distributed() and not agreed:
+            every = [None] * dist.get_world_size(group)
+            dist.all_gather_object(every, failed, group=group)
+            failed = next((f for f in every if f), None)
+        if not failed:
+            return
+        # (a full disk is the usual cause, and a library's error may not say so: torch's zip writer's does not)
+        failed += f"; {'the staging' if is_uri(dest) else 'its'} disk has {_free_bytes(local) / 1e6:,.1f} MB free"
+        if is_uri(dest):
+            shutil.rmtree(local, ignore_errors=True)
+        if self.rank == 0:  # (a full disk gets its room back; the leftover would be skipped and pruned anyway)
+            with contextlib.suppress(Exception):
+                fs, path = filesystem(dest)
+                fs.delete_dir(path)
+        raise CheckpointError(f"{dest} could not be written ({failed}); the run's newest complete checkpoint is as it "
+                              "was, and the run resumes from it when started again")
 
     def _finish(self, dest: str, local: Path, state: dict, group, t0: float) -> None:
         """After this rank's files are written: upload them (URIs), wait for every rank, then rank 0 marks the
@@ -191,27 +228,53 @@ class Checkpointer:
         if is_uri(dest):
             try:
                 upload(local, dest)
-            except OSError as e:  # (storage throttling past its retries, resets, a bucket refusing writes ...)
+            except Exception as e:  # noqa: BLE001 (storage failing past its retries, a bucket refusing writes ...)
                 failed = f"rank {self.rank}: {e}"
             shutil.rmtree(local, ignore_errors=True)
         faults.maybe_kill("save", state["step"], self.rank)
-        if distributed():  # (as a barrier: every rank has written; and whether any rank failed, which one rank
-            # raising alone would keep from the others, waiting here until the collective timeout, 30 min)
-            every = [None] * dist.get_world_size(group)
-            dist.all_gather_object(every, failed, group=group)
-            failed = next((f for f in every if f), None)
-        if failed:
-            raise CheckpointError(f"{dest} could not be written ({failed}); the run's newest complete checkpoint is "
-                                  "as it was, and the run resumes from it when started again")
-        self.write_s = time.perf_counter() - t0
-        if self.rank != 0:
-            return
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = {i.path[len(path) + 1:]: i.size for i in sorted(infos, key=lambda i: i.path)
-                 if i.type == pafs.FileType.File}
-        with fs.open_output_stream(f"{path}/{MARKER}") as f:  # last: from now on the checkpoint counts
-            f.write((json.dumps({"state": state, "files": files}) + "\n").encode())
-        prune(self.run_dir, self.keep)
+        self._agree(failed, dest, local, group)  # (and a barrier: every rank has written)
+        failed = None
+        if self.rank == 0:
+            try:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                files = {i.path[len(path) + 1:]: i.size for i in sorted(infos, key=lambda i: i.path)
+                         if i.type == pafs.FileType.File}
+                retrying(lambda: _write(fs, f"{path}/{MARKER}",  # last: from now on the checkpoint counts
+                                        json.dumps({"state": state, "files": files}) + "\n"), f"writing {MARKER}")
+            except Exception as e:  # noqa: BLE001
+                failed = f"rank 0, its {MARKER} marker: {e}"
+        if distributed():  # (whether the marker is written: the checkpoint counts, or every rank raises)
+            outcome = [failed]
+            dist.broadcast_object_list(outcome, group=group, group_src=0)
+            failed = outcome[0]
+        self._agree(failed, dest, local, group, agreed=True)
+        self.write_s, self.complete_step = time.perf_counter() - t0, state["step"]
+        if self.rank == 0:
+            try:  # (rank 0 alone: an error here must not leave it apart from the others)
+                prune(self.run_dir, self.keep)
+            except Exception as e:  # noqa: BLE001 (the next save prunes them)
+                print(f"could not remove old checkpoints of {self.run_dir} ({e}); the next save tries again",
+                      flush=True)
+
+
+def _write(fs: pafs.FileSystem, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the disk holding `path` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _first_failure(e: CheckpointException) -> str:
+    """The first rank's error in DCP's exception, in a line (DCP's own message holds every rank's traceback)."""
+    if not e.failures:
+        return f"{type(e).__name__}: {e}"
+    rank, (error, _) = min(e.failures.items())
+    return f"rank {rank}: {error}"
 
 
 class _Planner(DefaultSavePlanner):

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from raypt import storage
 from raypt.errors import UserError
 from raypt.schema import apply_overrides, build
 from raypt.settings import Config, DataConfig
@@ -57,6 +58,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     problems.extend(validate(cfg))  # fields that failed to parse kept their (valid) defaults, so this adds no noise
     if problems:
         raise ConfigError(problems, source)
+    storage.configure(cfg.run.storage_retries, cfg.run.storage_retry_s)  # (this process's requests to storage)
     return cfg
 
 
@@ -87,6 +89,7 @@ def config_from_dict(raw: dict) -> Config:
     cfg = build(Config, raw, "", problems)
     if problems:
         raise ConfigError(problems)
+    storage.configure(cfg.run.storage_retries, cfg.run.storage_retry_s)
     return cfg
 
 
@@ -220,6 +223,11 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.lora_r must be >= 1, got {m.lora_r}")
     if cfg.run.preemption_check_s < 0:
         p.append(f"run.preemption_check_s must be >= 0 (0: never), got {cfg.run.preemption_check_s}")
+    if cfg.run.storage_retries < 1:
+        p.append(f"run.storage_retries must be >= 1 (tries of a request, the first included), got "
+                 f"{cfg.run.storage_retries}")
+    if cfg.run.storage_retry_s < 0:
+        p.append(f"run.storage_retry_s must be >= 0, got {cfg.run.storage_retry_s}")
     if cfg.run.checkpoints_to_keep < 1:
         p.append(f"run.checkpoints_to_keep must be >= 1 (the newest checkpoint is always kept), got "
                  f"{cfg.run.checkpoints_to_keep}")

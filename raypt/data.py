@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from raypt import faults
+from raypt import faults, storage
 from raypt.cli import command
 from raypt.cluster import STREAM_CPUS, init_ray, tokenize_pool
 from raypt.config import Config, Source, sources
@@ -93,6 +93,7 @@ class TokenizePack:
     def __init__(self, cfg: Config, encoder: EncoderSpec, threads: int, stats: Stats, items: pa.Table):
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool starts
         self.d = cfg.data
+        storage.configure(cfg.run.storage_retries, cfg.run.storage_retry_s)
         self.encode = encoder.encoder(self.d.max_doc_chars)
         self.stats, self.items, self.t_ready, self.told = stats, items, time.time(), set()
 
@@ -104,11 +105,13 @@ class TokenizePack:
             stats.ready(self.t_ready)
             self.told.add(stats.pipe)
         stats.turn(item["seq"])
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), storage.retries()
         counts: Counter = Counter()
         unit = item["index"]
         segments = [Segment(**seg) for seg in item["unit"]]
         blocks = pack_unit(segments, item["format"], item["text_field"], self.encode, self.d, counts)
+        if retried := storage.retries() - before:  # (requests to a store tried again: the loop logs them)
+            counts["storage_retries"] += retried
         faults.maybe_slow("tokenize")  # (tests only: a stalled pipeline)
         if out := item["out"]:  # `python -m raypt.data --out`: the unit's file, written here
             write_unit(blocks, out)
@@ -150,15 +153,19 @@ def write_unit(blocks: np.ndarray, path: str) -> None:
         pq.write_table(table, f)
 
 
-def read_pretokenized(batch: dict, seq_len: int, stats: Stats, items: pa.Table) -> Iterator[pa.Table]:
+def read_pretokenized(batch: dict, seq_len: int, stats: Stats, items: pa.Table, retries: tuple) -> Iterator[pa.Table]:
     """Ray Data task: one Parquet file written by `python -m raypt.data --out` (one unit) -> its tagged blocks; a
-    wrong block length is a clear error."""
+    wrong block length is a clear error. `retries`: the run's storage retry policy (`storage.configure`)."""
     item = item_of(items, batch)
     stats.turn(item["seq"])
     path, unit = item["path"], item["index"]
+    storage.configure(*retries)
+    before = storage.retries()
     fs, inner = filesystem(path)
     with fs.open_input_file(inner) as f:
         col = pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks()
+    if retried := storage.retries() - before:
+        stats.add({"storage_retries": retried}, time.time(), _peak_rss_mb(), 0.0)
     if isinstance(col.type, pa.ExtensionType):  # Ray's tensor column, as `--out` writes it
         blocks = col.to_numpy()
     elif len(col):  # a list column
@@ -207,7 +214,8 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
         rows, table = unit_rows([{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs])
         blocks = rows.map_batches(
             read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=STREAM_CPUS,  # light: a Parquet read
-            fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=table))
+            fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=table,
+                           retries=(cfg.run.storage_retries, cfg.run.storage_retry_s)))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
     fewest, most = tokenize_pool(d, len(order) - first, reserved_cpus, needed, [s.weight for s in srcs],
                                  srcs.index(src))  # (its share)

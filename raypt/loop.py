@@ -16,8 +16,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from raypt import faults, parallel
-from raypt.checkpoint import Checkpointer
+from raypt import faults, parallel, storage
+from raypt.checkpoint import CheckpointError, Checkpointer
 from raypt.config import Config, global_batch_size, grad_accum_steps
 from raypt.export import end_sample, export, write_report
 from raypt.loss import IGNORE
@@ -67,6 +67,10 @@ class Context(Protocol):
 
     def room(self) -> int:
         """How many more training workers the cluster could hold now (asked on rank 0 alone)."""
+
+    def storage_retries(self) -> int:
+        """Requests to object storage tried again so far (`raypt.storage.retries`): this rank's, and on rank 0 also the
+        data pipeline's."""
 
 
 def train(cfg: Config, ctx: Context) -> dict:
@@ -171,6 +175,7 @@ class Training:
         from raypt.tokenizer import load_tokenizer, special_ids, tokenizer_path
 
         t, self.cfg, self.ctx, self.data = cfg.train, cfg, ctx, ctx.data
+        self.retries_seen = ctx.storage_retries()  # (the retries of the resume below count in the first interval)
         self.tok = load_tokenizer(tokenizer_path(cfg))
         tc = cfg.tokenizer
         self.docs = (special_ids(self.tok, tc.add_bos, tc.add_eos, tc.bos_id, tc.eos_id) if cfg.data.document_masking
@@ -200,6 +205,7 @@ class Training:
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
         self.busy = BusyClock(ctx.device)
         self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
+        self.resumed_step = self.saved_step
         self.write_s, self.restart = None, None  # (write_s: the slowest rank's last complete save, seconds)
         self.reclaimed = 0  # (ranks on the nodes being reclaimed)
         self.check_every = 1  # (steps between cluster checks: from the step time, at log steps)
@@ -288,7 +294,8 @@ class Training:
 
     def rank_times(self, seconds: float) -> dict:
         """What held each rank up over its log interval (`seconds`: this rank's), gathered in one all-reduce of a
-        (ranks x 3) table (12 KB at 512 ranks, once a log interval). The share of it the ranks waited for their input:
+        (ranks x 4) table (16 KB at 512 ranks, once a log interval). Requests to storage the ranks and the data
+        pipeline tried again (storage_retries: `raypt.storage`). The share of the interval the ranks waited for input:
         all together (input_wait), the rank that waited most and the one that waited least (every rank waits: the
         pipeline is short). And each rank's busy seconds per step, from the step's start to its last micro-batch's
         backward, where DDP's gradient all-reduce makes it wait for the other ranks (so the forwards and the earlier
@@ -298,18 +305,20 @@ class Training:
         from waiting there and is not logged. Sets the cluster checks' cadence from the slowest rank's interval, so
         every rank asks at the same steps."""
         ctx = self.ctx
-        table = torch.zeros(ctx.world_size, 3, dtype=torch.float64, device=ctx.device)
-        table[ctx.rank] = torch.tensor([self.input_wait, seconds, self.busy.take()], dtype=torch.float64)
-        wait, interval, busy = parallel.all_reduce(table).cpu().numpy().T
+        retries, self.retries_seen = (now := ctx.storage_retries()) - self.retries_seen, now
+        table = torch.zeros(ctx.world_size, 4, dtype=torch.float64, device=ctx.device)
+        table[ctx.rank] = torch.tensor([self.input_wait, seconds, self.busy.take(), retries], dtype=torch.float64)
+        wait, interval, busy, retries = parallel.all_reduce(table).cpu().numpy().T
         if self.cfg.run.preemption_check_s:
             self.check_every = max(1, int(self.cfg.run.preemption_check_s * self.steps_since_log / interval.max()))
         share = wait / interval
-        out = {"input_wait": wait.sum() / interval.sum(), "input_wait_max": share.max(), "input_wait_min": share.min()}
+        out = {"input_wait": wait.sum() / interval.sum(), "input_wait_max": share.max(), "input_wait_min": share.min(),
+               "storage_retries": int(retries.sum())}
         if not parallel.is_sharded(self.model):
             step_s, busy = interval.max() / self.steps_since_log, busy / self.steps_since_log
             out.update(rank_busy_s_mean=busy.mean(), rank_busy_s_max=busy.max(), slowest_rank=int(busy.argmax()),
                        straggler_wait=(busy.max() - busy.mean()) / step_s)  # (the step share a rank waits for it)
-        return {k: float(v) if k != "slowest_rank" else v for k, v in out.items()}
+        return {k: v if isinstance(v, int) else float(v) for k, v in out.items()}
 
     def evaluate(self) -> None:
         if result := evaluate(self.model, self.ctx, self.cfg.train.micro_batch_size, self.eval_rows, self.autocast,
@@ -318,10 +327,14 @@ class Training:
             self.metrics.log(self.progress.step, result)
 
     def save(self) -> None:
-        t0, self.saved_step = time.perf_counter(), self.progress.step
-        path = self.ckpt.save(model=self.model, optimizer=self.optimizer,
-                              state={**self.progress.state_dict(), **self.data.state_dict()},
-                              config_yaml=self.config_yaml, tokenizer=self.tok)
+        t0 = time.perf_counter()
+        self.settle()
+        path = self.settle(lambda: self.ckpt.save(model=self.model, optimizer=self.optimizer,
+                                                  state={**self.progress.state_dict(), **self.data.state_dict()},
+                                                  config_yaml=self.config_yaml, tokenizer=self.tok))
+        if path is None:
+            return
+        self.saved_step = self.progress.step
         self.ctx.sync()
         seconds = time.perf_counter() - t0
         self.metrics.event(self.progress.step, f"saved {path.rsplit('/', 1)[-1]} in {seconds:.1f} s"
@@ -336,6 +349,22 @@ class Training:
                                + fits_notices(write_s, self.cfg.train.checkpoint_every),
                                checkpoint_write_s=round(write_s, 3))
         self.write_s = write_s if write_s >= 0 else None
+
+    def settle(self, action=None):
+        """`action` (default: waiting for a checkpoint written in the background) with a checkpoint that could not be
+        written (a full disk, storage failing past its retries: `CheckpointError`) handled as run.checkpoint_failed
+        says: the run stops with its one line, or it is reported and training goes on (None returned) to try again
+        at the next checkpoint step. Every rank meets such a failure alike (`Checkpointer` agrees on it)."""
+        try:
+            return (action or self.ckpt.wait)()
+        except CheckpointError as e:
+            if self.cfg.run.checkpoint_failed == "stop":
+                raise
+            self.saved_step = self.ckpt.complete_step or self.resumed_step  # (a background save may have failed)
+            self.metrics.event(self.progress.step, f"CHECKPOINT FAILED: {e.message} (run.checkpoint_failed: continue, "
+                               "so training goes on and tries again at the next checkpoint step)",
+                               checkpoint_failed=e.message)
+            return None
 
     def cluster_check_every(self) -> int | None:
         """Steps between cluster checks: about run.preemption_check_s seconds (None: never)."""
@@ -387,7 +416,7 @@ class Training:
         try:
             if save:
                 self.save()
-            self.ckpt.wait()
+            self.settle()
         except Exception as e:  # noqa: BLE001
             emit(f"the checkpoint before the restart did not complete ({type(e).__name__}: {e}); the restart resumes "
                  "from the last complete one")
@@ -395,7 +424,7 @@ class Training:
     def leave(self) -> dict:
         """End this worker group early, for a reclaim or to grow: its checkpoints written, its metrics out. The driver
         starts a new group (`raypt.train.run`), which resumes from the newest checkpoint."""
-        self.ckpt.wait()
+        self.settle()
         self.metrics.close()
         self.ctx.sync()
         return {"restart": self.restart, "step": self.progress.step, "workers": self.ctx.world_size,
@@ -404,7 +433,7 @@ class Training:
     def finish(self) -> dict:
         """Wait for the last checkpoint, export the model, make the sample and the report; the run's summary."""
         cfg, ctx = self.cfg, self.ctx
-        self.ckpt.wait()
+        self.settle()
         self.metrics.close()
         export(cfg, ctx.rank, ctx.run_dir, self.model, self.tok)
         text = end_sample(cfg, self.model, self.tok, self.autocast)
@@ -581,6 +610,9 @@ class LocalContext:
 
     def room(self) -> int:
         return 0
+
+    def storage_retries(self) -> int:
+        return storage.retries()
 
     def train_steps(self, cfg: Config, position: Position):
         """The blocks as one unit, in the run's order."""

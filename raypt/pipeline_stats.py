@@ -79,6 +79,10 @@ class PipelineStats:
         pipe = self.pipes[p]
         return pipe.counts["tokens"] / pipe.busy_s if pipe.busy_s > 0 and pipe.counts["tokens"] else None
 
+    async def total(self, key: str) -> int:
+        """A counter summed over every pipeline so far."""
+        return sum(p.counts[key] for p in self.pipes)
+
     async def span(self, p: int) -> tuple[float | None, float | None]:
         return self.pipes[p].first_ready, self.pipes[p].last_add
 

@@ -183,7 +183,8 @@ def summary(run: Run) -> dict:
         if v := _series(run.logs, key)[1]:
             out[key] = float(np.median(v))
     out.update(resumes=len(run.resumes), preemptions=run.preemptions, steps_retrained=run.retrained,
-               skipped_steps=len(run.skipped), checkpoints=run.checkpoints)
+               skipped_steps=len(run.skipped), checkpoints=run.checkpoints,
+               storage_retries=sum(r.get("storage_retries", 0) for r in run.logs))
     return out
 
 
@@ -191,14 +192,15 @@ def markdown(runs: list[Run], plots: list[Path]) -> str:
     rows = [summary(r) for r in runs]
     keys = ["steps", "tokens_seen", "train_loss"] + sorted({k for s in rows for k in s if k.startswith("eval_")}) + [
         k for k in ("tokens_per_s", "mfu", "input_wait", "resumes", "preemptions", "steps_retrained", "skipped_steps",
-                    "checkpoints")
+                    "checkpoints", "storage_retries")
         if any(k in s for s in rows)]
     lines = [f"# {' vs '.join(r.name for r in runs)}", "", "| metric | " + " | ".join(r.name for r in runs) + " |",
              "|---|" + "---|" * len(runs)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(_fmt(k, s.get(k)) for s in rows) + " |")
     lines += ["", "Final values: the last logged train loss and eval; tokens/s, MFU and input_wait (the share of "
-              "time the ranks waited for their data) are medians over log steps.", ""]
+              "time the ranks waited for their data) are medians over log steps; storage_retries: requests to object "
+              "storage tried again (throttling, server errors, resets), all told.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 

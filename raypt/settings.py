@@ -259,6 +259,16 @@ class RunConfig:
     barrier across the workers, so it is asked every N steps, N following the measured step time. On either: a
     checkpoint at that step at once, then a new group of workers (on the nodes left, or a larger one) resumes there
     and trains no step twice."""
+    checkpoint_failed: Literal["stop", "continue"] = "stop"
+    """A checkpoint that cannot be written (a full disk, storage failing past its retries): stop the run with one line
+    naming the file and why, or continue training and try again at the next checkpoint step. Either way the newest
+    complete checkpoint stays as it was, and a half-written one is never resumed from."""
+    storage_retries: int = 10
+    """Tries of one request to object storage (s3://, gs://), the first included, when it fails in a way that may
+    pass (throttling, a server error, a reset connection); the waits between them back off exponentially, with jitter.
+    Retries are counted in metrics.jsonl (storage_retries)."""
+    storage_retry_s: float = 300.0
+    """Most seconds one request may take, its tries and the waits between them included."""
     async_checkpoint: Optional[bool] = None
     """Write checkpoints in the background (torch.distributed.checkpoint.async_save): training waits only while the
     state is copied to host memory, not for the disk or the upload. null: on when training on GPUs."""

@@ -9,6 +9,7 @@ Re-running the same run.name resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -24,7 +25,7 @@ import ray.train
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raypt import checkpoint, faults, parallel
+from raypt import checkpoint, faults, parallel, storage
 from raypt.cli import command, fail, quiet_libraries
 from raypt.cluster import (check_data_fits, check_workers_fit, cpu_threads, free_worker_room, init_ray,
                            workers_after_reclaim)
@@ -72,7 +73,8 @@ def preemption_notice(device: torch.device) -> tuple[float, int] | None:
 class RayContext:
     """`raypt.loop.Context` on a Ray Train worker."""
 
-    def __init__(self, cfg: Config, run_dir: str, feeder, eval_refs, data: RunData, grew_from: int = 0):
+    def __init__(self, cfg: Config, run_dir: str, feeder, eval_refs, data: RunData, grew_from: int = 0,
+                 stats=None):
         import ray.train.torch
 
         c = ray.train.get_context()
@@ -86,6 +88,7 @@ class RayContext:
                 emit(f"training on {threads} CPU thread{'s' * (threads > 1)} per worker"
                      + ("" if cfg.scaling.cpu_threads else " (the node's CPUs over its workers; scaling.cpu_threads)"))
         self._feeder, self._eval_refs, self.data, self.grew_from = feeder, eval_refs, data, grew_from
+        self._stats, self._pipeline_retries = stats, 0  # (the run's PipelineStats: the pipeline's storage retries)
         self._room_since = None  # (when rank 0 first saw room for more workers, of late)
         self.storage = run_dir
         self._remote = run_dir if is_uri(run_dir) else None
@@ -96,7 +99,10 @@ class RayContext:
 
     def sync(self) -> None:
         if self._remote and self.rank == 0:
-            upload(self.run_dir, self._remote)
+            try:  # (rank 0 alone: a failure must not leave it apart from the others; the next sync mirrors it all)
+                upload(self.run_dir, self._remote)
+            except Exception as e:  # noqa: BLE001
+                emit(f"could not mirror the run's metrics to {self._remote} ({e}); the next checkpoint tries again")
 
     def preemption(self) -> tuple[float, int] | None:
         return preemption_notice(self.device)
@@ -113,6 +119,13 @@ class RayContext:
             return 0
         self._room_since = self._room_since or time.monotonic()
         return free if time.monotonic() - self._room_since >= GROW_AFTER_S else 0
+
+    def storage_retries(self) -> int:
+        mine = storage.retries()
+        if self.rank == 0 and self._stats is not None:  # (one call to an async actor per log interval, rank 0 alone)
+            with contextlib.suppress(Exception):  # (the count must not fail a step; the next interval has it)
+                self._pipeline_retries = ray.get(self._stats.total.remote("storage_retries"), timeout=10)
+        return mine + self._pipeline_retries
 
     def prepare(self, model):
         if self.world_size == 1 or self.cfg.scaling.strategy == "fsdp":  # FSDP2: sharded as it was built
@@ -159,7 +172,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if config["terminal"] and ray.train.get_context().get_world_rank() == 0:  # the driver shows a bar
             echo_to(lambda line, fields: ray.get(config["stats"].say.remote(line, fields)))  # (none lost at exit)
         return train(cfg, RayContext(cfg, config["run_dir"], config["feeder"], config["eval"], config["data"],
-                                     config.get("grew_from", 0)))
+                                     config.get("grew_from", 0), config["stats"]))
     except UserError as e:
         # Every rank meets these at the same point (same model, same checkpoint, same data, all-reduced NaN flags),
         # and no restart can fix them: the run ends with the message instead of a worker failure Ray would retry.

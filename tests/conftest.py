@@ -6,7 +6,9 @@ import contextlib
 import os
 import random
 import socket
+import struct
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -111,6 +113,27 @@ class S3Traffic:
         self.refuse: str | None = None
         """Objects whose key ends so are refused every write (500 InternalError), as from a store that keeps failing."""
         self.refused = 0
+        self.faults: list[tuple[str, float]] = []  # (fault, share of requests): `fail`
+        self.injected: Counter = Counter()
+        self._rng = random.Random(0)
+
+    def fail(self, seed: int = 0, **shares: float) -> None:
+        """Answer a share of all requests with a fault, as a store under load does, chosen at random (seeded):
+        `slowdown` (503 SlowDown: throttling), `error` (500 InternalError), `reset` (the connection reset before any
+        answer), `delay` (an answer held back 0.5 s). No argument: no more faults. `injected` counts them."""
+        with self._lock:
+            self.faults, self._rng = list(shares.items()), random.Random(seed)
+            self.injected.clear()
+
+    def _fault(self) -> str | None:
+        with self._lock:
+            x = self._rng.random()
+            for fault, share in self.faults:
+                if x < share:
+                    self.injected[fault] += 1
+                    return fault
+                x -= share
+        return None
 
     def reset(self) -> None:
         with self._lock:
@@ -131,6 +154,22 @@ class S3Traffic:
 
     def wrap(self, app):
         def counted(environ, start_response):
+            fault = self._fault()
+            if fault == "reset":  # (an RST, not a FIN: the server drops the connection with no linger)
+                # (after the request's body: the client is waiting for its answer, as when a store drops it)
+                environ["wsgi.input"].read(*[] if environ.get("wsgi.input_terminated") else
+                                           [int(environ.get("CONTENT_LENGTH") or 0)])  # (chunked: to its end)
+                environ["werkzeug.socket"].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raise ConnectionResetError("an injected reset")  # (the server's Handler closes the connection)
+            if fault in ("slowdown", "error"):
+                status, code = (("503 Slow Down", "SlowDown") if fault == "slowdown" else
+                                ("500 Internal Server Error", "InternalError"))
+                start_response(status, [("Content-Type", "application/xml")])
+                yield (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>Please try again."
+                       "</Message></Error>").encode()
+                return
+            if fault == "delay":
+                time.sleep(0.5)
             if self.refuse and environ["REQUEST_METHOD"] in ("PUT", "POST") and environ["PATH_INFO"].endswith(
                     self.refuse):
                 with self._lock:
@@ -167,8 +206,12 @@ def s3_server():
     from werkzeug.serving import make_server
 
     port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    class Handler(MotoRequestHandler):
+        def connection_dropped(self, error, environ=None):
+            self.close_connection = True  # (an injected reset: closed now, so the client sees it at once)
+
     server = make_server("127.0.0.1", port, S3_TRAFFIC.wrap(DomainDispatcherApplication(create_backend_app)),
-                         threaded=True, request_handler=MotoRequestHandler)
+                         threaded=True, request_handler=Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="raypt-test")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,67 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one
     again = {r["step"]: r["loss"] for r in metrics(run)[0]}  # (a step logged twice: its second loss)
     # (steps 7-8 decay the LR towards another end now: max_steps 10)
     assert [again[s] for s in range(1, 7)] == pytest.approx(first[:6], rel=1e-5)
+
+
+FULL_DISK_RUNS = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_loop import blocks, cfg_for
+from raypt import checkpoint
+from raypt.loop import LocalContext, train
+
+tok, run, out = sys.argv[1:4]
+sets = ("train.checkpoint_every=2", "train.eval_every=0", "train.sample_tokens=0", "run.loggers=[]")
+seen = {{}}
+try:  # checkpoint 4 meets the full disk: the run stops with its one line
+    train(cfg_for(tok, "train.max_steps=6", *sets), LocalContext(run, blocks(tok, 64, 32)))
+except checkpoint.CheckpointError as e:
+    seen["error"] = e.message
+seen["latest"], seen["listed"] = checkpoint.latest(run), sorted(p.name for p in Path(run).iterdir())
+seen["done"] = train(cfg_for(tok, "train.max_steps=8", "run.checkpoint_failed=continue", *sets),
+                     LocalContext(run, blocks(tok, 64, 32)))["step"]
+seen["rows"] = [json.loads(line) for line in open(f"{{run}}/metrics.jsonl")]
+seen["final"] = sorted(p.name for p in Path(run, "final").iterdir())
+json.dump(seen, open(out, "w"))
+"""
+
+
+def test_a_full_disk_fails_a_checkpoint_cleanly_and_the_run_resumes_from_the_one_before(tokenizer_dir, tmp_path):
+    """The run's directory on a small real disk (a 2.6 MB tmpfs, in a mount namespace of its own): checkpoint 2 fits
+    (1.7 MB), checkpoint 4 runs out of space halfway. The run stops with one line naming the checkpoint and the
+    error, the half-written directory is gone, and checkpoint 2 is whole. Started again with
+    run.checkpoint_failed: continue, it resumes from checkpoint 2, reports each checkpoint the disk refuses, trains on
+    to the end with an uninterrupted run's losses, and exports its model (which fits)."""
+    import subprocess
+    import sys
+
+    disk, out = tmp_path / "disk", tmp_path / "seen.json"
+    disk.mkdir()
+    if subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {disk}"],
+                      capture_output=True).returncode:
+        pytest.skip("no tmpfs here: this machine lets no process make a mount namespace (unshare -rm)")
+    script = tmp_path / "runs.py"
+    script.write_text(FULL_DISK_RUNS.format(tests=str(Path(__file__).parent)))
+    run = disk / "run"
+    subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=2600k tmpfs {disk} && exec "$@"', "sh",
+                    sys.executable, str(script), tokenizer_dir, str(run), str(out)], check=True, timeout=600)
+    seen = json.loads(out.read_text())
+    # (torch's zip writer says "unexpected pos", not ENOSPC: the line adds the disk's free space)
+    assert seen["error"].startswith(f"{run}/checkpoint_000004 could not be written (rank 0: ") and re.search(
+        r"; its disk has 0\.\d MB free\)", seen["error"]), seen["error"]
+    assert seen["latest"] == f"{run}/checkpoint_000002" and seen["listed"] == ["checkpoint_000002", "metrics.jsonl"]
+    assert seen["done"] == 8 and "model.safetensors" in seen["final"]
+    rows = seen["rows"]
+    [resumed] = [r for r in rows if "resumed_from" in r]
+    assert resumed["resumed_from"] == f"{run}/checkpoint_000002" and resumed["steps_retrained"] == 2
+    failed = [r["step"] for r in rows if "checkpoint_failed" in r]
+    assert failed == [4, 6, 8] and all("MB free" in r["checkpoint_failed"] for r in rows if "checkpoint_failed" in r)
+    ref = tmp_path / "ref"
+    train(cfg_for(tokenizer_dir, "train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=0",
+                  "train.sample_tokens=0", "run.loggers=[]"), LocalContext(ref, blocks(tokenizer_dir, 64, 32)))
+    again = {r["step"]: r["loss"] for r in rows if "loss" in r}  # (a step logged twice: its second loss)
+    assert [again[s] for s in range(1, 9)] == pytest.approx([r["loss"] for r in metrics(ref)[0]], rel=1e-5)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])

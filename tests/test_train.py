@@ -169,12 +169,12 @@ def test_qlora_on_two_workers(ray_local, tmp_path, tokenizer_dir, pretokenized, 
 def test_a_stalled_tokenize_pool_shows_as_input_wait_on_every_rank_and_in_the_report(ray_local, tmp_path, corpus,
                                                                                     tokenizer_dir, monkeypatch,
                                                                                     capsys):
-    """Every tokenize actor sleeps 1 s per work unit (1 KB of text, a few hundred tokens) and a step takes 1,024 tokens:
+    """Every tokenize actor sleeps 0.5 s per work unit (1 KB of text, a few hundred tokens); a step takes 1,024 tokens:
     once what the pipeline made while the workers started is used up (by step 8), both ranks spend most of each log
     interval waiting for their blocks. metrics.jsonl says so for the rank that waited least too, the progress line says
     "waiting for data", and the report gives the median wait and plots it."""
     monkeypatch.setenv("RAYPT_FAULT", "tokenize")
-    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "1")
+    monkeypatch.setenv("RAYPT_FAULT_SECONDS", "0.5")
     argv = [a for s in (f"data.train_paths=[{corpus / 'train'}]", f"tokenizer.path={tokenizer_dir}", "data.seq_len=64",
                         "data.unit_bytes=1024", "data.shuffle_tokens=1024", f"run.storage_path={tmp_path}",
                         "run.name=stall", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
