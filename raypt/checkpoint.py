@@ -48,6 +48,8 @@ from raypt.errors import UserError
 from raypt.storage import filesystem, is_uri, node_copy, retrying, upload
 
 MARKER = "COMPLETE"
+LOW_DISK = 1 << 30
+"""Free bytes below which a failed save's line says how little room its disk has left."""
 TRAIN_STATE = "train_state.json"
 STATE = "state"
 
@@ -209,8 +211,8 @@ class Checkpointer:
             failed = next((f for f in every if f), None)
         if not failed:
             return
-        # (a full disk is the usual cause, and a library's error may not say so: torch's zip writer's does not)
-        failed += f"; {'the staging' if is_uri(dest) else 'its'} disk has {_free_bytes(local) / 1e6:,.1f} MB free"
+        if (free := _free_bytes(local)) < LOW_DISK:  # (a library's error may not say ENOSPC: torch's zip writer's not)
+            failed += f"; {'the staging' if is_uri(dest) else 'its'} disk has only {free / 1e6:,.1f} MB free"
         if is_uri(dest):
             shutil.rmtree(local, ignore_errors=True)
         if self.rank == 0:  # (a full disk gets its room back; the leftover would be skipped and pruned anyway)

@@ -372,7 +372,7 @@ def test_a_full_disk_fails_a_checkpoint_cleanly_and_the_run_resumes_from_the_one
     seen = json.loads(out.read_text())
     # (torch's zip writer says "unexpected pos", not ENOSPC: the line adds the disk's free space)
     assert seen["error"].startswith(f"{run}/checkpoint_000004 could not be written (rank 0: ") and re.search(
-        r"; its disk has 0\.\d MB free\)", seen["error"]), seen["error"]
+        r"; its disk has only 0\.\d MB free\)", seen["error"]), seen["error"]
     assert seen["latest"] == f"{run}/checkpoint_000002" and seen["listed"] == ["checkpoint_000002", "metrics.jsonl"]
     assert seen["done"] == 8 and "model.safetensors" in seen["final"]
     rows = seen["rows"]
