@@ -85,7 +85,7 @@ class Checkpointer:
         """Seconds the last complete save took on this rank, from `save` until every rank had written (background
         writes and uploads included)."""
         self.complete_step: int | None = None
-        """The step of the last checkpoint this run saved and marked complete."""
+        """The step of the newest complete checkpoint this run saved or resumed from."""
 
     # -- resume ---------------------------------------------------------------------------------------------------
     def source(self, resume_from: str | None) -> tuple[str | None, list[str]]:
@@ -120,6 +120,7 @@ class Checkpointer:
                 pass
             with fs.open_input_file(f"{path}/{TRAIN_STATE}") as f:
                 state = json.loads(f.read())["state"]
+        self.complete_step = state["step"]
         return state, reader.bytes_read
 
     @contextlib.contextmanager

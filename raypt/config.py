@@ -58,7 +58,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     problems.extend(validate(cfg))  # fields that failed to parse kept their (valid) defaults, so this adds no noise
     if problems:
         raise ConfigError(problems, source)
-    storage.configure(cfg.run.storage_retries, cfg.run.storage_retry_s)  # (this process's requests to storage)
+    storage.configure(cfg.run)  # (this process's requests to storage)
     return cfg
 
 
@@ -89,7 +89,7 @@ def config_from_dict(raw: dict) -> Config:
     cfg = build(Config, raw, "", problems)
     if problems:
         raise ConfigError(problems)
-    storage.configure(cfg.run.storage_retries, cfg.run.storage_retry_s)
+    storage.configure(cfg.run)
     return cfg
 
 

@@ -93,7 +93,7 @@ class TokenizePack:
     def __init__(self, cfg: Config, encoder: EncoderSpec, threads: int, stats: Stats, items: pa.Table):
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool starts
         self.d = cfg.data
-        storage.configure(cfg.run.storage_retries, cfg.run.storage_retry_s)
+        storage.configure(cfg.run)
         self.encode = encoder.encoder(self.d.max_doc_chars)
         self.stats, self.items, self.t_ready, self.told = stats, items, time.time(), set()
 
@@ -153,13 +153,13 @@ def write_unit(blocks: np.ndarray, path: str) -> None:
         pq.write_table(table, f)
 
 
-def read_pretokenized(batch: dict, seq_len: int, stats: Stats, items: pa.Table, retries: tuple) -> Iterator[pa.Table]:
+def read_pretokenized(batch: dict, seq_len: int, stats: Stats, items: pa.Table, run) -> Iterator[pa.Table]:
     """Ray Data task: one Parquet file written by `python -m raypt.data --out` (one unit) -> its tagged blocks; a
-    wrong block length is a clear error. `retries`: the run's storage retry policy (`storage.configure`)."""
+    wrong block length is a clear error. `run`: the run's config (its storage retry policy: `storage.configure`)."""
     item = item_of(items, batch)
     stats.turn(item["seq"])
     path, unit = item["path"], item["index"]
-    storage.configure(*retries)
+    storage.configure(run)
     before = storage.retries()
     fs, inner = filesystem(path)
     with fs.open_input_file(inner) as f:
@@ -214,8 +214,7 @@ def build_dataset(cfg: Config, split: str = "train", reserved_cpus: float = 0.0,
         rows, table = unit_rows([{"index": order[s], "seq": s, "path": units[order[s]]} for s in seqs])
         blocks = rows.map_batches(
             read_pretokenized, batch_size=1, batch_format="numpy", num_cpus=STREAM_CPUS,  # light: a Parquet read
-            fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=table,
-                           retries=(cfg.run.storage_retries, cfg.run.storage_retry_s)))
+            fn_kwargs=dict(seq_len=d.seq_len, stats=stats, items=table, run=cfg.run))
         return SplitData(blocks, listing, stats, (0, 0), len(units))
     fewest, most = tokenize_pool(d, len(order) - first, reserved_cpus, needed, [s.weight for s in srcs],
                                  srcs.index(src))  # (its share)

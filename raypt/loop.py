@@ -205,7 +205,6 @@ class Training:
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
         self.busy = BusyClock(ctx.device)
         self.saved_step = None if source is None else self.progress.step  # (the step of the newest checkpoint)
-        self.resumed_step = self.saved_step
         self.write_s, self.restart = None, None  # (write_s: the slowest rank's last complete save, seconds)
         self.reclaimed = 0  # (ranks on the nodes being reclaimed)
         self.check_every = 1  # (steps between cluster checks: from the step time, at log steps)
@@ -360,7 +359,7 @@ class Training:
         except CheckpointError as e:
             if self.cfg.run.checkpoint_failed == "stop":
                 raise
-            self.saved_step = self.ckpt.complete_step or self.resumed_step  # (a background save may have failed)
+            self.saved_step = self.ckpt.complete_step  # (a background save may have failed)
             self.metrics.event(self.progress.step, f"CHECKPOINT FAILED: {e.message} (run.checkpoint_failed: continue, "
                                "so training goes on and tries again at the next checkpoint step)",
                                checkpoint_failed=e.message)

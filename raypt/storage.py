@@ -71,10 +71,11 @@ class GaveUp(OSError):
     `retrying`)."""
 
 
-def configure(attempts: int, seconds: float) -> None:
-    """This process's retry policy (every process that reads the run's config sets it: `raypt.config`)."""
+def configure(run) -> None:
+    """This process's retry policy, from the run's config (`RunConfig`: storage_retries, storage_retry_s); every
+    process that reads the config sets it (`raypt.config`, the data pipeline's actors and tasks)."""
     global _policy
-    _policy = Retries(attempts, seconds)
+    _policy = Retries(run.storage_retries, run.storage_retry_s)
 
 
 def retries() -> int:
@@ -129,13 +130,13 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def _sdk_retries(fs: pafs.FileSystem, attempts: int) -> pafs.FileSystem:
-    """An S3 filesystem like `fs` whose SDK tries a request `attempts` times (other kinds: `fs`). (The options
-    pyarrow's pickling leaves out, such as a URI's tls_verify_certificates, are not carried over.)"""
+def _without_sdk_retries(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """An S3 filesystem like `fs` whose SDK tries each request once (other kinds: `fs`). (The options pyarrow's
+    pickling leaves out, such as a URI's tls_verify_certificates, are not carried over.)"""
     if not isinstance(fs, pafs.S3FileSystem):
         return fs
     _, (options,) = fs.__reduce__()
-    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
 
 
 STREAM_BUFFER = 8 << 20
@@ -148,7 +149,7 @@ class _Retrying(pafs.FileSystemHandler):
     multipart upload) 3 times; a whole file is retried by `upload` and the checkpoint's marker by its writer."""
 
     def __init__(self, fs: pafs.FileSystem):
-        self.fs, self.writes = _sdk_retries(fs, 1), fs
+        self.fs, self.writes = _without_sdk_retries(fs), fs
 
     def _do(self, what: str, request):
         return retrying(request, f"{what} ({self.fs.type_name})")

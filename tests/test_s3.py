@@ -278,6 +278,7 @@ def test_every_read_request_a_faulty_store_fails_is_retried_and_counted(s3_serve
 
     from raypt import storage
     from raypt.corpus import Segment, iter_documents, list_files
+    from raypt.settings import RunConfig
 
     uri = f"s3://{s3_server}/faulty"
     upload(corpus / "train", uri)
@@ -300,7 +301,7 @@ def test_every_read_request_a_faulty_store_fails_is_retried_and_counted(s3_serve
     assert all(faults.get(fault, 0) > 0 for fault in ("slowdown", "error", "reset", "delay")), faults
     assert storage.retries() - before == sum(n for fault, n in faults.items() if fault != "delay"), faults
 
-    storage.configure(attempts=3, seconds=60)
+    storage.configure(RunConfig(storage_retries=3, storage_retry_s=60))
     S3_TRAFFIC.fail(slowdown=1.0)
     try:
         with pytest.raises(storage.GaveUp, match=r"faulty/shard_00.txt.*HTTP status 503.*\(tried 3 times in"):
@@ -312,4 +313,4 @@ def test_every_read_request_a_faulty_store_fails_is_retried_and_counted(s3_serve
         assert storage.retries() == before
     finally:
         S3_TRAFFIC.fail()
-        storage.configure(storage.Retries.attempts, storage.Retries.seconds)
+        storage.configure(RunConfig())
