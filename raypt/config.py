@@ -171,13 +171,16 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if t.global_batch_tokens is not None and t.global_batch_tokens % d.seq_len:
         p.append(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of data.seq_len ({d.seq_len})")
-    batch_ok = workers_ok and t.micro_batch_size >= 1 and global_batch_size(cfg) >= 1
+    tp_ok = _tensor_parallel_problems(cfg, workers_ok, p)
+    batch_ok = workers_ok and tp_ok and t.micro_batch_size >= 1 and global_batch_size(cfg) >= 1
     if batch_ok and not sc.elastic:
-        per_step = t.micro_batch_size * sc.num_workers
+        per_step = t.micro_batch_size * data_parallel_size(cfg)
         if global_batch_size(cfg) % per_step:
+            ranks = ("scaling.num_workers" if sc.tensor_parallel == 1 else
+                     f"{data_parallel_size(cfg)} data-parallel ranks (scaling.num_workers / scaling.tensor_parallel)")
             p.append(
                 f"the global batch ({global_batch_size(cfg)} sequences) must be a multiple of train.micro_batch_size x "
-                f"scaling.num_workers = {per_step}; change one of them"
+                f"{ranks} = {per_step}; change one of them"
             )
     elif batch_ok:
         sizes = range(sc.min_workers, sc.max_workers + 1)
@@ -219,6 +222,8 @@ def validate(cfg: Config) -> list[str]:
             sc.fsdp_shard_size < 1 or sc.num_workers % sc.fsdp_shard_size):
         p.append(f"scaling.fsdp_shard_size {sc.fsdp_shard_size} must divide scaling.num_workers {sc.num_workers} "
                  "(e.g. the GPUs of one node)")
+    if m.checkpoint_every_layers < 1:
+        p.append(f"model.checkpoint_every_layers must be >= 1 (1: every layer), got {m.checkpoint_every_layers}")
     if m.lora and m.lora_r < 1:
         p.append(f"model.lora_r must be >= 1, got {m.lora_r}")
     if cfg.run.preemption_check_s < 0:
@@ -243,6 +248,40 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
+def _tensor_parallel_problems(cfg: Config, workers_ok: bool, p: list[str]) -> bool:
+    """Adds what keeps scaling.tensor_parallel from working with the rest of the config to `p`; whether the worker
+    count splits into tensor-parallel groups (the model's own shapes are checked where it is known:
+    `raypt.tensor_parallel.check`)."""
+    sc, m, tp = cfg.scaling, cfg.model, cfg.scaling.tensor_parallel
+    if tp < 1:
+        p.append(f"scaling.tensor_parallel must be >= 1 (1: none), got {tp}")
+        return False
+    if tp == 1:
+        return True
+    if sc.strategy != "fsdp":
+        p.append("scaling.tensor_parallel shards the model inside groups of workers and FSDP2 over them: set "
+                 "scaling.strategy: fsdp")
+    if sc.elastic:
+        p.append(f"scaling.tensor_parallel needs a fixed scaling.num_workers (a multiple of {tp}), not a range")
+        return False
+    if sc.fsdp_shard_size is not None:
+        p.append("scaling.fsdp_shard_size (HSDP) cannot be combined with scaling.tensor_parallel: FSDP shards over "
+                 "all the tensor-parallel groups (fsdp_shard_size: null)")
+    if m.lora or m.quantize:
+        p.append("scaling.tensor_parallel cannot shard LoRA models (peft wraps the very projections it splits); "
+                 "LoRA's trained weights are small: train it with scaling.strategy: fsdp and tensor_parallel: 1")
+    if m.loss != "chunked":
+        p.append("scaling.tensor_parallel computes the loss over the LM head's vocabulary shards: set model.loss: "
+                 "chunked")
+    if cfg.data.seq_len % tp:
+        p.append(f"data.seq_len {cfg.data.seq_len} must be a multiple of scaling.tensor_parallel {tp} (sequence "
+                 "parallelism splits each sequence over the group)")
+    if workers_ok and sc.num_workers % tp:
+        p.append(f"scaling.num_workers {sc.num_workers} must be a multiple of scaling.tensor_parallel {tp}")
+        return False
+    return workers_ok
+
+
 def has_credentials(uri: str) -> bool:
     """A URI with a user:secret@ part or a key/secret/token/password query parameter (pyarrow accepts both)."""
     from urllib.parse import parse_qs, urlsplit
@@ -260,9 +299,15 @@ def global_batch_size(cfg: Config) -> int:
     return t.global_batch_tokens // cfg.data.seq_len if t.global_batch_tokens else t.global_batch_size
 
 
+def data_parallel_size(cfg: Config, world_size: int | None = None) -> int:
+    """Data-parallel ranks among `world_size` workers (default: the most the run allows): each tensor-parallel group
+    of scaling.tensor_parallel workers trains on one share of the global batch together."""
+    return (world_size or cfg.scaling.max_workers) // cfg.scaling.tensor_parallel
+
+
 def grad_accum_steps(cfg: Config, world_size: int | None = None) -> int:
     """Micro-batches each of `world_size` workers (default: the most the run allows) accumulates per optimizer step."""
-    return micro_batches_per_rank(global_batch_size(cfg), world_size or cfg.scaling.max_workers,
+    return micro_batches_per_rank(global_batch_size(cfg), data_parallel_size(cfg, world_size),
                                   cfg.train.micro_batch_size)
 
 

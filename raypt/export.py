@@ -63,6 +63,13 @@ def end_sample(cfg: Config, model, tok, autocast) -> str | None:
         return None
     inner = unwrap(model)
     inner.eval()
+    if (tp := cfg.scaling.tensor_parallel) > 1:  # (HF's generate would split each new token along the sequence)
+        from raypt.tensor_parallel import greedy
+
+        device = next(inner.parameters()).device
+        ids = tok(cfg.train.sample_prompt or "The ", return_tensors="pt").input_ids.to(device)
+        with autocast:
+            return tok.decode(greedy(inner, ids, n, tp)[0, ids.shape[1]:], skip_special_tokens=True)
     with autocast, torch.compiler.set_stance("force_eager"):
         return generate(SimpleNamespace(model=inner, tokenizer=tok), cfg.train.sample_prompt or "The ",
                         max_new_tokens=n, temperature=0, top_p=1, seed=0,

@@ -236,7 +236,8 @@ class Feeder:
 
 class RankFeed:
     """A rank's end of the order: windows from the Feeder one ahead, their units pulled to this node as soon as they
-    are known, this rank's rows of each step gathered from them."""
+    are known, this rank's rows of each step gathered from them: its data-parallel rank's, which the ranks of a
+    tensor-parallel group (scaling.tensor_parallel consecutive ranks) share; each asks the Feeder as itself."""
 
     def __init__(self, feeder, cfg, rank: int, world_size: int, position: Position):
         self.feeder, self.rank = feeder, rank
@@ -244,7 +245,9 @@ class RankFeed:
         self.pending = [feeder.window.remote(0, rank)]
         self.ready: list[Window] = []
         self.next = 1
-        self.steps = RankStream(self._windows(), position.offset, global_batch_size(cfg), rank, world_size, seed)
+        tp = cfg.scaling.tensor_parallel
+        self.steps = RankStream(self._windows(), position.offset, global_batch_size(cfg), rank // tp, world_size // tp,
+                                seed)
         self.cache: dict = {}
 
     def _take(self) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from raypt import faults, parallel, storage
 from raypt.checkpoint import CheckpointError, Checkpointer
-from raypt.config import Config, global_batch_size, grad_accum_steps
+from raypt.config import Config, data_parallel_size, global_batch_size, grad_accum_steps
 from raypt.export import end_sample, export, write_report
 from raypt.loss import IGNORE
 from raypt.metrics import MetricsLogger, emit, mfu, peak_flops
@@ -199,8 +199,9 @@ class Training:
         self.guard = StepGuard(t, ctx.device, ctx.rank, ctx.world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.peak, self.config_yaml = peak_flops(ctx.device, t.peak_flops), cfg.to_yaml()
+        self.dp_size = data_parallel_size(cfg, ctx.world_size)  # (a tensor-parallel group trains on one share)
         # the eval set is eval_batches micro-batches per worker of the largest group, the same blocks at any size
-        self.eval_rows = -(-t.eval_batches * t.micro_batch_size * cfg.scaling.max_workers // ctx.world_size)
+        self.eval_rows = -(-t.eval_batches * t.micro_batch_size * data_parallel_size(cfg) // self.dp_size)
         self.done = self.at_end()  # (a finished run started again trains no further step)
         self.steps_since_log, self.t_log, self.input_wait = 0, time.perf_counter(), 0.0
         self.busy = BusyClock(ctx.device)
@@ -257,7 +258,7 @@ class Training:
                 # (the model shifts the labels itself; no KV cache: training never reads one back, and each
                 # layer's cache slot would make a compiled layer's graph that layer's alone)
                 loss = weighted(model(**inputs(x, self.docs, self.one_row), use_cache=False).loss, len(x), self.batch,
-                                ctx.world_size)
+                                self.dp_size)
             if nan:
                 loss = loss * float("nan")
             if last:  # (under DDP a rank first waits for the others in this backward: the gradients' all-reduce)
@@ -511,11 +512,12 @@ def micro_batches(rows: torch.Tensor, cfg: Config, world_size: int) -> list[torc
     return list(rows.tensor_split(grad_accum_steps(cfg, world_size)))
 
 
-def weighted(loss: torch.Tensor, rows: int, batch: int, world_size: int) -> torch.Tensor:
-    """A micro-batch's mean loss weighted by its share of the global batch, times the world size (DDP and FSDP
-    average gradients over the ranks): ranks holding different numbers of rows still add up to the batch's mean.
-    When the batch splits evenly this is loss / accumulation steps."""
-    return loss / (batch / (world_size * rows))
+def weighted(loss: torch.Tensor, rows: int, batch: int, dp_size: int) -> torch.Tensor:
+    """A micro-batch's mean loss weighted by its share of the global batch, times the data-parallel size (DDP and
+    FSDP average gradients over those ranks; the ranks of a tensor-parallel group share one loss): ranks holding
+    different numbers of rows still add up to the batch's mean. When the batch splits evenly this is loss /
+    accumulation steps."""
+    return loss / (batch / (dp_size * rows))
 
 
 def setup_model(cfg: Config, ctx: Context, tok, weights: bool = True):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.distributed as dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE = -100
@@ -29,11 +30,18 @@ logit soft-capping or scaling)."""
 
 class LinearCrossEntropy(torch.autograd.Function):
     """mean over non-ignored rows of cross_entropy(h @ weight.T, targets), h (n, d), weight (vocab, d); the gradients
-    asked for (`need`: of h, of weight) are computed in forward."""
+    asked for (`need`: of h, of weight) are computed in forward.
+
+    With a process `group` (tensor parallelism), `weight` is this rank's consecutive slice of the vocabulary (rank k
+    of the group holds rows k * len(weight) onwards): each chunk's log-sum-exp and target logits are combined over
+    the group in one all-gather of 2 numbers per row, and the gradient of h is this rank's part of a sum over the
+    group (Megatron's vocabulary-parallel cross-entropy)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, need: tuple[bool, bool]):
+    def forward(ctx, h, weight, targets, chunk: int, need: tuple[bool, bool], group=None):
         valid = targets != IGNORE
+        rows = weight.shape[0]
+        start = 0 if group is None else dist.get_rank(group) * rows
         count = valid.sum().clamp(min=1)
         grad_h = torch.zeros_like(h) if need[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
@@ -44,13 +52,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         head = weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
         for i in range(0, h.shape[0], chunk):
             hc, ok = h[i : i + chunk], valid[i : i + chunk]
-            tc = targets[i : i + chunk].clamp(min=0)
+            tc = targets[i : i + chunk] - start
+            here = (tc >= 0) & (tc < rows)  # (the targets in this rank's slice of the vocabulary)
+            tc = tc.clamp(0, rows - 1)
             logits = (hc @ head.T).float()
             lse = logits.logsumexp(-1)
-            total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * ok).sum()
+            picked = logits.gather(1, tc[:, None]).squeeze(1) * here
+            if group is not None:
+                lse, picked = _over_group(group, lse, picked)
+            total += ((lse - picked) * ok).sum()
             if any(need):  # d loss / d logits = (softmax - onehot) / count, for the rows that count
                 g = logits.sub_(lse[:, None]).exp_()  # (in place: one chunk of logits is all there is)
-                g[torch.arange(len(tc), device=g.device), tc] -= 1
+                g[torch.arange(len(tc), device=g.device), tc] -= here.to(g.dtype)
                 g = g.mul_((ok / count)[:, None]).to(hc.dtype)
                 if need[0]:
                     grad_h[i : i + chunk] = g @ head
@@ -64,17 +77,27 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None, None)
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None, None, None)
+
+
+def _over_group(group, lse: torch.Tensor, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole vocabulary's log-sum-exp and target logit of each row, from every rank's over its slice."""
+    mine = torch.stack([lse, picked])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    every = torch.stack(every)
+    return every[:, 0].logsumexp(0), every[:, 1].sum(0)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+                         chunk: int | None = None, group=None) -> torch.Tensor:
     """The mean next-token loss of hidden states `h` (n, d) under an LM head `weight` (vocab, d) for `targets` (n,)
-    (IGNORE: not counted), `chunk` rows at a time (default: CHUNK_BYTES of fp32 logits)."""
+    (IGNORE: not counted), `chunk` rows at a time (default: CHUNK_BYTES of fp32 logits). `group`: `weight` is this
+    rank's slice of a vocabulary sharded over the group (`LinearCrossEntropy`)."""
     chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     grad = torch.is_grad_enabled()  # (no gradient in eval, none for a frozen head under LoRA)
     need = (grad and h.requires_grad, grad and weight.requires_grad)
-    return LinearCrossEntropy.apply(h, weight, targets, chunk, need)
+    return LinearCrossEntropy.apply(h, weight, targets, chunk, need, group)
 
 
 def supported(model: torch.nn.Module) -> bool:

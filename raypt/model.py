@@ -31,6 +31,9 @@ PRESETS = {
     # Llama-3-8B's shape: 8,030,261,248 parameters with its vocabulary.
     "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                       num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False),
+    # Llama-3-70B's shape: 70,553,706,496 parameters with its vocabulary.
+    "llama3-70b": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                       num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False),
 }
 RENAMED = {"llama-1b": "llama-12x1024 (the same 12 x 1024 shape: 0.2 B parameters; llama3.2-1b is a 1 B-class one)"}
 OVERRIDABLE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -114,15 +117,24 @@ def _check_positions(config, seq_len: int) -> None:
         )
 
 
-def check_model(cfg: ModelConfig, seq_len: int) -> None:
+def check_model(cfg: ModelConfig, seq_len: int, tensor_parallel: int = 1, tokenizer=None) -> None:
     """Refuse in the driver, before any worker starts, what `build_model` would refuse on every worker: a missing
-    local model directory, or a seq_len above a pretrained model's positions (its config.json is all that is read)."""
-    if not cfg.name_or_path or is_uri(cfg.name_or_path):
+    local model directory, a seq_len above a pretrained model's positions (its config.json is all that is read), a
+    model that does not split over `tensor_parallel` ranks (a scratch model's vocabulary: the `tokenizer`'s)."""
+    from raypt.tensor_parallel import check
+
+    if not cfg.name_or_path:
+        if tensor_parallel > 1:
+            check(scratch_config(cfg, len(tokenizer), seq_len), tensor_parallel, seq_len)
+        return
+    if is_uri(cfg.name_or_path) and tensor_parallel == 1:
         return
     from transformers import AutoConfig
 
-    path = local_model_dir(cfg.name_or_path)
-    _check_positions(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code), seq_len)
+    path = local_model_dir(cfg.name_or_path, config_only=is_uri(cfg.name_or_path))
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    _check_positions(hf, seq_len)
+    check(hf, tensor_parallel, seq_len, scratch=False)
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torch.device, tokenizer=None,
@@ -163,7 +175,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torc
             log.warning("model.loss: chunked is not available for %s: it computes its full logits (model.loss: hf)",
                         type(model).__name__)
     if cfg.gradient_checkpointing:
-        checkpoint_activations(model)
+        checkpoint_activations(model, cfg.checkpoint_every_layers, cfg.checkpoint_ops)
     if cfg.lora:
         model = apply_lora(model, cfg)
     for p in model.parameters():  # (on meta: no copy yet)
@@ -322,15 +334,55 @@ def _broadcast_pretrained(model, cfg: ModelConfig, seed: int, rank: int) -> None
         dist.broadcast(b, src=0)
 
 
-def checkpoint_activations(model) -> None:
-    """Recompute each decoder layer's activations in backward (non-reentrant `torch.utils.checkpoint`), through
-    transformers' `activation_checkpointing_enable` (5.23+) or its earlier name."""
+def checkpoint_activations(model, every: int = 1, ops: str = "none") -> None:
+    """Recompute decoder layers' activations in backward (non-reentrant `torch.utils.checkpoint`), through
+    transformers' `activation_checkpointing_enable` (5.23+) or its earlier name: every `every`-th layer (the first,
+    the (every+1)-th, ...; the others keep their activations), each keeping only its input (`ops` "none") or also
+    what its matrix multiplications and attention return ("matmuls": selective activation checkpointing, torch's
+    `create_selective_checkpoint_contexts`; the element-wise ops, norms and activations are recomputed)."""
+    import functools
+    import inspect
+
+    kwargs = {"use_reentrant": False}
+    if ops == "matmuls":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
     enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if enable is None:  # (transformers before 5.23)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif "every_n_layers" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+        every = 1
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable(activation_checkpointing_kwargs=kwargs)
+    if every > 1:
+        from raypt.parallel import decoder_layers
+
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = i % every == 0
     model.config.use_cache = False
+
+
+def _saved_ops() -> set:
+    """The ops whose outputs selective activation checkpointing keeps: matrix multiplications, attention (each
+    kernel's), and tensor parallelism's reduce-scatters (communication is not done twice)."""
+    aten, names = torch.ops.aten, ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                                   "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+           *(getattr(aten, n).default for n in names if hasattr(aten, n))}
+    if hasattr(torch.ops, "_c10d_functional"):
+        ops.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
+    return ops
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+SAVED_OPS = _saved_ops()
 
 
 def apply_lora(model, cfg: ModelConfig):

@@ -34,12 +34,17 @@ def autocast(train: TrainConfig, device: torch.device, model: torch.nn.Module):
 
 def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int, bf16: bool = False):
     """A function that applies FSDP2 to a model (built on the meta device or not) in place and returns it; with
-    `bf16`, layers gather their weights in bf16 and reduce gradients in fp32 (the weights themselves stay fp32)."""
+    `bf16`, layers gather their weights in bf16 and reduce gradients in fp32 (the weights themselves stay fp32).
+    With scaling.tensor_parallel, the model is first split inside each group (`raypt.tensor_parallel`) and FSDP2
+    shards over the groups: a 2-D mesh (data-parallel "shard" x "tp")."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    shard = sc.fsdp_shard_size or world_size
-    if shard == world_size:
+    shard, tp = sc.fsdp_shard_size or world_size, sc.tensor_parallel
+    if tp > 1:  # FSDP over the tensor-parallel groups, each group consecutive ranks (a node's)
+        mesh = init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("shard", "tp"))
+        mesh[("shard", "tp")]._flatten("all")  # (a sum over both, the gradient norm's, is then one all-reduce)
+    elif shard == world_size:
         mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     else:  # HSDP: ranks are grouped by node (Ray Train numbers a node's workers consecutively)
         mesh = init_device_mesh(device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
@@ -47,7 +52,11 @@ def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int, bf16:
           else MixedPrecisionPolicy())
 
     def apply(model: torch.nn.Module) -> torch.nn.Module:
-        kw = dict(mesh=mesh, mp_policy=mp)
+        if tp > 1:
+            from raypt.tensor_parallel import parallelize
+
+            parallelize(model, mesh["tp"])
+        kw = dict(mesh=mesh["shard"] if tp > 1 else mesh, mp_policy=mp)
         layers = decoder_layers(model)
         for i, layer in enumerate(layers):
             # the last layer's parameters are needed again at once by backward: keep them gathered

@@ -106,8 +106,8 @@ class ModelConfig:
     """A pretrained model directory (or s3://, gs:// URI, downloaded once per node) to continue from; null builds
     a Llama from scratch out of `preset` and the overrides below."""
     preset: str = "tiny"
-    """Scratch architecture: tiny, small, llama-12x1024 (the classic example), llama3.2-1b, llama3-8b (the shapes of
-    those models; see raypt/model.py PRESETS)."""
+    """Scratch architecture: tiny, small, llama-12x1024 (the classic example), llama3.2-1b, llama3-8b, llama3-70b (the
+    shapes of those models; see raypt/model.py PRESETS)."""
     vocab_size: Optional[int] = None
     """Scratch model: rows of the embedding (null: the tokenizer's size; larger, e.g. a round 128256, is allowed)."""
     num_hidden_layers: Optional[int] = None
@@ -122,7 +122,15 @@ class ModelConfig:
     master weights whatever the saved dtype (see train.precision)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, ~30% more compute."""
+    """Recompute activations in backward: less memory, ~30% more compute (see checkpoint_every_layers and
+    checkpoint_ops for less of both)."""
+    checkpoint_every_layers: int = 1
+    """With gradient_checkpointing: checkpoint every k-th decoder layer (1: all; 2: every second one keeps its
+    activations, half the recomputation, half the memory saved)."""
+    checkpoint_ops: Literal["none", "matmuls"] = "none"
+    """With gradient_checkpointing: what a checkpointed layer keeps for backward. none: only its input (everything
+    recomputed); matmuls: the outputs of its matrix multiplications and attention too (selective activation
+    checkpointing: the cheap element-wise ops and norms are recomputed, no matmul is)."""
     loss: Literal["chunked", "hf"] = "chunked"
     """chunked: the LM head and cross-entropy a chunk of positions at a time, gradients computed in the same pass
     (never the full (batch, seq, vocab) logits; Llama, Mistral, Qwen2/3); hf: the model's own forward and loss."""
@@ -219,6 +227,12 @@ class ScalingConfig:
     reshard_after_forward: bool = True
     """fsdp only: free each layer's gathered parameters after its forward (gathered again in backward); false
     keeps them for backward: less communication, the whole unsharded model in memory."""
+    tensor_parallel: int = 1
+    """Tensor parallelism: split every decoder layer's attention heads and MLP width, the embedding and the LM head's
+    vocabulary over groups of this many consecutive workers (the GPUs of one node: Ray Train numbers a node's
+    workers consecutively), with sequence parallelism on the norms and the loss computed over the vocabulary shards;
+    FSDP2 (scaling.strategy: fsdp) shards over the groups: a 2-D mesh, num_workers / tensor_parallel data-parallel
+    ranks. 1: none. For 70B-class models, whose layers no longer fit FSDP's all-gathers within one node (README)."""
     fsdp_sync_every_micro_batch: bool = False
     """fsdp with gradient accumulation: reduce-scatter gradients after every micro-batch, so they stay sharded
     (1/W of the memory); false: only after the last one, accumulating a full unsharded gradient in between."""

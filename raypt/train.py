@@ -29,7 +29,7 @@ from raypt import checkpoint, faults, parallel, storage
 from raypt.cli import command, fail, quiet_libraries
 from raypt.cluster import (check_data_fits, check_workers_fit, cpu_threads, free_worker_room, init_ray,
                            workers_after_reclaim)
-from raypt.config import Config, config_from_dict, global_batch_size, grad_accum_steps
+from raypt.config import Config, config_from_dict, data_parallel_size, global_batch_size, grad_accum_steps
 from raypt.errors import UserError
 from raypt.feed import Feeder, RankFeed, eval_chunks
 from raypt.metrics import check_trackers, echo_to, emit, tracker_env
@@ -38,7 +38,7 @@ from raypt.pipeline_stats import PipelineStats
 from raypt.progress import Progress, is_terminal
 from raypt.rundata import RunData, touched_files
 from raypt.storage import download_if_exists, is_uri, upload
-from raypt.tokenizer import encoder_spec
+from raypt.tokenizer import encoder_spec, load_tokenizer, tokenizer_path
 
 
 RESTARTS = {"reclaim": "a node of the run is being reclaimed", "grow": "the cluster has room for more workers"}
@@ -151,13 +151,13 @@ class RayContext:
             yield micro_batches(x, cfg, self.world_size), pos
 
     def eval_blocks(self):
-        """This rank's own share of each eval set: one of its objects (one per worker of the largest group), or every
-        world_size-th of them in a smaller elastic group."""
+        """This rank's own share of each eval set: one of its objects (one per data-parallel rank of the largest group:
+        a tensor-parallel group's ranks share one), or every k-th of them in a smaller elastic group."""
         if self._eval_refs is None:
             return None
-        out = {}
+        out, tp = {}, self.cfg.scaling.tensor_parallel
         for name, refs in self._eval_refs.items():
-            mine = ray.get(refs[self.rank :: self.world_size])
+            mine = ray.get(refs[self.rank // tp :: self.world_size // tp])
             out[name] = mine[0] if len(mine) == 1 else np.concatenate(mine)
         return out
 
@@ -205,7 +205,8 @@ def run(cfg: Config) -> dict:
     announce(cfg, run_dir, latest)
     check_workers_fit(cfg.scaling)
     check_trackers(cfg.run.loggers)
-    check_model(cfg.model, cfg.data.seq_len)
+    tp = cfg.scaling.tensor_parallel
+    check_model(cfg.model, cfg.data.seq_len, tp, load_tokenizer(tokenizer_path(cfg)) if tp > 1 else None)
     if cfg.run.resume_from and not latest:
         checkpoint.check(cfg.run.resume_from)
     encoder = None if cfg.data.pretokenized else encoder_spec(cfg)  # (loaded here once, not in every data process)
@@ -295,7 +296,7 @@ def start_data(cfg: Config, data: RunData, encoder):
     feeder = ray.remote(Feeder).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here,
                                         runtime_env={"env_vars": env} if (env := faults.forwarded_env()) else None
                                         ).remote(cfg.to_dict(), data, encoder, stats)  # (its pipeline inherits env)
-    evals = eval_chunks(cfg, cfg.scaling.max_workers, encoder, stats)  # (while the feeder starts)
+    evals = eval_chunks(cfg, data_parallel_size(cfg), encoder, stats)  # (while the feeder starts)
     ray.get(feeder.ready.remote())
     feeder.open.remote(data.position, warm=True)
     return feeder, stats, evals

@@ -26,8 +26,11 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tokenizer_dir):
+    return make_data(tmp_path_factory.mktemp("fsdp-data"), tokenizer_dir)
+
+
+def make_data(root: Path, tokenizer_dir) -> Path:
     """5 global batches of learnable token patterns (the 12-step runs cross passes), and 16 eval blocks."""
-    root = tmp_path_factory.mktemp("fsdp-data")
     write_blocks(root / "train", blocks(tokenizer_dir, 40, SEQ, seed=0))
     write_blocks(root / "eval", blocks(tokenizer_dir, 16, SEQ, seed=0))
     return root

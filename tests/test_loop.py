@@ -483,6 +483,57 @@ def test_gradient_checkpointing_recomputes_every_layer_in_backward(tokenizer_dir
     assert calls == {False: [1, 1], True: [2, 2]}
 
 
+def test_selective_checkpointing_recomputes_less_and_trains_the_same(tokenizer_dir, tmp_path):
+    """model.checkpoint_every_layers: 2 checkpoints the 1st and 3rd of 4 layers (their MLPs run twice); with
+    model.checkpoint_ops: matmuls the recompute in backward runs no matrix multiplication again (backward's
+    matmuls are those of a run without checkpointing), where full checkpointing runs six of each layer's seven again
+    (it stops before down_proj, whose output backward does not need). Each
+    choice trains with the losses of a run without checkpointing (rel 1e-6)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from raypt.parallel import decoder_layers
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    four = ["model.num_hidden_layers=4", "train.max_steps=6", "train.eval_every=0", "train.checkpoint_every=0",
+            "train.sample_tokens=0"]
+    choices = {"none": ["model.gradient_checkpointing=false"], "all": ["model.gradient_checkpointing=true"],
+               "every-2": ["model.gradient_checkpointing=true", "model.checkpoint_every_layers=2"],
+               "matmuls": ["model.gradient_checkpointing=true", "model.checkpoint_ops=matmuls"],
+               "every-2-matmuls": ["model.gradient_checkpointing=true", "model.checkpoint_every_layers=2",
+                                   "model.checkpoint_ops=matmuls"]}
+    x = torch.as_tensor(blocks(tokenizer_dir, 2, 32), dtype=torch.long)
+    mlp_calls, backward_matmuls, losses = {}, {}, {}
+    for name, sets in choices.items():
+        cfg = cfg_for(tokenizer_dir, *four, *sets)
+        model = build_model(cfg.model, vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)), seq_len=32,
+                            device=torch.device("cpu"))[0]
+        model.train()
+        counts = [0] * 4
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        loss = model(input_ids=x, labels=x).loss
+        with Matmuls() as mode:
+            loss.backward()
+        mlp_calls[name], backward_matmuls[name] = counts, mode.count
+        train(cfg, LocalContext(tmp_path / name, blocks(tokenizer_dir, 64, 32)))
+        losses[name] = [r["loss"] for r in metrics(tmp_path / name)[0]]
+    assert mlp_calls == {"none": [1] * 4, "all": [2] * 4, "every-2": [2, 1, 2, 1], "matmuls": [2] * 4,
+                         "every-2-matmuls": [2, 1, 2, 1]}
+    assert backward_matmuls["all"] == backward_matmuls["none"] + 4 * 6
+    assert backward_matmuls["every-2"] == backward_matmuls["none"] + 2 * 6
+    assert backward_matmuls["matmuls"] == backward_matmuls["every-2-matmuls"] == backward_matmuls["none"]
+    for name in choices:
+        assert losses[name] == pytest.approx(losses["none"], rel=1e-6), name
+
+
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trained-head"])
 def test_the_chunked_loss_casts_the_head_once_under_autocast(frozen):
     """bf16 autocast (CPU here, as on GPU): the fp32 LM head is cast to bf16 once per loss, not in every chunk's
