@@ -37,7 +37,8 @@ from raypt.model import PRESETS, ModelError
 GB = 1024**3
 # Architectures of common open models (the presets of their shapes), for planning from a remote path by its name.
 KNOWN = {name: dict(PRESETS[preset], vocab_size=128256, max_position_embeddings=131072)
-         for name, preset in (("llama-3.1-8b", "llama3-8b"), ("llama-3.2-1b", "llama3.2-1b"))}
+         for name, preset in (("llama-3.1-8b", "llama3-8b"), ("llama-3.2-1b", "llama3.2-1b"),
+                              ("llama-3.1-70b", "llama3-70b"), ("llama-3.3-70b", "llama3-70b"))}
 
 
 @dataclass
@@ -68,6 +69,10 @@ class Plan:
     checkpoint_s: float
     """Seconds to write one, each node writing its share at the given speed."""
     fits: bool | None
+    fsdp_comm_gb: float = 0.0
+    """FSDP's all-gathers and reduce-scatters a step (and HSDP's all-reduces), bytes each GPU sends."""
+    tp_comm_gb: float = 0.0
+    """Tensor parallelism's all-gathers and reduce-scatters a step, bytes each GPU sends (inside a node)."""
 
 
 def model_config(cfg: Config, vocab_size: int | None):
@@ -93,20 +98,22 @@ def model_config(cfg: Config, vocab_size: int | None):
                      f"or one of the known architectures ({', '.join(KNOWN)})")
 
 
-def loss_bytes(model, m, b: int, s: int, mode: str = "bf16") -> int:
+def loss_bytes(model, m, b: int, s: int, mode: str = "bf16", tp: int = 1) -> int:
     """What the loss holds at its peak for one micro-batch of b x s tokens. HF's own: three fp32 copies of the
     logits (the upcast logits, the log-softmax cross-entropy keeps, their gradient). The chunked loss
     (`raypt.loss`): one chunk's fp32 logits, turned into their gradient in place (and a bf16 copy of it under bf16
     compute), the gradient of the hidden states (fp32) and a trained head's fp32 gradient. (tests/test_plan.py
-    measures both with torch's MemTracker.)"""
+    measures both with torch's MemTracker.) Under tensor parallelism `tp` ranks share the vocabulary: each holds
+    its slice of a chunk and of the head's gradient, and all of the hidden states' gradient."""
     from raypt.loss import CHUNK_BYTES, supported
 
     hf = model.config
     if m.loss != "chunked" or not supported(model):
         return b * s * hf.vocab_size * 4 * 3
-    chunk = min(b * (s - 1), max(1, CHUNK_BYTES // (4 * hf.vocab_size)))
-    head_grad = 0 if m.lora else hf.vocab_size * hf.hidden_size * 4
-    return chunk * hf.vocab_size * (4 if mode == "fp32" else 4 + 2) + b * s * hf.hidden_size * 4 + head_grad
+    vocab = hf.vocab_size // tp
+    chunk = min(b * (s - 1), max(1, CHUNK_BYTES // (4 * vocab)))
+    head_grad = 0 if m.lora else vocab * hf.hidden_size * 4
+    return chunk * vocab * (4 if mode == "fp32" else 4 + 2) + b * s * hf.hidden_size * 4 + head_grad
 
 
 def compute_mode(cfg: Config) -> str:
@@ -163,6 +170,18 @@ def layer_activation_bytes(hf, mode: str, lora_r: int = 0) -> int:
     return n
 
 
+def selective_bytes(hf, mode: str, tp: int = 1) -> float:
+    """Bytes per token a layer under selective activation checkpointing (model.checkpoint_ops: matmuls) keeps beside
+    its input: what its matmuls and attention return (q, k, v, the attention's output and fp32 log-sum-exp, o_proj,
+    gate, up, down). Under tensor parallelism the heads and the MLP width are split, while o_proj and down return
+    whole partial sums (reduce-scattered then: those outputs are kept too)."""
+    d, i, h = hf.hidden_size, hf.intermediate_size, hf.num_attention_heads
+    kv, unit = hf.num_key_value_heads * (d // h), 2 if mode in ("bf16", "autocast") else 4
+    if tp == 1:
+        return unit * (4 * d + 2 * kv + 2 * i) + 4 * h
+    return unit * ((2 * d + 2 * kv + 2 * i) / tp + 2 * d + 2 * d / tp) + 4 * h / tp
+
+
 def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = None, vocab_size: int | None = None,
          tokens_per_s_per_gpu: float | None = None, mfu: float = 0.4, peak_tflops: float = 989.0,
          gpus_per_node: int = 8, write_gb_s: float = 1.0) -> Plan:
@@ -177,8 +196,8 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     params = sum(p.numel() for p in model.parameters())
     gpus = gpus or cfg.scaling.max_workers
     sc = cfg.scaling
-    fsdp = sc.strategy == "fsdp"
-    shard = (sc.fsdp_shard_size or gpus) if fsdp else 1
+    fsdp, tp = sc.strategy == "fsdp", sc.tensor_parallel
+    shard = (sc.fsdp_shard_size or gpus // tp) if fsdp else 1  # FSDP shards over the data-parallel ranks
 
     linear = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
     if m.lora:
@@ -197,13 +216,13 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     optimizer = trainable * 8  # AdamW: two fp32 moments
     mode = compute_mode(cfg)
     gathered, grads_shard = 0.0, shard
+    unit = 2 if mode == "bf16" else 4  # what FSDP2 gathers and computes in (MixedPrecisionPolicy)
     if fsdp:
         layer = sum(p.numel() for p in model.model.layers[0].parameters())
         root = params - layer * hf.num_hidden_layers
-        unit = 2 if mode == "bf16" else 4  # what FSDP2 gathers and computes gradients in (MixedPrecisionPolicy)
         # gathered parameters, plus a layer's unsharded gradients and the fp32 reduce-scatter input they are copied
         # into (FSDP2's foreach_reduce; one input is kept in flight at a time)
-        gathered = (params if not sc.reshard_after_forward else root + 2 * layer) * unit + layer * (unit + 4)
+        gathered = ((params if not sc.reshard_after_forward else root + 2 * layer) * unit + layer * (unit + 4)) / tp
         if grad_accum_steps(cfg, gpus) > 1 and not sc.fsdp_sync_every_micro_batch:
             grads_shard = 1  # accumulated unsharded between reduce-scatters: a full gradient per GPU
 
@@ -213,13 +232,35 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
         base = 0 if m.quantize else sum(mod.weight.numel() for mod in model.model.layers[0].modules()  # 4-bit one
                                         if isinstance(mod, torch.nn.Linear))  # is dequantized again in backward
         per_layer += 2 * (base + (trainable // L if m.lora else 0))
-    logits = loss_bytes(model, m, b, s, mode)
+    if tp > 1:  # sequence parallelism splits it all but the inputs its column-parallel matmuls gather whole
+        whole = 2 * b * s * dh * unit
+        per_layer = (per_layer - whole) / tp + whole
+    logits = loss_bytes(model, m, b, s, mode, tp)
     act_full = L * per_layer + logits
-    residual = 2 if mode == "bf16" else 4  # each checkpointed layer keeps its input alone
-    act_ckpt = L * b * s * dh * residual + per_layer + logits  # + one layer recomputed in backward
+    residual = 2 if mode == "bf16" else 4  # each checkpointed layer keeps its input (split along the sequence)
+    kept = b * s * (dh * residual / tp + (selective_bytes(hf, mode, tp) if m.checkpoint_ops == "matmuls" else 0))
+    checkpointed = -(-L // m.checkpoint_every_layers)
+    act_ckpt = checkpointed * kept + (L - checkpointed + 1) * per_layer + logits  # (+ one layer recomputed)
     activations = act_ckpt if m.gradient_checkpointing else act_full
-    allocated = (weights + optimizer) / shard + grads / grads_shard + gathered + activations
+    allocated = (weights + optimizer) / (shard * tp) + grads / (grads_shard * tp) + gathered + activations
     total = allocated * (1 + ALLOCATOR_SLACK) + RUNTIME_GB * GB
+
+    # Bytes each GPU sends a step (ring collectives send (n - 1) / n of the whole). FSDP, over the data-parallel
+    # ranks (across nodes): each micro-batch gathers every layer forward and again backward (once with
+    # reshard_after_forward off), gradients are reduce-scattered in fp32 once a step (or every micro-batch), HSDP's
+    # replicas all-reduce them. Tensor parallelism (inside a node): 2 all-gathers and 2 reduce-scatters of a layer's
+    # activations forward and the same backward, and again the forward's for each recomputed layer (its all-gathers
+    # only under selective checkpointing, which keeps the reduce-scatters' outputs).
+    micro, fsdp_comm, tp_comm = grad_accum_steps(cfg, gpus), 0.0, 0.0
+    if fsdp and shard > 1:
+        sharded, ring = params / tp, (shard - 1) / shard
+        syncs = micro if sc.fsdp_sync_every_micro_batch else 1
+        fsdp_comm = (micro * (2 if sc.reshard_after_forward else 1) * sharded * unit + syncs * sharded * 4) * ring
+        if (replicas := gpus // tp // shard) > 1:
+            fsdp_comm += 2 * sharded / shard * 4 * (replicas - 1) / replicas
+    if tp > 1:
+        again = checkpointed * (2 if m.checkpoint_ops == "matmuls" else 4) if m.gradient_checkpointing else 0
+        tp_comm = micro * (8 * L + again) * b * s * dh * unit * (tp - 1) / tp
 
     tokens_per_step = global_batch_size(cfg) * d.seq_len
     steps = t.max_steps
@@ -230,11 +271,11 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_mem_gb: float | None = Non
     tps = tokens_per_s_per_gpu or mfu * peak_tflops * 1e12 / fpt
     hours = tokens / (tps * gpus) / 3600
     checkpoint = trainable * (4 + 8)  # (DCP spreads a replicated tensor's writes over the ranks, FSDP's are shards)
-    return Plan(params, trainable, weights / shard / GB, grads / grads_shard / GB, optimizer / shard / GB,
-                gathered / GB, activations / GB, act_full / GB, act_ckpt / GB, (total - allocated) / GB, total / GB,
-                tokens_per_step, steps, tokens, fpt, tps, hours, hours * gpus, gpus,
-                checkpoint / GB, checkpoint / GB / -(-gpus // gpus_per_node) / write_gb_s,
-                None if gpu_mem_gb is None else total / GB <= gpu_mem_gb)
+    return Plan(params, trainable, weights / (shard * tp) / GB, grads / (grads_shard * tp) / GB,
+                optimizer / (shard * tp) / GB, gathered / GB, activations / GB, act_full / GB, act_ckpt / GB,
+                (total - allocated) / GB, total / GB, tokens_per_step, steps, tokens, fpt, tps, hours, hours * gpus,
+                gpus, checkpoint / GB, checkpoint / GB / -(-gpus // gpus_per_node) / write_gb_s,
+                None if gpu_mem_gb is None else total / GB <= gpu_mem_gb, fsdp_comm / GB, tp_comm / GB)
 
 
 def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None, write_gb_s: float = 1.0) -> str:
@@ -242,15 +283,19 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None, write_gb_s: float =
     kind = "QLoRA" if m.quantize else "LoRA" if m.lora else "full"
     sc = cfg.scaling
     fsdp = ""
+    tp = sc.tensor_parallel
     if sc.strategy == "fsdp":
-        fsdp = f", FSDP2 sharded over {sc.fsdp_shard_size or p.gpus} GPUs"
+        fsdp = f", FSDP2 sharded over {sc.fsdp_shard_size or p.gpus // tp} GPUs"
         fsdp += f", replicated {p.gpus // sc.fsdp_shard_size}x" if sc.fsdp_shard_size else ""
+        fsdp += f" x tensor parallel {tp}" if tp > 1 else ""
+    ckpt = "gradient checkpointing" + (f" every {m.checkpoint_every_layers} layers" if m.checkpoint_every_layers > 1
+                                       else "") + (" keeping matmul outputs" if m.checkpoint_ops == "matmuls" else "")
     lines = [
         f"model: {p.params / 1e9:.3f} B parameters, {p.trainable / 1e6:,.2f} M trainable ({kind}{fsdp})",
         f"memory per GPU: weights {p.weights_gb:.2f} GB + gradients {p.grads_gb:.2f} GB + AdamW {p.optimizer_gb:.2f} GB"
         + (f" + gathered by FSDP {p.gathered_gb:.2f} GB" if sc.strategy == "fsdp" else "") +
         f" + activations {p.activations_gb:.2f} GB (micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}; "
-        f"{p.activations_ckpt_gb:.2f} GB with gradient checkpointing, {p.activations_no_ckpt_gb:.2f} GB without)"
+        f"{p.activations_ckpt_gb:.2f} GB with {ckpt}, {p.activations_no_ckpt_gb:.2f} GB without)"
         f" + allocator slack, CUDA context and NCCL {p.runtime_gb:.2f} GB = {p.total_gb:.2f} GB",
         f"batch: {p.tokens_per_step:,} tokens per optimizer step ({global_batch_size(cfg)} sequences, "
         f"{grad_accum_steps(cfg, p.gpus)} accumulation steps on {p.gpus} workers)",
@@ -258,6 +303,10 @@ def describe(p: Plan, cfg: Config, gpu_mem_gb: float | None, write_gb_s: float =
         f"speed: {p.tokens_per_s_per_gpu:,.0f} tokens/s per GPU ({p.flops_per_token / 1e9:.2f} GFLOPs/token) -> "
         f"{p.hours:.1f} h on {p.gpus} GPUs = {p.gpu_hours:,.0f} GPU-hours",
     ]
+    if sc.strategy == "fsdp":
+        lines.append(f"communication per step per GPU (bytes sent): FSDP {p.fsdp_comm_gb:,.1f} GB over its shard group"
+                     f" of {sc.fsdp_shard_size or p.gpus // tp}" + (f", tensor parallel {p.tp_comm_gb:,.1f} GB inside "
+                                                                    f"its group of {tp} (a node)" if tp > 1 else ""))
     lines.append(f"checkpoint: {p.checkpoint_gb:,.2f} GB, ~{p.checkpoint_s:,.1f} s to write at {write_gb_s:g} GB/s "
                  f"per node (--write-gb-s; a run logs its own as checkpoint_write_s): "
                  + fits_notices(p.checkpoint_s, cfg.train.checkpoint_every))

@@ -253,7 +253,8 @@ def test_fsdp_recipe():
     assert cfg.scaling.strategy == "fsdp" and not cfg.model.lora and cfg.scaling.num_workers >= 8
 
 
-@pytest.mark.parametrize("name", ["llama3-8b-qlora-cpt", "llama-1b-scratch", "llama3-8b-full-fsdp"])
+@pytest.mark.parametrize("name", ["llama3-8b-qlora-cpt", "llama-1b-scratch", "llama3-8b-full-fsdp",
+                                  "llama3-70b-fsdp-tp"])
 def test_recipe_step_budget_matches_tokens(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     tokens_per_step = global_batch_size(cfg) * cfg.data.seq_len

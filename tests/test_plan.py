@@ -151,26 +151,18 @@ def test_a_layers_activations_are_what_it_saves_for_backward(mode, lora_r):
     assert saved_by_one_layer(mode, lora_r) == planned
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
-@pytest.mark.parametrize("loss", ["hf", "chunked"])
-def test_activations_and_loss_are_the_measured_peak(loss, precision):
-    """A forward and backward of a 2-layer model with a 32k vocabulary (where the loss dominates) on CPU, DDP's
-    autocast or fp32: the peak memory above the parameters (torch's MemTracker follows every tensor) is the plan's
-    activations and loss within 10%."""
+def measured_peak(cfg, vocab: int, rows: int, precision: str) -> int:
+    """Peak memory above the parameters of a training forward and backward of the config's model on CPU, on `rows`
+    random blocks (torch's MemTracker follows every tensor)."""
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from raypt.model import build_model
 
-    cfg = load_config(None, ["data.train_paths=[x]", "data.seq_len=512", "model.preset=tiny", "model.hidden_size=64",
-                             "model.intermediate_size=128", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-                             "model.num_key_value_heads=2", "model.tie_word_embeddings=false",
-                             "train.micro_batch_size=2", "train.global_batch_size=2", f"model.loss={loss}",
-                             f"train.precision={precision}", "scaling.num_workers=1"])
-    planned = plan(cfg, vocab_size=32000, tokens_per_s_per_gpu=1).activations_no_ckpt_gb * GB
     torch.manual_seed(0)
-    model, _ = build_model(cfg.model, vocab_size=32000, seq_len=512, device=torch.device("cpu"))
-    x = torch.randint(0, 32000, (2, 512))
+    model, _ = build_model(cfg.model, vocab_size=vocab, seq_len=cfg.data.seq_len, device=torch.device("cpu"))
+    model.train()
+    x = torch.randint(0, vocab, (rows, cfg.data.seq_len))
     tracker = MemTracker()
     tracker.track_external(model)
     with tracker:
@@ -178,6 +170,81 @@ def test_activations_and_loss_are_the_measured_peak(loss, precision):
             value = model(input_ids=x, labels=x, use_cache=False).loss
         value.backward()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    measured = peak - sum(p.numel() * p.element_size() for p in model.parameters())
+    return peak - sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
+@pytest.mark.parametrize("loss", ["hf", "chunked"])
+def test_activations_and_loss_are_the_measured_peak(loss, precision):
+    """A forward and backward of a 2-layer model with a 32k vocabulary (where the loss dominates) on CPU, DDP's
+    autocast or fp32: the peak memory above the parameters (torch's MemTracker follows every tensor) is the plan's
+    activations and loss within 10%."""
+    cfg = load_config(None, ["data.train_paths=[x]", "data.seq_len=512", "model.preset=tiny", "model.hidden_size=64",
+                             "model.intermediate_size=128", "model.num_hidden_layers=2", "model.num_attention_heads=4",
+                             "model.num_key_value_heads=2", "model.tie_word_embeddings=false",
+                             "train.micro_batch_size=2", "train.global_batch_size=2", f"model.loss={loss}",
+                             f"train.precision={precision}", "scaling.num_workers=1"])
+    planned = plan(cfg, vocab_size=32000, tokens_per_s_per_gpu=1).activations_no_ckpt_gb * GB
+    measured = measured_peak(cfg, 32000, 2, precision)
     print(f"{loss} {precision}: measured {measured / 2**20:.1f} MiB, planned {planned / 2**20:.1f} MiB")
     assert planned == pytest.approx(measured, rel=0.1)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
+@pytest.mark.parametrize("choice", [[], ["model.checkpoint_every_layers=2"], ["model.checkpoint_ops=matmuls"]],
+                         ids=["every-layer", "every-2nd", "matmuls"])
+def test_checkpointed_activations_are_the_measured_peak(choice, precision):
+    """Gradient checkpointing of every layer, of every 2nd one, and selective (the matmuls' outputs kept): a forward
+    and backward of a 4-layer model on CPU (DDP's autocast or fp32), whose peak memory above the parameters (torch's
+    MemTracker) the plan's activations bound from above, by at most 30%: the plan adds the loss's peak and a layer
+    recomputed in backward, which do not coexist (the loss's logits are gone before backward reaches a layer)."""
+    cfg = load_config(None, ["data.train_paths=[x]", "data.seq_len=512", "model.preset=tiny", "model.hidden_size=128",
+                             "model.intermediate_size=256", "model.num_hidden_layers=4", "model.num_attention_heads=4",
+                             "model.num_key_value_heads=2", "model.tie_word_embeddings=false",
+                             "model.gradient_checkpointing=true", *choice, "train.micro_batch_size=4",
+                             "train.global_batch_size=4", f"train.precision={precision}", "scaling.num_workers=1"])
+    planned = plan(cfg, vocab_size=512, tokens_per_s_per_gpu=1).activations_gb * GB
+    measured = measured_peak(cfg, 512, 4, precision)
+    print(f"{choice} {precision}: measured {measured / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB")
+    assert measured <= planned <= 1.3 * measured
+
+
+def test_tensor_parallel_splits_the_state_the_layers_and_the_loss():
+    """FSDP 2 x TP 2 on 4 GPUs against FSDP over 4: the same weights, gradients and AdamW state per GPU (1/4 each),
+    half what FSDP gathers (a rank gathers its tensor-parallel slices); each layer's activations split along the
+    sequence but for the two inputs its column-parallel matmuls gather whole; the loss over half the vocabulary;
+    and the bytes each collective moves, by hand."""
+    base = TINY + ["scaling.use_gpu=true", "scaling.strategy=fsdp", "scaling.num_workers=4",
+                   "train.global_batch_size=8", "scaling.fsdp_sync_every_micro_batch=true"]
+    fsdp = plan(load_config(None, base), vocab_size=100, tokens_per_s_per_gpu=1)
+    tp = plan(load_config(None, base + ["scaling.tensor_parallel=2"]), vocab_size=100, tokens_per_s_per_gpu=1)
+    for field in ("weights_gb", "grads_gb", "optimizer_gb"):
+        assert getattr(tp, field) == pytest.approx(getattr(fsdp, field)), field
+    assert tp.gathered_gb == pytest.approx(fsdp.gathered_gb / 2)
+    # bf16 (FSDP2): b x s x (20d + 4kv + 8I + 4h + 8) a layer, 2 x 8 x 632; the two gathered inputs 2 x (2 x 8 x 16 x 2)
+    layer = (2 * 8 * 632 - 1024) / 2 + 1024
+    # the loss: 14 positions x 50 of the vocabulary (fp32 logits and their bf16 gradient), the whole hidden states'
+    # fp32 gradient, half the tied head's fp32 gradient
+    loss = 14 * 50 * 6 + 2 * 8 * 16 * 4 + 50 * 16 * 4
+    assert tp.activations_gb * GB == pytest.approx(2 * layer + loss)
+    # 2 micro-batches a step per data-parallel rank; tensor parallel: 8 collectives a layer of 2 x 8 x 16 bf16, half
+    # of each sent; FSDP over 2: half the model per rank, gathered twice a micro-batch in bf16 and reduce-scattered
+    # in fp32 every micro-batch, half of each sent
+    assert tp.tp_comm_gb * GB == pytest.approx(2 * 8 * 2 * (2 * 8 * 16 * 2) / 2)
+    assert tp.fsdp_comm_gb * GB == pytest.approx((2 * 2 * 3144 * 2 + 2 * 3144 * 4) / 2)
+    assert fsdp.tp_comm_gb == 0
+
+
+def test_the_70b_recipe_fits_80_gb_and_moves_less_across_nodes_than_fsdp_alone(capsys):
+    """configs/llama3-70b-fsdp-tp.yaml (FSDP 8 x TP 8 on 64 GPUs, seq 8192): fits 80 GB; FSDP alone needs a smaller
+    micro-batch to fit and sends several times the bytes a step across nodes."""
+    path = str(ROOT / "configs" / "llama3-70b-fsdp-tp.yaml")
+    tp = plan(load_config(path), gpu_mem_gb=80)
+    assert 70.5e9 < tp.params < 70.6e9 and tp.fits and tp.tp_comm_gb > 0
+    alone = plan(load_config(path, ["scaling.tensor_parallel=1", "train.micro_batch_size=2"]), gpu_mem_gb=80)
+    assert alone.fsdp_comm_gb > 3 * tp.fsdp_comm_gb
+    assert not plan(load_config(path, ["scaling.tensor_parallel=1", "train.micro_batch_size=2",
+                                       "model.gradient_checkpointing=false"]), gpu_mem_gb=80).fits
+    assert main(["--config", path, "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor parallel 8" in out and "fits in 80 GB: yes" in out
