@@ -15,7 +15,9 @@
 5. FSDP2 on CUDA (one rank: bf16 mixed-precision policy) and the sharded checkpoint of the llama-12x1024 preset with its
    AdamW state: seconds training is blocked by a synchronous save and by an async one (device-to-host copy only);
 6. activations: what a decoder layer of Llama-3.2-1B's shape saves for backward under bf16 autocast, and what the
-   whole model's forward leaves held for backward, beside what `raypt.plan` counts.
+   whole model's forward leaves held for backward, beside what `raypt.plan` counts;
+7. tensor_parallel (2 GPUs): Llama-3.2-1B's shape as tensor parallel 2 against FSDP2 over the same 2 GPUs, eager
+   and compiled: tokens/s, MFU, peak memory.
 
     python bench/gpu.py --out DIR --only activations   (parts by name: throughput, throughput_1b, resume, ...)
 
@@ -315,6 +317,85 @@ def activations(tok: str, out: Path) -> dict:
             "loss": float(loss)}
 
 
+def _tp_worker(rank: int, world: int, tp: int, preset: str, vocab: int, seq: int, micro: int, steps: int,
+               compile_: bool, port: int, results, cuda: bool) -> None:
+    """One rank of `tensor_parallel`: a scratch model built sharded (`raypt.parallel.fsdp_sharder`: FSDP2 over
+    world / tp, TP over tp), bf16 compute, trained `steps` steps on random blocks as the loop does it."""
+    import torch.distributed as dist
+
+    from raypt import parallel
+    from raypt.model import build_model
+    from raypt.optim import build_optimizer
+    from raypt.settings import ModelConfig, ScalingConfig, TrainConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    sc = ScalingConfig(num_workers=world, strategy="fsdp", tensor_parallel=tp)
+    t = TrainConfig(precision="bf16-mixed", lr=3e-4)
+    model, info = build_model(ModelConfig(preset=preset, vocab_size=vocab, gradient_checkpointing=cuda),
+                              vocab_size=vocab, seq_len=seq, device=device, rank=rank,
+                              shard=parallel.fsdp_sharder(sc, device, world, bf16=True))
+    if compile_:
+        parallel.compile_layers(model)
+    optimizer = build_optimizer(model, t, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dp = rank // tp
+    x = torch.as_tensor(blocks(vocab, micro * (world // tp), seq, seed=1)[dp * micro:(dp + 1) * micro],
+                        dtype=torch.long, device=device)
+    times, losses = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        parallel.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    if rank == 0:
+        step_s = float(np.median(times[3:]))
+        tps = micro * (world // tp) * seq / step_s
+        results.put({"tokens_per_s": round(tps), "tokens_per_s_per_gpu": round(tps / world),
+                     "mfu": round(tps / world * info.flops_per_token / 989e12, 4) if cuda else None,
+                     "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                     "loss_first_last": [losses[0], losses[-1]]})
+    dist.destroy_process_group()
+
+
+def tensor_parallel(tok: str, out: Path, steps: int) -> dict:
+    """Llama-3.2-1B's shape (its 128k vocabulary) on 2 GPUs, one process each over NCCL: tensor parallel 2 (one
+    data-parallel rank, micro-batch 8) against FSDP2 over both (micro-batch 4 each: the same 8 sequences a step),
+    bf16, every layer checkpointed; eager and with compiled layers. Tokens/s, MFU (H100 peak) and peak memory."""
+    import torch.multiprocessing as mp
+
+    gpus = torch.cuda.device_count() if DEVICE == "cuda" else 2
+    if gpus < 2:
+        return {"skipped": f"needs 2 GPUs, found {gpus}"}
+    preset, vocab, seq, micro = ("llama3.2-1b", 128256, 2048, 8) if DEVICE == "cuda" else ("tiny", 512, 64, 4)
+    got, ctx = {}, mp.get_context("spawn")
+    for name, tp, compile_ in [("fsdp2", 1, False), ("tp2", 2, False), ("fsdp2_compiled", 1, True),
+                               ("tp2_compiled", 2, True)]:
+        results = ctx.SimpleQueue()
+        try:
+            mp.spawn(_tp_worker, nprocs=2, args=(2, tp, preset, vocab, seq, micro // (2 // tp), steps, compile_,
+                                                 29600 + len(got), results, DEVICE == "cuda"))
+            got[name] = results.get()
+        except Exception as e:  # noqa: BLE001 (one layout failing must not hide the others)
+            got[name] = {"error": f"{type(e).__name__}: {e}"[-400:]}
+    for name in ("tp2", "tp2_compiled"):
+        other = got.get(name.replace("tp2", "fsdp2"), {}).get("tokens_per_s")
+        if other and "tokens_per_s" in got[name]:
+            got[name]["vs_fsdp2"] = round(got[name]["tokens_per_s"] / other, 3)
+    return {"model": f"{preset} preset, vocab {vocab}, bf16", "seq_len": seq, "sequences_per_step": micro, **got}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -339,7 +420,8 @@ def main() -> int:
                      ("resume", lambda: resume(tok, vocab, out)), ("nan_guard", lambda: nan_guard(tok, vocab, out)),
                      ("qlora", lambda: qlora(tok, vocab, out)),
                      ("checkpoint", lambda: checkpoint_save(tok, vocab, out)),
-                     ("activations", lambda: activations(tok, out))]:
+                     ("activations", lambda: activations(tok, out)),
+                     ("tensor_parallel", lambda: tensor_parallel(tok, out, args.steps))]:
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
