@@ -360,7 +360,7 @@ def _tp_worker(rank: int, world: int, tp: int, preset: str, vocab: int, seq: int
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     if rank == 0:
-        step_s = float(np.median(times[3:]))
+        step_s = float(np.median(times[min(3, steps - 1):]))  # (after warm-up)
         tps = micro * (world // tp) * seq / step_s
         results.put({"tokens_per_s": round(tps), "tokens_per_s_per_gpu": round(tps / world),
                      "mfu": round(tps / world * info.flops_per_token / 989e12, 4) if cuda else None,

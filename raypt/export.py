@@ -68,7 +68,7 @@ def end_sample(cfg: Config, model, tok, autocast) -> str | None:
 
         device = next(inner.parameters()).device
         ids = tok(cfg.train.sample_prompt or "The ", return_tensors="pt").input_ids.to(device)
-        with autocast:
+        with autocast, torch.compiler.set_stance("force_eager"):
             return tok.decode(greedy(inner, ids, n, tp)[0, ids.shape[1]:], skip_special_tokens=True)
     with autocast, torch.compiler.set_stance("force_eager"):
         return generate(SimpleNamespace(model=inner, tokenizer=tok), cfg.train.sample_prompt or "The ",

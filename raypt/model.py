@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,12 +367,20 @@ def checkpoint_activations(model, every: int = 1, ops: str = "none") -> None:
 
 
 def _saved_ops() -> set:
-    """The ops whose outputs selective activation checkpointing keeps: matrix multiplications, attention (each
-    kernel's), and tensor parallelism's reduce-scatters (communication is not done twice)."""
+    """The ops whose outputs selective activation checkpointing keeps: matrix multiplications, attention (each SDPA
+    kernel's, and the flash-attn package's when it is installed; a kernel from the Hugging Face hub is recomputed),
+    and tensor parallelism's reduce-scatters (communication is not done twice)."""
     aten, names = torch.ops.aten, ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                                    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
            *(getattr(aten, n).default for n in names if hasattr(aten, n))}
+    try:
+        if importlib.util.find_spec("flash_attn") is not None:
+            importlib.import_module("flash_attn")  # (which registers its ops)
+    except Exception:  # noqa: BLE001 (a build that does not load here: transformers cannot use it either)
+        pass
+    ops.update(getattr(torch.ops.flash_attn, n).default for n in ("_flash_attn_forward", "_flash_attn_varlen_forward")
+               if hasattr(torch.ops.flash_attn, n))
     if hasattr(torch.ops, "_c10d_functional"):
         ops.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
     return ops

@@ -44,6 +44,9 @@ def fsdp_sharder(sc: ScalingConfig, device: torch.device, world_size: int, bf16:
     if tp > 1:  # FSDP over the tensor-parallel groups, each group consecutive ranks (a node's)
         mesh = init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("shard", "tp"))
         mesh[("shard", "tp")]._flatten("all")  # (a sum over both, the gradient norm's, is then one all-reduce)
+        from raypt.tensor_parallel import check_placement
+
+        check_placement(mesh["tp"], device)
     elif shard == world_size:
         mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
     else:  # HSDP: ranks are grouped by node (Ray Train numbers a node's workers consecutively)

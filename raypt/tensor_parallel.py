@@ -15,6 +15,7 @@ meta device gets none), splits neither the sequence nor the embedding, and gathe
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -49,6 +50,24 @@ def check(hf_config, tp: int, seq_len: int, scratch: bool = True) -> None:
                                   f"rank takes whole heads and equal slices): choose a divisor{fix}")
     if seq_len % tp:
         raise TensorParallelError(f"data.seq_len {seq_len} must be a multiple of scaling.tensor_parallel {tp}")
+
+
+def check_placement(mesh, device: torch.device) -> None:
+    """Warn (on each group's first rank) when a tensor-parallel group spans hosts: every layer's collectives would
+    cross the network. Groups are consecutive ranks, which Ray Train numbers by node; a node holding a number of
+    workers that is not a multiple of the group size (GPUs taken by something else) shifts every later group."""
+    import socket
+    import zlib
+
+    here = torch.tensor([zlib.crc32(socket.gethostname().encode())] * 2, dtype=torch.int64, device=device)
+    here[1] = -here[1]
+    group = mesh.get_group()
+    dist.all_reduce(here, op=dist.ReduceOp.MAX, group=group)  # (the highest host id, and minus the lowest)
+    if here[0] != -here[1] and dist.get_rank(group) == 0:
+        logging.getLogger("raypt").warning(
+            "WARNING: the tensor-parallel group of ranks %d-%d spans more than one host: its collectives cross the "
+            "network every layer. Give each node a multiple of scaling.tensor_parallel workers (its GPUs)",
+            dist.get_rank(), dist.get_rank() + dist.get_world_size(group) - 1)
 
 
 def parallelize(model: torch.nn.Module, mesh) -> None:

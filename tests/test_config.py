@@ -116,6 +116,32 @@ def test_global_batch_must_split_into_micro_batches():
     assert global_batch_size(cfg) == 32 and grad_accum_steps(cfg) == 4
 
 
+def test_tensor_parallel_is_checked_against_the_rest_of_the_config():
+    """What scaling.tensor_parallel cannot work with, all reported at once; the global batch splits over the
+    data-parallel ranks (workers / tensor_parallel), and so do the accumulation steps."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train_paths=[a]", "scaling.tensor_parallel=2", "scaling.num_workers=3",
+                           "data.seq_len=33", "model.loss=hf", "model.name_or_path=/m", "model.lora=true"])
+    msg = str(e.value)
+    for says in ("set scaling.strategy: fsdp", "cannot shard LoRA models", "set model.loss: chunked",
+                 "data.seq_len 33 must be a multiple of scaling.tensor_parallel 2",
+                 "scaling.num_workers 3 must be a multiple of scaling.tensor_parallel 2"):
+        assert says in msg, (says, msg)
+    with pytest.raises(ConfigError, match="needs a fixed scaling.num_workers"):
+        load_config(None, ["data.train_paths=[a]", "scaling.strategy=fsdp", "scaling.tensor_parallel=2",
+                           "scaling.num_workers=[2, 4]"])
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        load_config(None, ["data.train_paths=[a]", "scaling.tensor_parallel=0"])
+    with pytest.raises(ConfigError, match=r"x 2 data-parallel ranks \(scaling.num_workers / scaling.tensor_parallel\) = 8"):
+        load_config(None, ["data.train_paths=[a]", "scaling.strategy=fsdp", "scaling.tensor_parallel=2",
+                           "scaling.num_workers=4", "train.global_batch_size=12", "train.micro_batch_size=4"])
+    from raypt.config import grad_accum_steps
+
+    cfg = load_config(None, ["data.train_paths=[a]", "scaling.strategy=fsdp", "scaling.tensor_parallel=2",
+                             "scaling.num_workers=4", "train.global_batch_size=16", "train.micro_batch_size=4"])
+    assert grad_accum_steps(cfg) == 2  # 16 sequences over 2 data-parallel ranks, 4 at a time
+
+
 def test_an_elastic_range_needs_a_global_batch_every_size_can_cut():
     """Any size in [min, max] may run: each must give every worker the same number of non-empty micro-batches."""
     from raypt.config import grad_accum_steps
