@@ -190,8 +190,8 @@ def test_activations_and_loss_are_the_measured_peak(loss, precision):
     assert planned == pytest.approx(measured, rel=0.1)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
-@pytest.mark.parametrize("choice", [[], ["model.checkpoint_every_layers=2"], ["model.checkpoint_ops=matmuls"]],
+@pytest.mark.parametrize("choice, precision", [([], "bf16-mixed"), (["model.checkpoint_every_layers=2"], "fp32"),
+                                               (["model.checkpoint_ops=matmuls"], "bf16-mixed")],
                          ids=["every-layer", "every-2nd", "matmuls"])
 def test_checkpointed_activations_are_the_measured_peak(choice, precision):
     """Gradient checkpointing of every layer, of every 2nd one, and selective (the matmuls' outputs kept): a forward

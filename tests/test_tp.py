@@ -83,16 +83,18 @@ def test_fsdp_by_tensor_parallel_equals_one_process(tp_run, one, storage):
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("workers, tp", [(2, 2), (2, 1), (1, 1)], ids=["tp2", "fsdp2", "one-worker"])
+@pytest.mark.parametrize("workers, tp, sets", [(2, 2, []), (2, 1, []),
+                                               (1, 1, ["scaling.fsdp_sync_every_micro_batch=true"])],
+                         ids=["tp2", "fsdp2", "one-worker"])
 def test_a_tensor_parallel_checkpoint_resumes_under_any_layout(tp_run, one, storage, tokenizer_dir, data, workers,
-                                                              tp):
+                                                              tp, sets):
     """The checkpoint FSDP 2 x TP 2 wrote at step 8, resumed as TP 2 alone (one data-parallel rank), as FSDP 2 alone
-    and on one worker: the steps after it are the uninterrupted run's, and so (rtol 1e-5) is every final weight of
-    the one-process run's."""
+    and on one worker (reduce-scattering every one of its 4 micro-batches): the steps after it are the uninterrupted
+    run's, and so (rtol 1e-5) is every final weight of the one-process run's."""
     name = f"from-tp-{workers}x{tp}"
     resumed, evals, _ = run(storage, tokenizer_dir, data, name, workers, f"scaling.tensor_parallel={tp}",
                             f"run.resume_from={storage / 'tp' / 'checkpoint_000008'}", "train.checkpoint_every=0",
-                            "train.eval_every=0")
+                            "train.eval_every=0", *sets)
     assert sorted(resumed) == list(range(9, STEPS + 1))
     assert_same(resumed, tp_run[0], range(9, STEPS + 1))
     assert_same(resumed, one[0], range(9, STEPS + 1))
@@ -118,39 +120,19 @@ def test_a_model_that_does_not_split_is_refused_before_workers_start(ray_local, 
     assert not (tmp_path / "raypt" / "metrics.jsonl").exists()
 
 
-def test_a_tensor_parallel_layer_costs_what_the_planner_counts():
-    """Two gloo processes, tensor parallel 2 under FSDP2's bf16 policy (tests/tp_layer_check.py): one more decoder
-    layer issues 2 all-gathers and 2 reduce-scatters of its whole activations forward and as many backward (each of
-    b x s x d bf16), the planner's tensor-parallel bytes; and saves for backward, to the byte, what the planner
-    counts: both gathered inputs whole, all else split."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from transformers import LlamaConfig
-
-    from raypt.plan import layer_activation_bytes
-
-    root = Path(__file__).parent.parent
-    out = subprocess.run([sys.executable, str(root / "tests" / "tp_layer_check.py")], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    whole = 2 * 64 * 96 * 2  # b x s x d in bf16
-    assert got["calls"]["all_gather_into_tensor"] == got["calls"]["reduce_scatter_tensor"] == 4, got
-    assert got["bytes"]["all_gather_into_tensor"] == got["bytes"]["reduce_scatter_tensor"] == 4 * whole, got
-    hf = LlamaConfig(hidden_size=96, intermediate_size=320, num_attention_heads=6, num_key_value_heads=2)
-    planned = (2 * 64 * layer_activation_bytes(hf, "bf16") - 2 * whole) / 2 + 2 * whole  # (raypt.plan's formula)
-    assert got["saved"] == planned, (got, planned)
-
-
 def test_tensor_parallel_builds_equal_eager_ones_and_masked_selective_steps_equal_one_process(tokenizer_dir,
                                                                                               tiny_pretrained):
     """Four gloo processes, FSDP 2 x TP 2 (tests/tp_check.py): a scratch model built on the meta device and a
     pretrained one rank 0 read and broadcast equal their eager builds bitwise; a step with document masking and
     selective checkpointing of every second layer has one process's loss and gradient norm; a group whose ranks are
-    on two hosts is reported by its first rank."""
+    on two hosts is reported by its first rank. And one more decoder layer issues 2 all-gathers and 2
+    reduce-scatters of its whole activations forward and as many backward (each of b x s x d bf16), the planner's
+    tensor-parallel bytes; and saves for backward, to the byte, what the planner counts: both gathered inputs whole,
+    all else split."""
+    from transformers import LlamaConfig
+
+    from raypt.plan import layer_activation_bytes
+
     import os
     import subprocess
     import sys
@@ -163,3 +145,10 @@ def test_tensor_parallel_builds_equal_eager_ones_and_masked_selective_steps_equa
     assert out.returncode == 0, out.stderr[-3000:]
     for says in ("scratch: equal", "pretrained: equal", "masked, selective: loss", "placement: warned on ranks [0, 2]"):
         assert says in out.stdout, out.stdout
+    [layer] = [json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("layer ")]
+    whole = 2 * 64 * 96 * 2  # b x s x d in bf16
+    assert layer["calls"]["all_gather_into_tensor"] == layer["calls"]["reduce_scatter_tensor"] == 4, layer
+    assert layer["bytes"]["all_gather_into_tensor"] == layer["bytes"]["reduce_scatter_tensor"] == 4 * whole, layer
+    hf = LlamaConfig(hidden_size=96, intermediate_size=320, num_attention_heads=6, num_key_value_heads=2)
+    planned = (2 * 64 * layer_activation_bytes(hf, "bf16") - 2 * whole) / 2 + 2 * whole  # (raypt.plan's formula)
+    assert layer["saved"] == planned, (layer, planned)
