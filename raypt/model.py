@@ -127,7 +127,7 @@ def check_model(cfg: ModelConfig, seq_len: int, tensor_parallel: int = 1, tokeni
 
     if not cfg.name_or_path:
         if tensor_parallel > 1:
-            check(scratch_config(cfg, len(tokenizer), seq_len), tensor_parallel, seq_len)
+            check(scratch_config(cfg, len(tokenizer), seq_len), tensor_parallel)
         return
     if is_uri(cfg.name_or_path) and tensor_parallel == 1:
         return
@@ -136,7 +136,7 @@ def check_model(cfg: ModelConfig, seq_len: int, tensor_parallel: int = 1, tokeni
     path = local_model_dir(cfg.name_or_path, config_only=is_uri(cfg.name_or_path))
     hf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     _check_positions(hf, seq_len)
-    check(hf, tensor_parallel, seq_len, scratch=False)
+    check(hf, tensor_parallel, scratch=False)
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, device: torch.device, tokenizer=None,

@@ -31,8 +31,9 @@ class TensorParallelError(UserError):
     """A model that scaling.tensor_parallel cannot split; the message names the numbers."""
 
 
-def check(hf_config, tp: int, seq_len: int, scratch: bool = True) -> None:
-    """Refuse, before any worker starts, a model whose shapes do not split over `tp` ranks."""
+def check(hf_config, tp: int, scratch: bool = True) -> None:
+    """Refuse, before any worker starts, a model whose shapes do not split over `tp` ranks (the sequence length's is
+    a config check: `raypt.config.validate`)."""
     if tp == 1:
         return
     kind = getattr(hf_config, "model_type", "?")
@@ -48,8 +49,6 @@ def check(hf_config, tp: int, seq_len: int, scratch: bool = True) -> None:
                if scratch and shapes["vocab_size"] % tp else "")
         raise TensorParallelError(f"scaling.tensor_parallel {tp} does not divide the model's {', '.join(bad)} (each "
                                   f"rank takes whole heads and equal slices): choose a divisor{fix}")
-    if seq_len % tp:
-        raise TensorParallelError(f"data.seq_len {seq_len} must be a multiple of scaling.tensor_parallel {tp}")
 
 
 def check_placement(mesh, device: torch.device) -> None:
